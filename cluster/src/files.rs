@@ -1,0 +1,378 @@
+//! The file source: Kubernetes objects from files and directories of
+//! multi-document YAML (or JSON), for standalone mode and `ferry render`.
+//!
+//! It emits the same `Change`s as the kube source: every reload sends one
+//! `Relist` per kind with the union of all files, and the store works out
+//! what changed. Documents are parsed one by one, so a broken document is
+//! reported (path, document index, error) while the others load; for the
+//! broken document the objects of its last good version are kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
+use notify::Watcher;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::convert;
+use crate::error::SourceError;
+use crate::metrics::ClusterMetrics;
+use crate::model::{Kind, Namespace, Object};
+use crate::publish::ChangeTx;
+use crate::store::Change;
+
+/// Namespace for objects that do not name one, as kubectl would apply them.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// One parsed document: the objects it holds, or why it could not be used.
+pub type Document = Result<Vec<Object>, SourceError>;
+
+/// Splits a YAML stream into documents on `---` lines. Done by hand rather
+/// than with serde_yaml's multi-document reader so that one broken document
+/// cannot stop the ones after it from loading.
+fn split_documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            docs.push(String::new());
+            continue;
+        }
+        if trimmed == "..." {
+            continue;
+        }
+        if let Some(last) = docs.last_mut() {
+            last.push_str(line);
+            last.push('\n');
+        }
+    }
+    docs
+}
+
+fn is_blank(doc: &str) -> bool {
+    doc.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#')
+    })
+}
+
+/// Parses one YAML/JSON text into documents. Index `i` of the result is
+/// document `i` of the text (blank documents included, as `Ok(vec![])`).
+pub fn parse_documents(path: &Path, text: &str) -> Vec<Document> {
+    split_documents(text)
+        .iter()
+        .enumerate()
+        .map(|(index, doc)| {
+            if is_blank(doc) {
+                return Ok(Vec::new());
+            }
+            let value: serde_yaml::Value = serde_yaml::from_str(doc).map_err(|e| SourceError::Document {
+                path: path.to_path_buf(),
+                index,
+                message: e.to_string(),
+            })?;
+            let mut out = Vec::new();
+            value_objects(path, index, value, &mut out)?;
+            Ok(out)
+        })
+        .collect()
+}
+
+fn value_objects(path: &Path, index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), SourceError> {
+    if value.is_null() {
+        return Ok(());
+    }
+    let doc_err = |message: String| SourceError::Document {
+        path: path.to_path_buf(),
+        index,
+        message,
+    };
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or_else(|| doc_err("no `kind` field".into()))?
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    if kind == "List" || kind.ends_with("List") && value.get("items").is_some() {
+        let items = value
+            .get("items")
+            .and_then(|i| i.as_sequence())
+            .cloned()
+            .unwrap_or_default();
+        for item in items {
+            value_objects(path, index, item, out)?;
+        }
+        return Ok(());
+    }
+    let invalid = |source| SourceError::Invalid {
+        path: path.to_path_buf(),
+        index,
+        source,
+    };
+    macro_rules! parse {
+        ($t:ty) => {
+            serde_yaml::from_value::<$t>(value).map_err(|e| doc_err(format!("{kind} ({api_version}): {e}")))?
+        };
+    }
+    let ns = DEFAULT_NAMESPACE;
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => out.push(Object::Service(convert::service(&parse!(core::Service), ns).map_err(invalid)?)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            if let Some(s) = convert::endpoint_slice(&parse!(discovery::EndpointSlice), ns).map_err(invalid)? {
+                out.push(Object::EndpointSlice(s));
+            }
+        }
+        ("networking.k8s.io/v1", "Ingress") => {
+            out.push(Object::Ingress(convert::ingress(&parse!(networking::Ingress), ns).map_err(invalid)?))
+        }
+        ("networking.k8s.io/v1", "IngressClass") => out.push(Object::IngressClass(
+            convert::ingress_class(&parse!(networking::IngressClass)).map_err(invalid)?,
+        )),
+        ("v1", "Secret") => {
+            if let Some(s) = convert::tls_secret(&parse!(core::Secret), ns).map_err(invalid)? {
+                out.push(Object::Secret(s));
+            }
+        }
+        ("v1", "Pod") => out.push(Object::Pod(convert::pod(&parse!(core::Pod), ns).map_err(invalid)?)),
+        ("v1", "Node") => out.push(Object::Node(convert::node(&parse!(core::Node)).map_err(invalid)?)),
+        ("v1", "Namespace") => {
+            out.push(Object::Namespace(convert::namespace(&parse!(core::Namespace)).map_err(invalid)?))
+        }
+        // Deployments, ConfigMaps, StatefulSets... are legal in a manifest
+        // directory but carry nothing a dataplane reads.
+        _ => tracing::debug!(path = %path.display(), index, %kind, %api_version, "ignoring kind"),
+    }
+    Ok(())
+}
+
+/// Expands files and directories (recursively) into the sorted list of
+/// manifest files they hold.
+pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
+    let mut out = BTreeSet::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|source| SourceError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            out.insert(p.clone());
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+fn walk(dir: &Path, out: &mut BTreeSet<PathBuf>) -> Result<(), SourceError> {
+    let read_err = |source| SourceError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e))
+        {
+            out.insert(path);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct FileState {
+    text: String,
+    /// Per document index, the objects of its last good parse.
+    documents: Vec<Option<Vec<Object>>>,
+}
+
+/// The files' parsed state; `reload` re-reads them and reports errors.
+pub struct FileSource {
+    paths: Vec<PathBuf>,
+    files: BTreeMap<PathBuf, FileState>,
+    metrics: ClusterMetrics,
+}
+
+impl FileSource {
+    pub fn new(paths: Vec<PathBuf>, metrics: ClusterMetrics) -> Self {
+        Self {
+            paths,
+            files: BTreeMap::new(),
+            metrics,
+        }
+    }
+
+    /// Adds an in-memory manifest (the embedded demo), parsed like a file.
+    pub fn add_text(&mut self, name: &str, text: &str) -> Vec<SourceError> {
+        let mut errors = Vec::new();
+        let state = self.files.entry(PathBuf::from(name)).or_default();
+        update_file(Path::new(name), state, text.to_string(), &mut errors);
+        errors
+    }
+
+    /// Re-reads every file (parsing only those whose content changed) and
+    /// returns the errors found. A path that cannot be read is an error and
+    /// keeps its last good objects; a file that disappeared from a watched
+    /// directory drops its objects.
+    pub fn reload(&mut self) -> Vec<SourceError> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for root in &self.paths {
+            let files = match manifest_files(std::slice::from_ref(root)) {
+                Ok(f) => f,
+                Err(e) => {
+                    // Keep whatever this root contributed before.
+                    let prefix = root.clone();
+                    seen.extend(self.files.keys().filter(|k| k.starts_with(&prefix)).cloned());
+                    errors.push(e);
+                    continue;
+                }
+            };
+            for path in files {
+                seen.insert(path.clone());
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => {
+                        let state = self.files.entry(path.clone()).or_default();
+                        update_file(&path, state, text, &mut errors);
+                    }
+                    Err(source) => errors.push(SourceError::Read { path, source }),
+                }
+            }
+        }
+        self.files
+            .retain(|p, _| seen.contains(p) || !self.paths.iter().any(|root| p.starts_with(root)));
+        for e in &errors {
+            tracing::warn!(error = %e, "file source");
+            self.metrics.source_error("files");
+        }
+        errors
+    }
+
+    /// All objects of all files, plus a Namespace for `default` and for every
+    /// namespace an object lives in (kubectl would have needed them to exist).
+    pub fn objects(&self) -> Vec<Object> {
+        let mut out = Vec::new();
+        let mut namespaces = BTreeSet::from([DEFAULT_NAMESPACE.to_string()]);
+        for state in self.files.values() {
+            for o in state.documents.iter().flatten().flatten() {
+                if !o.namespace().is_empty() {
+                    namespaces.insert(o.namespace().to_string());
+                }
+                out.push(o.clone());
+            }
+        }
+        for name in namespaces {
+            let exists = out
+                .iter()
+                .any(|o| matches!(o, Object::Namespace(n) if n.name == name));
+            if !exists {
+                out.push(Object::Namespace(Namespace { name }));
+            }
+        }
+        out
+    }
+
+    /// One `Relist` per kind with the current objects.
+    pub fn changes(&self) -> Vec<Change> {
+        let objects = self.objects();
+        Kind::ALL
+            .iter()
+            .map(|&k| Change::Relist(k, objects.iter().filter(|o| o.kind() == k).cloned().collect()))
+            .collect()
+    }
+
+    /// Loads once, sends the initial state, then watches the paths and sends
+    /// a fresh state after every change until cancelled.
+    pub async fn run(mut self, tx: ChangeTx, cancel: CancellationToken) -> Result<(), SourceError> {
+        self.reload();
+        for c in self.changes() {
+            let _ = tx.send(c);
+        }
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if !ev.kind.is_access() {
+                    let _ = events_tx.send(());
+                }
+            }
+        })
+        .map_err(|source| SourceError::Watch {
+            path: PathBuf::new(),
+            source,
+        })?;
+        for p in &self.paths {
+            // Watch a file's directory rather than the file: editors and
+            // `kubectl`-style tools replace files by rename.
+            let (target, mode) = if p.is_dir() {
+                (p.clone(), notify::RecursiveMode::Recursive)
+            } else {
+                let parent = p
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                (parent, notify::RecursiveMode::NonRecursive)
+            };
+            watcher.watch(&target, mode).map_err(|source| SourceError::Watch {
+                path: target.clone(),
+                source,
+            })?;
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                ev = events.recv() => {
+                    if ev.is_none() { return Ok(()); }
+                    // Let a burst of writes settle before re-reading.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while events.try_recv().is_ok() {}
+                    self.reload();
+                    for c in self.changes() {
+                        if tx.send(c).is_err() { return Ok(()); }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn update_file(path: &Path, state: &mut FileState, text: String, errors: &mut Vec<SourceError>) {
+    if state.text == text && !state.documents.is_empty() {
+        // Unchanged: re-report nothing, keep the parsed objects.
+        return;
+    }
+    let docs = parse_documents(path, &text);
+    let mut documents = Vec::with_capacity(docs.len());
+    for (i, doc) in docs.into_iter().enumerate() {
+        match doc {
+            Ok(objs) => documents.push(Some(objs)),
+            Err(e) => {
+                errors.push(e);
+                documents.push(state.documents.get(i).cloned().flatten());
+            }
+        }
+    }
+    state.text = text;
+    state.documents = documents;
+}
+
+/// Loads paths once: the objects and the errors (for `render` and `--oneshot`).
+pub fn load(paths: &[PathBuf]) -> (Vec<Object>, Vec<SourceError>) {
+    let mut src = FileSource::new(paths.to_vec(), ClusterMetrics::default());
+    let errors = src.reload();
+    (src.objects(), errors)
+}

@@ -1,0 +1,186 @@
+//! The kube source: one kube-runtime watcher per kind, folded into
+//! `Change`s. `Init..InitDone` is buffered into one `Relist`, so the store
+//! swaps a kind whole after every (re)list, and the publisher holds the first
+//! snapshot until every kind has listed. Watch errors are retried with
+//! kube-runtime's default backoff; meanwhile the last snapshot keeps serving.
+
+use std::fmt::Debug;
+use std::path::Path;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::convert;
+use crate::error::{InvalidObject, SourceError};
+use crate::metrics::ClusterMetrics;
+use crate::model::{Kind, Object, ObjectKey};
+use crate::publish::ChangeTx;
+use crate::store::Change;
+
+/// Builds a client from `--kubeconfig`, else the usual inference
+/// (`$KUBECONFIG`, `~/.kube/config`, then in-cluster service account).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| SourceError::KubeConfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| SourceError::KubeConfig(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| SourceError::KubeConfig(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(SourceError::Kube)
+}
+
+/// What ferry watches, per kind, with the selector that keeps memory down.
+/// `deploy/` RBAC is checked against this list.
+pub const WATCHES: [(Kind, &str, &str); 8] = [
+    (Kind::Service, "", "services"),
+    (Kind::EndpointSlice, "discovery.k8s.io", "endpointslices"),
+    (Kind::Ingress, "networking.k8s.io", "ingresses"),
+    (Kind::IngressClass, "networking.k8s.io", "ingressclasses"),
+    (Kind::Secret, "", "secrets"),
+    (Kind::Pod, "", "pods"),
+    (Kind::Node, "", "nodes"),
+    (Kind::Namespace, "", "namespaces"),
+];
+
+pub struct KubeSource {
+    client: Client,
+    metrics: ClusterMetrics,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, metrics: ClusterMetrics) -> Self {
+        Self { client, metrics }
+    }
+
+    /// Runs every watcher until cancelled.
+    pub async fn run(self, tx: ChangeTx, cancel: CancellationToken) {
+        let c = &self.client;
+        let m = &self.metrics;
+        let all = watcher::Config::default();
+        let no_ns = "";
+        tokio::join!(
+            watch(Api::<core::Service>::all(c.clone()), all.clone(), Kind::Service, m, &tx, &cancel, |o| {
+                convert::service(o, no_ns).map(|s| Some(Object::Service(s)))
+            }),
+            watch(
+                Api::<discovery::EndpointSlice>::all(c.clone()),
+                all.clone(),
+                Kind::EndpointSlice,
+                m,
+                &tx,
+                &cancel,
+                |o| convert::endpoint_slice(o, no_ns).map(|s| s.map(Object::EndpointSlice)),
+            ),
+            watch(Api::<networking::Ingress>::all(c.clone()), all.clone(), Kind::Ingress, m, &tx, &cancel, |o| {
+                convert::ingress(o, no_ns).map(|s| Some(Object::Ingress(s)))
+            }),
+            watch(
+                Api::<networking::IngressClass>::all(c.clone()),
+                all.clone(),
+                Kind::IngressClass,
+                m,
+                &tx,
+                &cancel,
+                |o| convert::ingress_class(o).map(|s| Some(Object::IngressClass(s))),
+            ),
+            watch(
+                Api::<core::Secret>::all(c.clone()),
+                all.clone().fields(&format!("type={}", convert::TLS_SECRET_TYPE)),
+                Kind::Secret,
+                m,
+                &tx,
+                &cancel,
+                |o| convert::tls_secret(o, no_ns).map(|s| s.map(Object::Secret)),
+            ),
+            watch(Api::<core::Pod>::all(c.clone()), all.clone(), Kind::Pod, m, &tx, &cancel, |o| {
+                convert::pod(o, no_ns).map(|s| Some(Object::Pod(s)))
+            }),
+            watch(Api::<core::Node>::all(c.clone()), all.clone(), Kind::Node, m, &tx, &cancel, |o| {
+                convert::node(o).map(|s| Some(Object::Node(s)))
+            }),
+            watch(Api::<core::Namespace>::all(c.clone()), all.clone(), Kind::Namespace, m, &tx, &cancel, |o| {
+                convert::namespace(o).map(|s| Some(Object::Namespace(s)))
+            }),
+        );
+    }
+}
+
+fn key_of<K: Resource>(o: &K) -> ObjectKey {
+    ObjectKey::new(o.namespace().unwrap_or_default(), o.name_any())
+}
+
+async fn watch<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    metrics: &ClusterMetrics,
+    tx: &ChangeTx,
+    cancel: &CancellationToken,
+    convert: F,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: Fn(&K) -> Result<Option<Object>, InvalidObject>,
+{
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut buffer: Vec<Object> = Vec::new();
+    let to_object = |o: &K| match convert(o) {
+        Ok(obj) => obj,
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping object");
+            metrics.source_error("kube");
+            None
+        }
+    };
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = stream.next() => ev,
+        };
+        let Some(ev) = ev else { return };
+        let change = match ev {
+            Err(e) => {
+                tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                metrics.source_error("kube");
+                continue;
+            }
+            Ok(Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(Event::InitApply(o)) => {
+                buffer.extend(to_object(&o));
+                continue;
+            }
+            Ok(Event::InitDone) => Change::Relist(kind, std::mem::take(&mut buffer)),
+            // An update that fails conversion keeps the previous version in
+            // the store: the last good state keeps serving.
+            Ok(Event::Apply(o)) => match to_object(&o) {
+                Some(obj) => Change::Apply(obj),
+                None => continue,
+            },
+            Ok(Event::Delete(o)) => {
+                let mut key = key_of(&o);
+                if matches!(kind, Kind::IngressClass | Kind::Node | Kind::Namespace) {
+                    key.namespace.clear();
+                }
+                Change::Delete(kind, key)
+            }
+        };
+        if tx.send(change).is_err() {
+            return;
+        }
+    }
+}

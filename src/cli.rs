@@ -1,0 +1,86 @@
+//! Command-line interface: subcommands and the flags they share.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "Kubernetes node dataplane: service proxy, cluster DNS and ingress in one binary")]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Proxy, DNS and ingress together: the DaemonSet entry point.
+    Node(RunArgs),
+    /// Service proxy (kube-proxy's job).
+    Proxy(RunArgs),
+    /// Cluster DNS (CoreDNS's job).
+    Dns(RunArgs),
+    /// Ingress controller against an apiserver (or files).
+    Ingress(RunArgs),
+    /// Standalone reverse proxy fed from YAML files.
+    Serve(RunArgs),
+    /// Print what ferry would make of a cluster, without touching anything.
+    Render(RenderArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the cluster view comes from.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Manifest file or directory (repeatable). Selects the file source.
+    #[arg(short = 'f', long = "files", value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// Kubeconfig for the kube source (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Debounce between a change and the snapshot it produces.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub debounce_ms: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Address of the admin HTTP server (/healthz, /readyz, /metrics).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenderWhat {
+    /// Services with their endpoints, Ingresses, IngressClasses.
+    Summary,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// What to print.
+    #[arg(long, value_enum, default_value_t = RenderWhat::Summary)]
+    pub what: RenderWhat,
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,62 @@
+//! Starting the cluster source the flags select (files with `-f`, else the
+//! apiserver) and the publisher in front of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_cluster::files::FileSource;
+use ferry_cluster::kube::KubeSource;
+use ferry_cluster::{ClusterMetrics, Publisher, Snapshot, SnapshotRx};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::SourceArgs;
+
+/// Spawns the source and the publisher; returns the snapshot channel
+/// (`None` until the first complete snapshot).
+pub async fn start(args: &SourceArgs, metrics: ClusterMetrics, cancel: CancellationToken) -> anyhow::Result<SnapshotRx> {
+    let (publisher, tx, rx) = Publisher::new(Duration::from_millis(args.debounce_ms), metrics.clone());
+    if !args.files.is_empty() {
+        let source = FileSource::new(args.files.clone(), metrics);
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = source.run(tx, c).await {
+                tracing::error!(error = %e, "file source stopped");
+            }
+        });
+    } else {
+        let client = ferry_cluster::kube::client(args.kubeconfig.as_deref())
+            .await
+            .context("connecting to the apiserver (or pass -f PATH for the file source)")?;
+        let source = KubeSource::new(client, metrics);
+        let c = cancel.clone();
+        tokio::spawn(async move { source.run(tx, c).await });
+    }
+    tokio::spawn(publisher.run(cancel));
+    Ok(rx)
+}
+
+/// Loads the source once and returns its first complete snapshot. File
+/// errors are printed and the rest still loads, as in the long-running mode.
+pub async fn load_once(args: &SourceArgs) -> anyhow::Result<Arc<Snapshot>> {
+    if !args.files.is_empty() {
+        let (objects, errors) = ferry_cluster::files::load(&args.files);
+        for e in &errors {
+            eprintln!("ferry: {e}");
+        }
+        if objects.is_empty() && !errors.is_empty() {
+            anyhow::bail!("nothing could be loaded from {:?}", args.files);
+        }
+        return Ok(Arc::new(Snapshot::from_objects(1, objects)));
+    }
+    let cancel = CancellationToken::new();
+    let mut rx = start(args, ClusterMetrics::default(), cancel.clone()).await?;
+    let snap = rx
+        .wait_for(Option::is_some)
+        .await
+        .context("the source stopped before its first snapshot")?
+        .clone();
+    cancel.cancel();
+    snap.context("no snapshot")
+}
+

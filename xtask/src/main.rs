@@ -1,0 +1,47 @@
+//! `cargo xtask <task>`: ci (fmt + clippy + tests), and later e2e and bench.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("lint") => lint(),
+        Some("test") => test(),
+        _ => {
+            eprintln!("usage: cargo xtask <ci|lint|test>");
+            eprintln!("  ci    fmt check, clippy -D warnings, then every test");
+            eprintln!("  lint  fmt check and clippy only");
+            eprintln!("  test  every test (unit, integration, privileged e2e when root)");
+            bail!("unknown task")
+        }
+    }
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn lint() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+}
+
+fn test() -> anyhow::Result<()> {
+    cargo(&["test", "--workspace", "--all-targets"])
+}
+
+fn ci() -> anyhow::Result<()> {
+    lint()?;
+    test()
+}
