@@ -18,17 +18,19 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Proxy, DNS and ingress together: the DaemonSet entry point.
-    Node(RunArgs),
+    Node(crate::cmd_node::NodeArgs),
     /// Service proxy (kube-proxy's job).
-    Proxy(RunArgs),
+    Proxy(crate::cmd_proxy::ProxyArgs),
     /// Cluster DNS (CoreDNS's job).
-    Dns(RunArgs),
+    Dns(crate::cmd_dns::DnsArgs),
     /// Ingress controller against an apiserver (or files).
-    Ingress(RunArgs),
+    Ingress(crate::cmd_ingress::IngressArgs),
     /// Standalone reverse proxy fed from YAML files.
-    Serve(RunArgs),
+    Serve(crate::cmd_ingress::IngressArgs),
     /// Print what ferry would make of a cluster, without touching anything.
     Render(RenderArgs),
+    /// A small HTTP/TCP/UDP echo server for demos and tests.
+    Echo(crate::cmd_ingress::EchoArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,14 @@ pub struct RunArgs {
 pub enum RenderWhat {
     /// Services with their endpoints, Ingresses, IngressClasses.
     Summary,
+    /// The ingress RouteTable.
+    Routes,
+    /// The DNS zone in master-file format.
+    Zone,
+    /// iptables-restore input for the iptables dataplane.
+    Iptables,
+    /// BPF map entries for the eBPF dataplane.
+    Ebpf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,6 +83,12 @@ pub struct RenderArgs {
     /// What to print.
     #[arg(long, value_enum, default_value_t = RenderWhat::Summary)]
     pub what: RenderWhat,
+    #[command(flatten)]
+    pub proxy: crate::cmd_proxy::ProxyOpts,
+    #[command(flatten)]
+    pub dns: crate::cmd_dns::DnsOpts,
+    #[command(flatten)]
+    pub ingress: crate::cmd_ingress::IngressOpts,
 }
 
 pub fn init_logging(format: LogFormat) {

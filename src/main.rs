@@ -3,6 +3,10 @@
 
 mod admin;
 mod cli;
+mod cmd_dns;
+mod cmd_ingress;
+mod cmd_node;
+mod cmd_proxy;
 mod render;
 mod runtime;
 mod source;
@@ -24,11 +28,12 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Render(args) => render::run(args).await,
-            Command::Node(_) => not_built("node", 7),
-            Command::Proxy(_) => not_built("proxy", 4),
-            Command::Dns(_) => not_built("dns", 6),
-            Command::Ingress(_) => not_built("ingress", 3),
-            Command::Serve(_) => not_built("serve", 3),
+            Command::Node(args) => cmd_node::run(args).await,
+            Command::Proxy(args) => cmd_proxy::run(args).await,
+            Command::Dns(args) => cmd_dns::run(args).await,
+            Command::Ingress(args) => cmd_ingress::run_ingress(args).await,
+            Command::Serve(args) => cmd_ingress::run_serve(args).await,
+            Command::Echo(args) => cmd_ingress::run_echo(args).await,
         }
     });
     match result {
