@@ -1,0 +1,84 @@
+/* Key/value layouts shared by the BPF programs (C) and the loader (Rust,
+ * ebpf/src/lib.rs). Every struct has explicit padding so that the Rust
+ * #[repr(C)] mirror has no implicit holes; build.rs compiles a host program
+ * from this header that prints sizeof/offsetof, and a Rust test compares.
+ *
+ * Addresses and ports are in network byte order, exactly as the kernel hands
+ * them to cgroup/sock_addr programs, so the fast path never swaps bytes. */
+#ifndef FERRY_MAPS_H
+#define FERRY_MAPS_H
+
+#ifndef FERRY_HOST
+#include <linux/types.h>
+#else
+#include <stdint.h>
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef uint64_t __u64;
+#endif
+
+/* ferry_svc_val.flags */
+#define FERRY_SVC_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+
+/* A frontend: service IP (ClusterIP, node IP for NodePort, externalIP, LB IP),
+ * port and L4 protocol (IPPROTO_TCP / IPPROTO_UDP). */
+struct ferry_svc_key {
+	__u32 addr;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* What a frontend maps to: its backend set `id` with `count` slots
+ * (0..count-1 in ferry_backends). count == 0 means "reject". */
+struct ferry_svc_val {
+	__u32 id;
+	__u16 count;
+	__u16 flags;
+	__u32 affinity_timeout; /* seconds; used when FERRY_SVC_AFFINITY */
+	__u32 pad;
+};
+
+struct ferry_backend_key {
+	__u32 id;
+	__u32 slot;
+};
+
+struct ferry_backend {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+/* ClientIP affinity. A socket-level LB sees a socket, not a packet: the
+ * client identity is the network namespace (one per pod), as in Cilium. */
+struct ferry_affinity_key {
+	__u64 netns_cookie;
+	__u32 id;
+	__u32 pad;
+};
+
+struct ferry_affinity_val {
+	__u64 last_used_ns;
+	struct ferry_backend backend;
+	__u32 slot;
+	__u32 pad;
+};
+
+/* Reverse NAT: (socket, backend) → the service address the application
+ * asked for, so getpeername() and recvmsg() show the service address. */
+struct ferry_revnat_key {
+	__u64 cookie;
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct ferry_revnat_val {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+#endif
