@@ -1,9 +1,19 @@
 //! ferry's Service proxy (L4).
 //!
-//! Two halves, as everywhere in ferry: a pure planner from a cluster
-//! `Snapshot` to a `ServiceTable`, and dataplanes that make the kernel match
-//! that table. The planner and dataplanes are built by the proxy issues; this
-//! crate so far only names what the proxy serves.
+//! Two halves, as everywhere in ferry: a pure planner (`table::plan`) from a
+//! cluster `Snapshot` to a `ServiceTable`, and dataplanes (`Dataplane`) that
+//! make the kernel match that table: `iptables` here, eBPF in `ebpf`.
+
+pub mod dataplane;
+pub mod error;
+pub mod table;
+
+pub use dataplane::{Dataplane, FakeDataplane, SyncReport};
+pub use error::ProxyError;
+pub use table::{
+    plan, Backend, EmptyAction, Frontend, FrontendKind, HealthCheck, NodeConfig, PlanWarning, ServiceEntry,
+    ServicePortName, ServiceTable,
+};
 
 use ferry_cluster::{Service, ServiceType};
 
@@ -11,5 +21,8 @@ use ferry_cluster::{Service, ServiceType};
 /// headless and ExternalName Services never do, nor do Services that another
 /// proxy claims through `service.kubernetes.io/service-proxy-name`.
 pub fn is_proxied(svc: &Service) -> bool {
-    svc.type_ != ServiceType::ExternalName && !svc.headless && svc.service_proxy_name.is_none() && !svc.cluster_ips.is_empty()
+    svc.type_ != ServiceType::ExternalName
+        && !svc.headless
+        && svc.service_proxy_name.is_none()
+        && !svc.cluster_ips.is_empty()
 }
