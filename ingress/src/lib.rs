@@ -1,8 +1,13 @@
 //! ferry's ingress (L7).
 //!
-//! A pure `RouteTable` compiled from a cluster `Snapshot` and a hyper/rustls
-//! reverse proxy reading it lock-free. Built by the ingress issue; this crate
-//! so far holds the controller name ferry answers to.
+//! A pure `RouteTable` (and `CertStore`) compiled from a cluster `Snapshot`,
+//! and a hyper/rustls reverse proxy reading them lock-free through
+//! `ArcSwap`. `routes` and `tls` are the compile steps; `proxy` and
+//! `upstream` are the request path; `status` writes Ingress status.
+
+pub mod routes;
+
+pub use routes::{compile, ClassSelection, LbMethod, RouteTable};
 
 /// The IngressClass `spec.controller` value that selects ferry.
 pub const DEFAULT_CONTROLLER_NAME: &str = "ferry.dev/ingress-controller";

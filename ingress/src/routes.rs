@@ -1,0 +1,1114 @@
+//! The pure compile step: `Snapshot` → `RouteTable`.
+//!
+//! This module owns which Ingresses are ours (class selection), how their
+//! rules are merged per host, how a request's host and path pick a route
+//! (exactly as networking.k8s.io/v1 defines it), and how a Service backend
+//! becomes a list of pod `IP:port` endpoints. No I/O: the proxy swaps the
+//! result in whole; everything here is tested table-driven.
+//!
+//! Matching rules implemented here:
+//! - host: exact (case-insensitive, port and trailing dot ignored), else a
+//!   `*.suffix` wildcard matching exactly one extra label; rules without a
+//!   host match every request. When the most specific host has no matching
+//!   path, the next one (wildcard, then host-less rules) is tried.
+//! - path: `Exact` compares the whole path case-sensitively; `Prefix`
+//!   compares `/`-separated elements with a trailing slash ignored;
+//!   `ImplementationSpecific` is treated as `Prefix`. The longest path wins
+//!   and on a tie `Exact` beats `Prefix`.
+//! - nothing matches → the oldest Ingress's `spec.defaultBackend`, else 404.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferry_cluster::{BackendPort, Ingress, IngressBackend, ObjectKey, PathType, ServiceType, Snapshot};
+
+/// Annotation choosing the load-balancing method (NGINX Ingress Controller's name).
+pub const LB_METHOD_ANNOTATION: &str = "nginx.org/lb-method";
+/// Annotation asking for HTTP/2 cleartext (h2c) to the upstream.
+pub const BACKEND_PROTOCOL_ANNOTATION: &str = "ferry.dev/backend-protocol";
+/// ingress-nginx's equivalent; `GRPC` and `H2C` select h2c.
+pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = "nginx.ingress.kubernetes.io/backend-protocol";
+/// The `appProtocol` value that selects h2c to the upstream.
+pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
+
+/// Which Ingresses this controller serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassSelection {
+    /// IngressClasses whose `spec.controller` equals this are ours.
+    pub controller_name: String,
+    /// Class names served regardless of their controller (`--ingress-class`).
+    pub class_names: Vec<String>,
+}
+
+impl Default for ClassSelection {
+    fn default() -> Self {
+        ClassSelection {
+            controller_name: crate::DEFAULT_CONTROLLER_NAME.to_string(),
+            class_names: Vec::new(),
+        }
+    }
+}
+
+impl ClassSelection {
+    /// The class names that are ours in this snapshot, and whether one of
+    /// them is the cluster's default class.
+    fn our_classes(&self, snap: &Snapshot) -> (HashSet<String>, bool) {
+        let mut ours: HashSet<String> = self.class_names.iter().cloned().collect();
+        let mut default_ours = false;
+        for class in snap.ingress_classes() {
+            if class.controller == self.controller_name || self.class_names.contains(&class.name) {
+                ours.insert(class.name.clone());
+                default_ours |= class.is_default;
+            }
+        }
+        (ours, default_ours)
+    }
+
+    /// Whether `ing` is served by this controller.
+    pub fn serves(&self, snap: &Snapshot, ing: &Ingress) -> bool {
+        let (ours, default_ours) = self.our_classes(snap);
+        serves(&ours, default_ours, ing)
+    }
+}
+
+fn serves(ours: &HashSet<String>, default_ours: bool, ing: &Ingress) -> bool {
+    match &ing.class_name {
+        Some(c) => ours.contains(c),
+        None => default_ours,
+    }
+}
+
+/// How one upstream spreads requests over its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum LbMethod {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    Random,
+    /// Two random endpoints, the one with fewer requests in flight wins.
+    RandomTwoLeastConn,
+}
+
+impl LbMethod {
+    /// Parses the `nginx.org/lb-method` values ferry supports.
+    pub fn parse(value: &str) -> Option<LbMethod> {
+        let words: Vec<&str> = value.split_whitespace().collect();
+        match words.as_slice() {
+            ["round_robin"] => Some(LbMethod::RoundRobin),
+            ["least_conn"] => Some(LbMethod::LeastConn),
+            ["random"] => Some(LbMethod::Random),
+            ["random", "two"] | ["random", "two", "least_conn"] => Some(LbMethod::RandomTwoLeastConn),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbMethod::RoundRobin => "round_robin",
+            LbMethod::LeastConn => "least_conn",
+            LbMethod::Random => "random",
+            LbMethod::RandomTwoLeastConn => "random two least_conn",
+        }
+    }
+}
+
+/// One pod endpoint of an upstream: what gets dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamEndpoint {
+    pub addr: SocketAddr,
+    pub pod: Option<String>,
+}
+
+/// A Service port as the proxy sees it: the endpoints to dial and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    /// `namespace/service:port`, also the metrics label.
+    pub name: String,
+    pub endpoints: Vec<UpstreamEndpoint>,
+    pub lb: LbMethod,
+    /// Speak HTTP/2 cleartext to the endpoints (gRPC).
+    pub h2c: bool,
+}
+
+/// How a rule's path is compared with the request path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PathMatch {
+    /// The whole path, case-sensitive.
+    Exact(String),
+    /// Path elements; stored without the trailing slash (`/` is stored empty).
+    Prefix(String),
+}
+
+impl PathMatch {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => {
+                p.is_empty()
+                    || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
+            }
+        }
+    }
+
+    /// Longer matches win; on a tie Exact sorts first.
+    fn sort_key(&self) -> (std::cmp::Reverse<usize>, u8) {
+        match self {
+            PathMatch::Exact(p) => (std::cmp::Reverse(p.len()), 0),
+            PathMatch::Prefix(p) => (std::cmp::Reverse(p.len()), 1),
+        }
+    }
+}
+
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::Exact(p) => write!(f, "Exact {p}"),
+            PathMatch::Prefix(p) if p.is_empty() => f.write_str("Prefix /"),
+            PathMatch::Prefix(p) => write!(f, "Prefix {p}"),
+        }
+    }
+}
+
+/// One path of one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub path: PathMatch,
+    /// Index into `RouteTable::upstreams`.
+    pub upstream: usize,
+    /// The Ingress this route came from.
+    pub ingress: ObjectKey,
+}
+
+/// The result of a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteMatch<'a> {
+    pub upstream: usize,
+    pub ingress: &'a ObjectKey,
+}
+
+/// A `spec.tls` entry of an Ingress we serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsBinding {
+    pub ingress: ObjectKey,
+    /// Lowercased hosts (may be `*.suffix`).
+    pub hosts: Vec<String>,
+    pub secret: ObjectKey,
+}
+
+/// A problem with one object, reported and skipped; the rest still serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// The field at fault, e.g. `spec.rules[0].http.paths[1].path`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.object, self.field, self.message)
+    }
+}
+
+/// Everything the proxy needs to route, compiled from one Snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub generation: u64,
+    exact: HashMap<String, Vec<Route>>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<String, Vec<Route>>,
+    /// Rules without a host.
+    any_host: Vec<Route>,
+    default_backend: Option<Route>,
+    pub upstreams: Vec<Arc<UpstreamSpec>>,
+    pub tls: Vec<TlsBinding>,
+    /// The Ingresses we serve (status is written on these).
+    pub served: Vec<ObjectKey>,
+    pub problems: Vec<Problem>,
+}
+
+/// Lowercases `authority` and removes the port and a trailing dot; borrows
+/// when nothing needs to change (the common case on the request path).
+pub fn normalize_host(authority: &str) -> Cow<'_, str> {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        })
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+fn first_match<'a>(routes: &'a [Route], path: &str) -> Option<RouteMatch<'a>> {
+    routes.iter().find(|r| r.path.matches(path)).map(|r| RouteMatch {
+        upstream: r.upstream,
+        ingress: &r.ingress,
+    })
+}
+
+impl RouteTable {
+    /// Picks the route for a request. `host` is the Host header or the
+    /// `:authority` (any case, with or without port); `path` excludes the query.
+    pub fn route(&self, host: &str, path: &str) -> Option<RouteMatch<'_>> {
+        let host = normalize_host(host);
+        let host: &str = &host;
+        if let Some(routes) = self.exact.get(host) {
+            if let Some(m) = first_match(routes, path) {
+                return Some(m);
+            }
+        }
+        if let Some((_, suffix)) = host.split_once('.') {
+            if let Some(routes) = self.wildcard.get(suffix) {
+                if let Some(m) = first_match(routes, path) {
+                    return Some(m);
+                }
+            }
+        }
+        if let Some(m) = first_match(&self.any_host, path) {
+            return Some(m);
+        }
+        self.default_backend.as_ref().map(|r| RouteMatch {
+            upstream: r.upstream,
+            ingress: &r.ingress,
+        })
+    }
+
+    pub fn upstream(&self, index: usize) -> Option<&Arc<UpstreamSpec>> {
+        self.upstreams.get(index)
+    }
+
+    /// Number of routes (all hosts), for logs and metrics.
+    pub fn route_count(&self) -> usize {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .map(Vec::len)
+            .sum::<usize>()
+            + self.any_host.len()
+            + usize::from(self.default_backend.is_some())
+    }
+
+    /// Every host with a TLS binding or a rule, for the default-certificate SANs.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut h: Vec<String> = self.exact.keys().cloned().collect();
+        h.extend(self.wildcard.keys().map(|s| format!("*.{s}")));
+        h.sort();
+        h
+    }
+
+    /// Human-readable listing for `ferry render --what routes`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let upstream = |i: usize| -> String {
+            match self.upstreams.get(i) {
+                Some(u) => {
+                    let eps: Vec<String> = u.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                    let proto = if u.h2c { " h2c" } else { "" };
+                    let eps = if eps.is_empty() {
+                        "no endpoints (503)".to_string()
+                    } else {
+                        eps.join(" ")
+                    };
+                    format!("{} [{}{}] -> {}", u.name, u.lb.as_str(), proto, eps)
+                }
+                None => "?".into(),
+            }
+        };
+        let mut section = |title: &str, routes: &[Route]| {
+            let _ = writeln!(out, "{title}");
+            for r in routes {
+                let _ = writeln!(
+                    out,
+                    "  {:<28} {}  (ingress {})",
+                    r.path.to_string(),
+                    upstream(r.upstream),
+                    r.ingress
+                );
+            }
+        };
+        let mut hosts: Vec<&String> = self.exact.keys().collect();
+        hosts.sort();
+        for h in hosts {
+            section(&format!("host {h}"), &self.exact[h]);
+        }
+        let mut wild: Vec<&String> = self.wildcard.keys().collect();
+        wild.sort();
+        for w in wild {
+            section(&format!("host *.{w}"), &self.wildcard[w]);
+        }
+        if !self.any_host.is_empty() {
+            section("any host", &self.any_host);
+        }
+        match &self.default_backend {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "default backend: {}  (ingress {})",
+                    upstream(r.upstream),
+                    r.ingress
+                );
+            }
+            None => out.push_str("default backend: none (404)\n"),
+        }
+        for t in &self.tls {
+            let _ = writeln!(
+                out,
+                "tls {} -> secret {}  (ingress {})",
+                t.hosts.join(","),
+                t.secret,
+                t.ingress
+            );
+        }
+        for p in &self.problems {
+            let _ = writeln!(out, "problem: {p}");
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct UpstreamKey {
+    namespace: String,
+    service: String,
+    port: String,
+    lb: LbMethod,
+    h2c: bool,
+}
+
+struct Compiler<'a> {
+    snap: &'a Snapshot,
+    table: RouteTable,
+    upstream_index: BTreeMap<UpstreamKey, usize>,
+}
+
+impl Compiler<'_> {
+    fn problem(&mut self, ing: &Ingress, field: impl Into<String>, message: impl Into<String>) {
+        self.table.problems.push(Problem {
+            object: format!("Ingress {}", ing.key),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Resolves a backend to an upstream index. Missing Services or ports
+    /// are reported and give an upstream without endpoints (503), so the
+    /// path stays claimed rather than falling through to another route.
+    fn upstream(&mut self, ing: &Ingress, field: &str, backend: &IngressBackend) -> usize {
+        let lb = match ing.annotations.get(LB_METHOD_ANNOTATION) {
+            None => LbMethod::RoundRobin,
+            Some(v) => LbMethod::parse(v).unwrap_or_else(|| {
+                self.problem(
+                    ing,
+                    format!("metadata.annotations[{LB_METHOD_ANNOTATION}]"),
+                    format!("unsupported value {v:?}; using round_robin"),
+                );
+                LbMethod::RoundRobin
+            }),
+        };
+        let annotated_h2c = ing
+            .annotations
+            .get(BACKEND_PROTOCOL_ANNOTATION)
+            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
+            || ing
+                .annotations
+                .get(NGINX_BACKEND_PROTOCOL_ANNOTATION)
+                .is_some_and(|v| v.eq_ignore_ascii_case("grpc") || v.eq_ignore_ascii_case("h2c"));
+        let (service, port) = match backend {
+            IngressBackend::Service { name, port } => (name.clone(), port.clone()),
+            IngressBackend::Resource { kind, name, .. } => {
+                self.problem(
+                    ing,
+                    field,
+                    format!("resource backend {kind}/{name} is not supported; answering 503"),
+                );
+                return self.push_upstream(
+                    UpstreamKey {
+                        namespace: ing.key.namespace.clone(),
+                        service: format!("{kind}/{name}"),
+                        port: String::new(),
+                        lb,
+                        h2c: false,
+                    },
+                    Vec::new(),
+                );
+            }
+        };
+        let svc = self.snap.service(&ing.key.namespace, &service).cloned();
+        let svc_port = svc.as_ref().and_then(|s| match &port {
+            BackendPort::Number(n) => s.ports.iter().find(|p| p.port == *n),
+            BackendPort::Name(n) => s.port_named(n),
+        });
+        let mut h2c = annotated_h2c || svc_port.is_some_and(|p| p.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL));
+        let mut endpoints = Vec::new();
+        match (&svc, svc_port) {
+            (None, _) => self.problem(
+                ing,
+                format!("{field}.service.name"),
+                format!("Service {}/{service} not found; answering 503", ing.key.namespace),
+            ),
+            (Some(_), None) => self.problem(
+                ing,
+                format!("{field}.service.port"),
+                format!(
+                    "Service {}/{service} has no port {port}; answering 503",
+                    ing.key.namespace
+                ),
+            ),
+            (Some(s), Some(_)) if s.type_ == ServiceType::ExternalName => self.problem(
+                ing,
+                format!("{field}.service.name"),
+                format!(
+                    "Service {}/{service} is ExternalName; not supported, answering 503",
+                    ing.key.namespace
+                ),
+            ),
+            (Some(s), Some(p)) => {
+                for b in self.snap.usable_backends(s, p) {
+                    h2c |= b.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL);
+                    endpoints.push(UpstreamEndpoint {
+                        addr: SocketAddr::new(b.ip, b.port),
+                        pod: b.pod_name,
+                    });
+                }
+            }
+        }
+        self.push_upstream(
+            UpstreamKey {
+                namespace: ing.key.namespace.clone(),
+                service,
+                port: port.to_string(),
+                lb,
+                h2c,
+            },
+            endpoints,
+        )
+    }
+
+    fn push_upstream(&mut self, key: UpstreamKey, endpoints: Vec<UpstreamEndpoint>) -> usize {
+        if let Some(&i) = self.upstream_index.get(&key) {
+            return i;
+        }
+        let i = self.table.upstreams.len();
+        let name = if key.port.is_empty() {
+            format!("{}/{}", key.namespace, key.service)
+        } else {
+            format!("{}/{}:{}", key.namespace, key.service, key.port)
+        };
+        self.table.upstreams.push(Arc::new(UpstreamSpec {
+            name,
+            endpoints,
+            lb: key.lb,
+            h2c: key.h2c,
+        }));
+        self.upstream_index.insert(key, i);
+        i
+    }
+}
+
+/// Validates and lowercases a rule host; `None` with a message when invalid.
+fn rule_host(host: &str) -> Result<String, String> {
+    let h = host.to_ascii_lowercase();
+    if let Some(suffix) = h.strip_prefix("*.") {
+        if suffix.is_empty() || suffix.contains('*') {
+            return Err(format!("invalid wildcard host {host:?}"));
+        }
+    } else if h.contains('*') {
+        return Err(format!("wildcard only allowed as the first label: {host:?}"));
+    }
+    if h.contains(':') || h.contains('/') {
+        return Err(format!("host must be a DNS name without port: {host:?}"));
+    }
+    Ok(h)
+}
+
+/// Compiles the routes of the Ingresses `classes` selects.
+pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
+    let (ours, default_ours) = classes.our_classes(snap);
+    let mut ingresses: Vec<&Arc<Ingress>> = snap.ingresses().filter(|i| serves(&ours, default_ours, i)).collect();
+    // The oldest Ingress wins conflicts; name order breaks ties so the
+    // result does not depend on map iteration order.
+    ingresses.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then_with(|| a.key.cmp(&b.key)));
+
+    let mut c = Compiler {
+        snap,
+        table: RouteTable {
+            generation: snap.generation,
+            ..RouteTable::default()
+        },
+        upstream_index: BTreeMap::new(),
+    };
+    // (host or "" , path match) → the Ingress that claimed it.
+    let mut claimed: HashMap<(String, PathMatch), ObjectKey> = HashMap::new();
+
+    for ing in ingresses {
+        c.table.served.push(ing.key.clone());
+        if let Some(b) = &ing.default_backend {
+            match &c.table.default_backend {
+                Some(existing) => {
+                    let msg = format!(
+                        "conflicts with the default backend of older Ingress {}; ignored",
+                        existing.ingress
+                    );
+                    c.problem(ing, "spec.defaultBackend", msg);
+                }
+                None => {
+                    let upstream = c.upstream(ing, "spec.defaultBackend", b);
+                    c.table.default_backend = Some(Route {
+                        path: PathMatch::Prefix(String::new()),
+                        upstream,
+                        ingress: ing.key.clone(),
+                    });
+                }
+            }
+        }
+        for (i, rule) in ing.rules.iter().enumerate() {
+            let host = match rule.host.as_deref().map(rule_host) {
+                None => None,
+                Some(Ok(h)) => Some(h),
+                Some(Err(msg)) => {
+                    c.problem(ing, format!("spec.rules[{i}].host"), msg);
+                    continue;
+                }
+            };
+            for (j, p) in rule.paths.iter().enumerate() {
+                let field = format!("spec.rules[{i}].http.paths[{j}]");
+                let path = match (&p.path, p.path_type) {
+                    (Some(path), _) if path.starts_with('/') => path.clone(),
+                    (None, PathType::Prefix | PathType::ImplementationSpecific) => "/".to_string(),
+                    (Some(path), _) => {
+                        c.problem(
+                            ing,
+                            format!("{field}.path"),
+                            format!("{path:?} must start with '/'; path skipped"),
+                        );
+                        continue;
+                    }
+                    (None, PathType::Exact) => {
+                        c.problem(ing, format!("{field}.path"), "missing for pathType Exact; path skipped");
+                        continue;
+                    }
+                };
+                let matcher = match p.path_type {
+                    PathType::Exact => PathMatch::Exact(path),
+                    PathType::Prefix | PathType::ImplementationSpecific => {
+                        PathMatch::Prefix(path.trim_end_matches('/').to_string())
+                    }
+                };
+                let claim = (host.clone().unwrap_or_default(), matcher.clone());
+                if let Some(owner) = claimed.get(&claim) {
+                    let msg = format!(
+                        "{matcher} on host {:?} already routed by older Ingress {owner}; ignored",
+                        claim.0
+                    );
+                    c.problem(ing, field, msg);
+                    continue;
+                }
+                claimed.insert(claim, ing.key.clone());
+                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend);
+                let route = Route {
+                    path: matcher,
+                    upstream,
+                    ingress: ing.key.clone(),
+                };
+                match &host {
+                    None => c.table.any_host.push(route),
+                    Some(h) => match h.strip_prefix("*.") {
+                        Some(suffix) => c.table.wildcard.entry(suffix.to_string()).or_default().push(route),
+                        None => c.table.exact.entry(h.clone()).or_default().push(route),
+                    },
+                }
+            }
+        }
+        for (i, t) in ing.tls.iter().enumerate() {
+            let Some(secret) = &t.secret_name else {
+                // No secret: these hosts get the default certificate.
+                continue;
+            };
+            let mut hosts: Vec<String> = t.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            if hosts.is_empty() {
+                // No hosts listed: the secret covers this Ingress's rule hosts.
+                hosts = ing
+                    .rules
+                    .iter()
+                    .filter_map(|r| r.host.as_ref())
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect();
+            }
+            if hosts.is_empty() {
+                c.problem(
+                    ing,
+                    format!("spec.tls[{i}].hosts"),
+                    "no hosts to use the secret for; ignored",
+                );
+                continue;
+            }
+            c.table.tls.push(TlsBinding {
+                ingress: ing.key.clone(),
+                hosts,
+                secret: ObjectKey::new(ing.key.namespace.clone(), secret.clone()),
+            });
+        }
+    }
+
+    let sort = |routes: &mut Vec<Route>| routes.sort_by_key(|r| r.path.sort_key());
+    c.table.exact.values_mut().for_each(sort);
+    c.table.wildcard.values_mut().for_each(sort);
+    sort(&mut c.table.any_host);
+    c.table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: ferry}
+spec: {controller: ferry.dev/ingress-controller}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: other}
+spec: {controller: example.com/other}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec:
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c}
+spec:
+  ports: [{port: 80, targetPort: 9000, appProtocol: kubernetes.io/h2c}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-1, labels: {kubernetes.io/service-name: a}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.0.0.1]
+- addresses: [10.0.0.2]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: b-1, labels: {kubernetes.io/service-name: b}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints:
+- addresses: [10.0.1.1]
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: c-1, labels: {kubernetes.io/service-name: c}}
+addressType: IPv4
+ports: [{port: 9000}]
+endpoints:
+- addresses: [10.0.2.1]
+"#;
+
+    fn snapshot(extra: &str) -> Snapshot {
+        let text = format!("{BASE}\n---\n{extra}");
+        let mut objects = Vec::new();
+        for doc in ferry_cluster::files::parse_documents(Path::new("test.yaml"), &text) {
+            objects.extend(doc.unwrap());
+        }
+        Snapshot::from_objects(1, objects)
+    }
+
+    fn table(extra: &str) -> RouteTable {
+        compile(&snapshot(extra), &ClassSelection::default())
+    }
+
+    /// `(host, path)` → the upstream name routed to, or None for 404.
+    fn check(t: &RouteTable, cases: &[(&str, &str, Option<&str>)]) {
+        for (host, path, want) in cases {
+            let got = t.route(host, path).map(|m| t.upstreams[m.upstream].name.as_str());
+            assert_eq!(got, *want, "host {host:?} path {path:?}\n{}", t.render());
+        }
+    }
+
+    fn ingress(name: &str, created: &str, class: &str, rules: &str) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, creationTimestamp: \"{created}\"}}\nspec:\n  ingressClassName: {class}\n{rules}\n---\n"
+        )
+    }
+
+    fn path_rule(host: Option<&str>, paths: &[(&str, &str, &str)]) -> String {
+        let mut s = String::new();
+        match host {
+            Some(h) => s.push_str(&format!("  - host: \"{h}\"\n    http:\n      paths:\n")),
+            None => s.push_str("  - http:\n      paths:\n"),
+        }
+        for (path, ty, svc) in paths {
+            s.push_str(&format!(
+                "      - {{path: \"{path}\", pathType: {ty}, backend: {{service: {{name: {svc}, port: {{number: 80}}}}}}}}\n"
+            ));
+        }
+        s
+    }
+
+    fn rules(parts: &[String]) -> String {
+        format!("  rules:\n{}", parts.concat())
+    }
+
+    #[test]
+    fn path_types_follow_the_spec_examples() {
+        // The examples table of the Kubernetes Ingress documentation.
+        let cases: &[(&str, &str, &str, bool)] = &[
+            ("Prefix", "/", "/", true),
+            ("Prefix", "/", "/anything/at/all", true),
+            ("Exact", "/foo", "/foo", true),
+            ("Exact", "/foo", "/bar", false),
+            ("Exact", "/foo", "/foo/", false),
+            ("Exact", "/foo/", "/foo", false),
+            ("Prefix", "/foo", "/foo", true),
+            ("Prefix", "/foo", "/foo/", true),
+            ("Prefix", "/foo/", "/foo", true),
+            ("Prefix", "/foo/", "/foo/", true),
+            ("Prefix", "/aaa/bb", "/aaa/bbb", false),
+            ("Prefix", "/aaa/bbb", "/aaa/bbb", true),
+            ("Prefix", "/aaa/bbb/", "/aaa/bbb", true),
+            ("Prefix", "/aaa/bbb", "/aaa/bbb/", true),
+            ("Prefix", "/aaa/bbb", "/aaa/bbb/ccc", true),
+            ("Prefix", "/aaa/bbb", "/aaa/bbbxyz", false),
+            ("Prefix", "/foo", "/foobar", false),
+            ("Exact", "/FOO", "/foo", false),
+            ("Prefix", "/FOO", "/foo", false),
+            ("ImplementationSpecific", "/foo", "/foo/bar", true),
+            ("ImplementationSpecific", "/foo", "/foobar", false),
+        ];
+        for (ty, rule, req, want) in cases {
+            let t = table(&ingress(
+                "i",
+                "2024-01-01T00:00:00Z",
+                "ferry",
+                &rules(&[path_rule(Some("x.test"), &[(rule, ty, "a")])]),
+            ));
+            let got = t.route("x.test", req).is_some();
+            assert_eq!(got, *want, "{ty} {rule} vs request {req}");
+        }
+    }
+
+    #[test]
+    fn longest_match_wins_and_exact_beats_prefix_on_a_tie() {
+        // The spec's multiple-match example: Prefix / and /aaa, Exact /aaa/bbb etc.
+        let r = rules(&[path_rule(
+            Some("x.test"),
+            &[
+                ("/", "Prefix", "a"),
+                ("/aaa", "Prefix", "b"),
+                ("/aaa", "Exact", "c"),
+                ("/aaa/bbb", "Prefix", "a"),
+            ],
+        )]);
+        let t = table(&ingress("i", "2024-01-01T00:00:00Z", "ferry", &r));
+        check(
+            &t,
+            &[
+                ("x.test", "/", Some("default/a:80")),
+                ("x.test", "/aaa", Some("default/c:80")),
+                ("x.test", "/aaa/", Some("default/b:80")),
+                ("x.test", "/aaa/ccc", Some("default/b:80")),
+                ("x.test", "/aaa/bbb/x", Some("default/a:80")),
+                ("x.test", "/aaaa", Some("default/a:80")),
+            ],
+        );
+    }
+
+    #[test]
+    fn host_matching_exact_wildcard_and_any() {
+        let r = rules(&[
+            path_rule(Some("foo.bar.com"), &[("/", "Prefix", "a")]),
+            path_rule(Some("*.bar.com"), &[("/", "Prefix", "b")]),
+            path_rule(Some("*.only.com"), &[("/api", "Prefix", "b")]),
+            path_rule(None, &[("/any", "Prefix", "c")]),
+        ]);
+        let t = table(&ingress("i", "2024-01-01T00:00:00Z", "ferry", &r));
+        check(
+            &t,
+            &[
+                ("foo.bar.com", "/", Some("default/a:80")),
+                ("FOO.Bar.COM:8080", "/x", Some("default/a:80")),
+                ("foo.bar.com.", "/x", Some("default/a:80")),
+                ("baz.bar.com", "/", Some("default/b:80")),
+                // Wildcards match exactly one label.
+                ("bar.com", "/", None),
+                ("a.baz.bar.com", "/", None),
+                ("x.only.com", "/api/v1", Some("default/b:80")),
+                // The most specific host has no such path: host-less rules next.
+                ("x.only.com", "/any", Some("default/c:80")),
+                ("foo.bar.com", "/any", Some("default/a:80")),
+                ("unknown.test", "/any/thing", Some("default/c:80")),
+                ("unknown.test", "/", None),
+                ("10.1.2.3:80", "/any", Some("default/c:80")),
+                ("[::1]:80", "/any", Some("default/c:80")),
+            ],
+        );
+    }
+
+    #[test]
+    fn default_backend_and_404() {
+        let with_default = "  defaultBackend: {service: {name: b, port: {number: 80}}}\n".to_string()
+            + &rules(&[path_rule(Some("x.test"), &[("/app", "Prefix", "a")])]);
+        let t = table(&ingress("i", "2024-01-01T00:00:00Z", "ferry", &with_default));
+        check(
+            &t,
+            &[
+                ("x.test", "/app", Some("default/a:80")),
+                ("x.test", "/other", Some("default/b:80")),
+                ("y.test", "/", Some("default/b:80")),
+            ],
+        );
+        let t = table(&ingress(
+            "i",
+            "2024-01-01T00:00:00Z",
+            "ferry",
+            &rules(&[path_rule(Some("x.test"), &[("/app", "Prefix", "a")])]),
+        ));
+        check(&t, &[("x.test", "/other", None), ("y.test", "/app", None)]);
+    }
+
+    #[test]
+    fn class_selection() {
+        let r = rules(&[path_rule(Some("x.test"), &[("/", "Prefix", "a")])]);
+        let legacy = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: legacy, annotations: {kubernetes.io/ingress.class: ferry}}\nspec:\n"
+            .to_string()
+            + &rules(&[path_rule(Some("legacy.test"), &[("/", "Prefix", "a")])])
+            + "\n---\n";
+        let classless = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: none}\nspec:\n".to_string()
+            + &rules(&[path_rule(Some("none.test"), &[("/", "Prefix", "a")])])
+            + "\n---\n";
+        let objects = ingress(
+            "ours",
+            "2024-01-01T00:00:00Z",
+            "ferry",
+            &r.replace("x.test", "ours.test"),
+        ) + &ingress(
+            "theirs",
+            "2024-01-01T00:00:00Z",
+            "other",
+            &r.replace("x.test", "theirs.test"),
+        ) + &ingress(
+            "unknown",
+            "2024-01-01T00:00:00Z",
+            "nope",
+            &r.replace("x.test", "unknown.test"),
+        ) + &legacy
+            + &classless;
+        let snap = snapshot(&objects);
+        let t = compile(&snap, &ClassSelection::default());
+        check(
+            &t,
+            &[
+                ("ours.test", "/", Some("default/a:80")),
+                ("legacy.test", "/", Some("default/a:80")),
+                ("theirs.test", "/", None),
+                ("unknown.test", "/", None),
+                ("none.test", "/", None),
+            ],
+        );
+        // Served by name although another controller owns the class.
+        let by_name = ClassSelection {
+            controller_name: "ferry.dev/ingress-controller".into(),
+            class_names: vec!["other".into(), "nope".into()],
+        };
+        let t = compile(&snap, &by_name);
+        check(
+            &t,
+            &[
+                ("theirs.test", "/", Some("default/a:80")),
+                ("unknown.test", "/", Some("default/a:80")),
+            ],
+        );
+        assert_eq!(t.served.len(), 4);
+
+        // An Ingress without a class is ours when one of our classes is the default.
+        let default_class = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: ferry-default, annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}}\nspec: {controller: ferry.dev/ingress-controller}\n---\n";
+        let snap = snapshot(&(objects.clone() + default_class));
+        let t = compile(&snap, &ClassSelection::default());
+        check(&t, &[("none.test", "/", Some("default/a:80"))]);
+        // ... but not when the default class belongs to someone else.
+        let snap = snapshot(&(objects + &default_class.replace("ferry.dev/ingress-controller", "example.com/x")));
+        let t = compile(&snap, &ClassSelection::default());
+        check(&t, &[("none.test", "/", None)]);
+    }
+
+    #[test]
+    fn merge_across_ingresses_oldest_wins() {
+        let old = ingress(
+            "old",
+            "2020-01-01T00:00:00Z",
+            "ferry",
+            &rules(&[path_rule(
+                Some("x.test"),
+                &[("/", "Prefix", "a"), ("/api", "Prefix", "a")],
+            )]),
+        );
+        let new = ingress(
+            "new",
+            "2024-01-01T00:00:00Z",
+            "ferry",
+            &rules(&[path_rule(
+                Some("x.test"),
+                &[("/api", "Prefix", "b"), ("/web", "Exact", "b")],
+            )]),
+        );
+        let t = table(&(new + &old));
+        check(
+            &t,
+            &[
+                ("x.test", "/api/x", Some("default/a:80")),
+                ("x.test", "/web", Some("default/b:80")),
+                ("x.test", "/web/x", Some("default/a:80")),
+            ],
+        );
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        assert_eq!(t.problems[0].object, "Ingress default/new");
+        assert_eq!(t.problems[0].field, "spec.rules[0].http.paths[0]");
+        assert_eq!(t.route("x.test", "/api").map(|m| m.ingress.name.as_str()), Some("old"));
+    }
+
+    #[test]
+    fn backends_resolve_to_pod_endpoints() {
+        let r = rules(&[path_rule(
+            Some("x.test"),
+            &[("/a", "Prefix", "a"), ("/b", "Prefix", "b"), ("/c", "Prefix", "c")],
+        )]);
+        let t = table(&ingress("i", "2024-01-01T00:00:00Z", "ferry", &r));
+        let ep = |host: &str, path: &str| -> (Vec<String>, bool) {
+            let m = t.route(host, path).unwrap();
+            let u = &t.upstreams[m.upstream];
+            (u.endpoints.iter().map(|e| e.addr.to_string()).collect(), u.h2c)
+        };
+        // Ready endpoints only; the slice port (target port) is dialled.
+        assert_eq!(ep("x.test", "/a"), (vec!["10.0.0.1:8080".to_string()], false));
+        // None ready: serving+terminating; named targetPort resolved by slice port name.
+        assert_eq!(ep("x.test", "/b"), (vec!["10.0.1.1:8081".to_string()], false));
+        // appProtocol kubernetes.io/h2c selects h2c.
+        assert_eq!(ep("x.test", "/c"), (vec!["10.0.2.1:9000".to_string()], true));
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+    }
+
+    #[test]
+    fn bad_input_is_reported_and_skipped() {
+        let r = "  rules:\n  - host: x.test\n    http:\n      paths:\n      - {path: \"nope\", pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}\n      - {path: /missing, pathType: Prefix, backend: {service: {name: ghost, port: {number: 80}}}}\n      - {path: /badport, pathType: Prefix, backend: {service: {name: a, port: {number: 81}}}}\n      - {path: /badname, pathType: Prefix, backend: {service: {name: a, port: {name: grpc}}}}\n      - {path: /ok, pathType: Prefix, backend: {service: {name: a, port: {name: http}}}}\n  - host: \"a*.x.test\"\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}\n";
+        let t = table(&ingress("bad", "2024-01-01T00:00:00Z", "ferry", r));
+        let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.rules[0].http.paths[0].path",
+                "spec.rules[0].http.paths[1].backend.service.name",
+                "spec.rules[0].http.paths[2].backend.service.port",
+                "spec.rules[0].http.paths[3].backend.service.port",
+                "spec.rules[1].host",
+            ]
+        );
+        assert!(t.problems.iter().all(|p| p.object == "Ingress default/bad"));
+        // Broken backends still claim their path and answer 503 (no endpoints).
+        let m = t.route("x.test", "/missing").unwrap();
+        assert!(t.upstreams[m.upstream].endpoints.is_empty());
+        let m = t.route("x.test", "/ok").unwrap();
+        assert_eq!(t.upstreams[m.upstream].endpoints.len(), 1);
+        assert!(t.route("x.test", "/nope").is_none());
+    }
+
+    #[test]
+    fn lb_method_annotation() {
+        for (value, want) in [
+            ("round_robin", Some(LbMethod::RoundRobin)),
+            ("least_conn", Some(LbMethod::LeastConn)),
+            ("random", Some(LbMethod::Random)),
+            ("random two", Some(LbMethod::RandomTwoLeastConn)),
+            ("random  two least_conn", Some(LbMethod::RandomTwoLeastConn)),
+            ("ip_hash", None),
+        ] {
+            assert_eq!(LbMethod::parse(value), want, "{value}");
+        }
+        let r = rules(&[path_rule(Some("x.test"), &[("/", "Prefix", "a")])]);
+        let doc = ingress("i", "2024-01-01T00:00:00Z", "ferry", &r).replace(
+            "metadata: {name: i,",
+            "metadata: {annotations: {nginx.org/lb-method: least_conn}, name: i,",
+        );
+        let t = table(&doc);
+        assert_eq!(t.upstreams[0].lb, LbMethod::LeastConn);
+        let t = table(&doc.replace("least_conn", "bogus"));
+        assert_eq!(t.upstreams[0].lb, LbMethod::RoundRobin);
+        assert_eq!(t.problems.len(), 1);
+    }
+
+    #[test]
+    fn tls_bindings() {
+        let doc = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: t}\nspec:\n  ingressClassName: ferry\n  tls:\n  - {hosts: [A.test, \"*.w.test\"], secretName: s1}\n  - {secretName: s2}\n  - {hosts: [c.test]}\n  rules:\n  - host: b.test\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}]}\n";
+        let t = table(doc);
+        assert_eq!(
+            t.tls,
+            vec![
+                TlsBinding {
+                    ingress: ObjectKey::new("default", "t"),
+                    hosts: vec!["a.test".into(), "*.w.test".into()],
+                    secret: ObjectKey::new("default", "s1"),
+                },
+                TlsBinding {
+                    ingress: ObjectKey::new("default", "t"),
+                    hosts: vec!["b.test".into()],
+                    secret: ObjectKey::new("default", "s2"),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn wordpress_example_routes_round_robin_to_both_pods() {
+        let mut objects = Vec::new();
+        let (o, errors) =
+            ferry_cluster::files::load(&[Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/wordpress")]);
+        assert!(errors.is_empty(), "{errors:?}");
+        objects.extend(o);
+        let snap = Snapshot::from_objects(1, objects);
+        let sel = ClassSelection {
+            class_names: vec!["wp-ink".into()],
+            ..ClassSelection::default()
+        };
+        let t = compile(&snap, &sel);
+        let m = t.route("wp.test:8080", "/wp-admin/").unwrap();
+        let u = &t.upstreams[m.upstream];
+        assert_eq!(u.name, "default/wp-svc:80");
+        let addrs: Vec<String> = u.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, vec!["127.0.0.11:18080", "127.0.0.12:18080"]);
+        assert!(t.render().contains("host wp.test"));
+        // Not ours without --ingress-class (its controller is NGINX's).
+        assert!(compile(&snap, &ClassSelection::default())
+            .route("wp.test", "/")
+            .is_none());
+    }
+}
