@@ -13,7 +13,14 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
     for i in 0..services {
         let ns = format!("ns-{}", i % 100);
         let name = format!("svc-{i}");
-        let ip = |a: usize| IpAddr::V4(Ipv4Addr::new(10, 96 + (a / 65536) as u8, (a / 256 % 256) as u8, (a % 256) as u8));
+        let ip = |a: usize| {
+            IpAddr::V4(Ipv4Addr::new(
+                10,
+                96 + (a / 65536) as u8,
+                (a / 256 % 256) as u8,
+                (a % 256) as u8,
+            ))
+        };
         out.push(Object::Service(Service {
             key: ObjectKey::new(&ns, &name),
             type_: ServiceType::ClusterIp,
@@ -39,8 +46,17 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
         }));
         let endpoints = (0..per)
             .map(|j| Endpoint {
-                addresses: vec![IpAddr::V4(Ipv4Addr::new(172, (j % 256) as u8, (i / 256 % 256) as u8, (i % 256) as u8))],
-                conditions: Conditions { ready: true, serving: true, terminating: false },
+                addresses: vec![IpAddr::V4(Ipv4Addr::new(
+                    172,
+                    (j % 256) as u8,
+                    (i / 256 % 256) as u8,
+                    (i % 256) as u8,
+                ))],
+                conditions: Conditions {
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
                 hostname: None,
                 node_name: Some(format!("node-{}", j % 3)),
                 zone: None,
@@ -51,7 +67,12 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
             key: ObjectKey::new(&ns, format!("{name}-abcde")),
             service: name,
             address_type: AddressType::IPv4,
-            ports: vec![EndpointPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080, app_protocol: None }],
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+                app_protocol: None,
+            }],
             endpoints,
         }));
     }

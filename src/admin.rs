@@ -99,7 +99,14 @@ fn checks(list: &[Check]) -> Response<Full<Bytes>> {
         }
     }
     body.push_str(if ok { "ok\n" } else { "failed\n" });
-    text(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+    text(
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        body,
+    )
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -5,7 +5,9 @@ use anyhow::Context;
 use crate::cli::{RenderArgs, RenderWhat};
 
 pub async fn run(args: RenderArgs) -> anyhow::Result<()> {
-    let snap = crate::source::load_once(&args.source).await.context("loading the cluster")?;
+    let snap = crate::source::load_once(&args.source)
+        .await
+        .context("loading the cluster")?;
     let text = match args.what {
         RenderWhat::Summary => ferry_cluster::summary::render(&snap),
         RenderWhat::Routes => crate::cmd_ingress::render_routes(&snap, &args.ingress)?,

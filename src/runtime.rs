@@ -40,7 +40,8 @@ impl Runtime {
     /// Starts the source the flags select; `/readyz` waits for its first snapshot.
     pub async fn source(&mut self, args: &SourceArgs) -> anyhow::Result<SnapshotRx> {
         let rx = crate::source::start(args, self.cluster_metrics.clone(), self.cancel.clone()).await?;
-        self.admin.readiness("snapshot", crate::admin::snapshot_ready(rx.clone()));
+        self.admin
+            .readiness("snapshot", crate::admin::snapshot_ready(rx.clone()));
         Ok(rx)
     }
 

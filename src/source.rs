@@ -14,7 +14,11 @@ use crate::cli::SourceArgs;
 
 /// Spawns the source and the publisher; returns the snapshot channel
 /// (`None` until the first complete snapshot).
-pub async fn start(args: &SourceArgs, metrics: ClusterMetrics, cancel: CancellationToken) -> anyhow::Result<SnapshotRx> {
+pub async fn start(
+    args: &SourceArgs,
+    metrics: ClusterMetrics,
+    cancel: CancellationToken,
+) -> anyhow::Result<SnapshotRx> {
     let (publisher, tx, rx) = Publisher::new(Duration::from_millis(args.debounce_ms), metrics.clone());
     if !args.files.is_empty() {
         let source = FileSource::new(args.files.clone(), metrics);
@@ -59,4 +63,3 @@ pub async fn load_once(args: &SourceArgs) -> anyhow::Result<Arc<Snapshot>> {
     cancel.cancel();
     snap.context("no snapshot")
 }
-

@@ -56,7 +56,12 @@ fn port_u16(kind: &'static str, key: &ObjectKey, field: &str, v: i32) -> Result<
     if (1..=65535).contains(&v) {
         Ok(v as u16)
     } else {
-        Err(InvalidObject::new(kind, key.to_string(), field, format!("{v} is not a port (1-65535)")))
+        Err(InvalidObject::new(
+            kind,
+            key.to_string(),
+            field,
+            format!("{v} is not a port (1-65535)"),
+        ))
     }
 }
 
@@ -65,7 +70,12 @@ fn protocol(kind: &'static str, key: &ObjectKey, field: &str, p: Option<&str>) -
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
         "SCTP" => Ok(Protocol::Sctp),
-        other => Err(InvalidObject::new(kind, key.to_string(), field, format!("unknown protocol {other:?}"))),
+        other => Err(InvalidObject::new(
+            kind,
+            key.to_string(),
+            field,
+            format!("unknown protocol {other:?}"),
+        )),
     }
 }
 
@@ -79,7 +89,12 @@ pub fn service(svc: &core::Service, default_ns: &str) -> Result<Service> {
         "LoadBalancer" => ServiceType::LoadBalancer,
         "ExternalName" => ServiceType::ExternalName,
         other => {
-            return Err(InvalidObject::new(K, key.to_string(), "spec.type", format!("unknown type {other:?}")))
+            return Err(InvalidObject::new(
+                K,
+                key.to_string(),
+                "spec.type",
+                format!("unknown type {other:?}"),
+            ))
         }
     };
 
@@ -165,7 +180,9 @@ pub fn service(svc: &core::Service, default_ns: &str) -> Result<Service> {
                     format!("{t} is outside 1..=86400"),
                 ));
             }
-            SessionAffinity::ClientIp { timeout_seconds: t as u32 }
+            SessionAffinity::ClientIp {
+                timeout_seconds: t as u32,
+            }
         }
         other => {
             return Err(InvalidObject::new(
@@ -184,7 +201,14 @@ pub fn service(svc: &core::Service, default_ns: &str) -> Result<Service> {
     let external_name = if type_ == ServiceType::ExternalName {
         match spec.external_name.as_deref() {
             Some(n) if !n.is_empty() => Some(n.trim_end_matches('.').to_string()),
-            _ => return Err(InvalidObject::new(K, key.to_string(), "spec.externalName", "missing for type ExternalName")),
+            _ => {
+                return Err(InvalidObject::new(
+                    K,
+                    key.to_string(),
+                    "spec.externalName",
+                    "missing for type ExternalName",
+                ))
+            }
         }
     } else {
         None
@@ -226,7 +250,12 @@ pub fn endpoint_slice(es: &discovery::EndpointSlice, default_ns: &str) -> Result
         "IPv6" => AddressType::IPv6,
         "FQDN" => return Ok(None),
         other => {
-            return Err(InvalidObject::new(K, key.to_string(), "addressType", format!("unknown type {other:?}")))
+            return Err(InvalidObject::new(
+                K,
+                key.to_string(),
+                "addressType",
+                format!("unknown type {other:?}"),
+            ))
         }
     };
     let Some(service) = es
@@ -322,7 +351,12 @@ fn ingress_backend(key: &ObjectKey, field: &str, b: &networking::IngressBackend)
             }
         };
         if s.name.is_empty() {
-            return Err(InvalidObject::new(K, key.to_string(), format!("{field}.service.name"), "missing"));
+            return Err(InvalidObject::new(
+                K,
+                key.to_string(),
+                format!("{field}.service.name"),
+                "missing",
+            ));
         }
         return Ok(IngressBackend::Service {
             name: s.name.clone(),
@@ -336,7 +370,12 @@ fn ingress_backend(key: &ObjectKey, field: &str, b: &networking::IngressBackend)
             name: r.name.clone(),
         });
     }
-    Err(InvalidObject::new(K, key.to_string(), field, "needs service or resource"))
+    Err(InvalidObject::new(
+        K,
+        key.to_string(),
+        field,
+        "needs service or resource",
+    ))
 }
 
 pub fn ingress(ing: &networking::Ingress, default_ns: &str) -> Result<Ingress> {
@@ -344,11 +383,12 @@ pub fn ingress(ing: &networking::Ingress, default_ns: &str) -> Result<Ingress> {
     let key = key_of(K, &ing.metadata, default_ns)?;
     let spec = ing.spec.clone().unwrap_or_default();
     let annotations = ing.metadata.annotations.clone().unwrap_or_default();
-    let class_name = spec
-        .ingress_class_name
-        .clone()
-        .filter(|c| !c.is_empty())
-        .or_else(|| annotations.get(INGRESS_CLASS_ANNOTATION).cloned().filter(|c| !c.is_empty()));
+    let class_name = spec.ingress_class_name.clone().filter(|c| !c.is_empty()).or_else(|| {
+        annotations
+            .get(INGRESS_CLASS_ANNOTATION)
+            .cloned()
+            .filter(|c| !c.is_empty())
+    });
 
     let default_backend = match &spec.default_backend {
         Some(b) => Some(ingress_backend(&key, "spec.defaultBackend", b)?),
@@ -458,7 +498,12 @@ pub fn tls_secret(s: &core::Secret, default_ns: &str) -> Result<Option<TlsSecret
         if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(name)) {
             return Ok(v.as_bytes().to_vec());
         }
-        Err(InvalidObject::new(K, key.to_string(), format!("data[{name}]"), "missing"))
+        Err(InvalidObject::new(
+            K,
+            key.to_string(),
+            format!("data[{name}]"),
+            "missing",
+        ))
     };
     Ok(Some(TlsSecret {
         cert_pem: field("tls.crt")?,
@@ -552,7 +597,12 @@ mod tests {
         let s = svc("metadata: {name: h}\nspec: {clusterIP: None, sessionAffinity: ClientIP}").unwrap();
         assert!(s.headless);
         assert!(s.cluster_ips.is_empty());
-        assert_eq!(s.session_affinity, SessionAffinity::ClientIp { timeout_seconds: 10_800 });
+        assert_eq!(
+            s.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout_seconds: 10_800
+            }
+        );
     }
 
     #[test]
@@ -562,9 +612,30 @@ mod tests {
         )
         .unwrap();
         let s = endpoint_slice(&es, "default").unwrap().unwrap();
-        assert_eq!(s.endpoints[0].conditions, Conditions { ready: true, serving: true, terminating: false });
-        assert_eq!(s.endpoints[1].conditions, Conditions { ready: false, serving: true, terminating: true });
-        assert_eq!(s.endpoints[2].conditions, Conditions { ready: false, serving: false, terminating: false });
+        assert_eq!(
+            s.endpoints[0].conditions,
+            Conditions {
+                ready: true,
+                serving: true,
+                terminating: false
+            }
+        );
+        assert_eq!(
+            s.endpoints[1].conditions,
+            Conditions {
+                ready: false,
+                serving: true,
+                terminating: true
+            }
+        );
+        assert_eq!(
+            s.endpoints[2].conditions,
+            Conditions {
+                ready: false,
+                serving: false,
+                terminating: false
+            }
+        );
     }
 
     #[test]
@@ -581,7 +652,8 @@ mod tests {
     fn non_tls_secrets_are_ignored() {
         let s: core::Secret = serde_yaml::from_str("metadata: {name: s}\ntype: Opaque\nstringData: {a: b}").unwrap();
         assert!(tls_secret(&s, "default").unwrap().is_none());
-        let s: core::Secret = serde_yaml::from_str("metadata: {name: s}\ntype: kubernetes.io/tls\nstringData: {tls.crt: x}").unwrap();
+        let s: core::Secret =
+            serde_yaml::from_str("metadata: {name: s}\ntype: kubernetes.io/tls\nstringData: {tls.crt: x}").unwrap();
         assert_eq!(tls_secret(&s, "default").unwrap_err().field, "data[tls.key]");
     }
 
@@ -595,7 +667,10 @@ mod tests {
         assert_eq!(i.class_name.as_deref(), Some("legacy"));
         assert_eq!(
             i.rules[0].paths[0].backend,
-            IngressBackend::Service { name: "s".into(), port: BackendPort::Name("http".into()) }
+            IngressBackend::Service {
+                name: "s".into(),
+                port: BackendPort::Name("http".into())
+            }
         );
     }
 }

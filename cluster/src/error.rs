@@ -31,10 +31,7 @@ impl InvalidObject {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: document {index}: {message}")]
     Document {
         path: PathBuf,
@@ -48,10 +45,7 @@ pub enum SourceError {
         source: InvalidObject,
     },
     #[error("watching {path}: {source}")]
-    Watch {
-        path: PathBuf,
-        source: notify::Error,
-    },
+    Watch { path: PathBuf, source: notify::Error },
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
     #[error("kubernetes config: {0}")]

@@ -84,7 +84,12 @@ pub fn parse_documents(path: &Path, text: &str) -> Vec<Document> {
         .collect()
 }
 
-fn value_objects(path: &Path, index: usize, value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), SourceError> {
+fn value_objects(
+    path: &Path,
+    index: usize,
+    value: serde_yaml::Value,
+    out: &mut Vec<Object>,
+) -> Result<(), SourceError> {
     if value.is_null() {
         return Ok(());
     }
@@ -126,15 +131,17 @@ fn value_objects(path: &Path, index: usize, value: serde_yaml::Value, out: &mut 
     }
     let ns = DEFAULT_NAMESPACE;
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => out.push(Object::Service(convert::service(&parse!(core::Service), ns).map_err(invalid)?)),
+        ("v1", "Service") => out.push(Object::Service(
+            convert::service(&parse!(core::Service), ns).map_err(invalid)?,
+        )),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(s) = convert::endpoint_slice(&parse!(discovery::EndpointSlice), ns).map_err(invalid)? {
                 out.push(Object::EndpointSlice(s));
             }
         }
-        ("networking.k8s.io/v1", "Ingress") => {
-            out.push(Object::Ingress(convert::ingress(&parse!(networking::Ingress), ns).map_err(invalid)?))
-        }
+        ("networking.k8s.io/v1", "Ingress") => out.push(Object::Ingress(
+            convert::ingress(&parse!(networking::Ingress), ns).map_err(invalid)?,
+        )),
         ("networking.k8s.io/v1", "IngressClass") => out.push(Object::IngressClass(
             convert::ingress_class(&parse!(networking::IngressClass)).map_err(invalid)?,
         )),
@@ -145,9 +152,9 @@ fn value_objects(path: &Path, index: usize, value: serde_yaml::Value, out: &mut 
         }
         ("v1", "Pod") => out.push(Object::Pod(convert::pod(&parse!(core::Pod), ns).map_err(invalid)?)),
         ("v1", "Node") => out.push(Object::Node(convert::node(&parse!(core::Node)).map_err(invalid)?)),
-        ("v1", "Namespace") => {
-            out.push(Object::Namespace(convert::namespace(&parse!(core::Namespace)).map_err(invalid)?))
-        }
+        ("v1", "Namespace") => out.push(Object::Namespace(
+            convert::namespace(&parse!(core::Namespace)).map_err(invalid)?,
+        )),
         // Deployments, ConfigMaps, StatefulSets... are legal in a manifest
         // directory but carry nothing a dataplane reads.
         _ => tracing::debug!(path = %path.display(), index, %kind, %api_version, "ignoring kind"),
@@ -276,9 +283,7 @@ impl FileSource {
             }
         }
         for name in namespaces {
-            let exists = out
-                .iter()
-                .any(|o| matches!(o, Object::Namespace(n) if n.name == name));
+            let exists = out.iter().any(|o| matches!(o, Object::Namespace(n) if n.name == name));
             if !exists {
                 out.push(Object::Namespace(Namespace { name }));
             }

@@ -72,9 +72,15 @@ impl KubeSource {
         let all = watcher::Config::default();
         let no_ns = "";
         tokio::join!(
-            watch(Api::<core::Service>::all(c.clone()), all.clone(), Kind::Service, m, &tx, &cancel, |o| {
-                convert::service(o, no_ns).map(|s| Some(Object::Service(s)))
-            }),
+            watch(
+                Api::<core::Service>::all(c.clone()),
+                all.clone(),
+                Kind::Service,
+                m,
+                &tx,
+                &cancel,
+                |o| { convert::service(o, no_ns).map(|s| Some(Object::Service(s))) }
+            ),
             watch(
                 Api::<discovery::EndpointSlice>::all(c.clone()),
                 all.clone(),
@@ -84,9 +90,15 @@ impl KubeSource {
                 &cancel,
                 |o| convert::endpoint_slice(o, no_ns).map(|s| s.map(Object::EndpointSlice)),
             ),
-            watch(Api::<networking::Ingress>::all(c.clone()), all.clone(), Kind::Ingress, m, &tx, &cancel, |o| {
-                convert::ingress(o, no_ns).map(|s| Some(Object::Ingress(s)))
-            }),
+            watch(
+                Api::<networking::Ingress>::all(c.clone()),
+                all.clone(),
+                Kind::Ingress,
+                m,
+                &tx,
+                &cancel,
+                |o| { convert::ingress(o, no_ns).map(|s| Some(Object::Ingress(s))) }
+            ),
             watch(
                 Api::<networking::IngressClass>::all(c.clone()),
                 all.clone(),
@@ -105,15 +117,33 @@ impl KubeSource {
                 &cancel,
                 |o| convert::tls_secret(o, no_ns).map(|s| s.map(Object::Secret)),
             ),
-            watch(Api::<core::Pod>::all(c.clone()), all.clone(), Kind::Pod, m, &tx, &cancel, |o| {
-                convert::pod(o, no_ns).map(|s| Some(Object::Pod(s)))
-            }),
-            watch(Api::<core::Node>::all(c.clone()), all.clone(), Kind::Node, m, &tx, &cancel, |o| {
-                convert::node(o).map(|s| Some(Object::Node(s)))
-            }),
-            watch(Api::<core::Namespace>::all(c.clone()), all.clone(), Kind::Namespace, m, &tx, &cancel, |o| {
-                convert::namespace(o).map(|s| Some(Object::Namespace(s)))
-            }),
+            watch(
+                Api::<core::Pod>::all(c.clone()),
+                all.clone(),
+                Kind::Pod,
+                m,
+                &tx,
+                &cancel,
+                |o| { convert::pod(o, no_ns).map(|s| Some(Object::Pod(s))) }
+            ),
+            watch(
+                Api::<core::Node>::all(c.clone()),
+                all.clone(),
+                Kind::Node,
+                m,
+                &tx,
+                &cancel,
+                |o| { convert::node(o).map(|s| Some(Object::Node(s))) }
+            ),
+            watch(
+                Api::<core::Namespace>::all(c.clone()),
+                all.clone(),
+                Kind::Namespace,
+                m,
+                &tx,
+                &cancel,
+                |o| { convert::namespace(o).map(|s| Some(Object::Namespace(s))) }
+            ),
         );
     }
 }

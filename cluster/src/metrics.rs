@@ -31,7 +31,11 @@ pub struct ClusterMetrics {
 
 impl ClusterMetrics {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("ferry_cluster_objects", "Objects in the published snapshot, per kind", self.objects.clone());
+        registry.register(
+            "ferry_cluster_objects",
+            "Objects in the published snapshot, per kind",
+            self.objects.clone(),
+        );
         registry.register(
             "ferry_cluster_snapshots_published",
             "Snapshots published to the dataplanes",
@@ -56,7 +60,9 @@ impl ClusterMetrics {
 
     pub fn source_error(&self, source: &str) {
         self.source_errors
-            .get_or_create(&SourceLabel { source: source.to_string() })
+            .get_or_create(&SourceLabel {
+                source: source.to_string(),
+            })
             .inc();
     }
 

@@ -260,7 +260,10 @@ impl fmt::Display for BackendPort {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngressBackend {
-    Service { name: String, port: BackendPort },
+    Service {
+        name: String,
+        port: BackendPort,
+    },
     /// `resource` backends (a typed object reference); ferry cannot route
     /// to them and treats them as unavailable.
     Resource {

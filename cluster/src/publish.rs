@@ -92,7 +92,11 @@ impl Publisher {
         self.generation += 1;
         let snap = Arc::new(self.store.snapshot(self.generation));
         self.metrics.published(&snap);
-        tracing::debug!(generation = self.generation, services = snap.service_count(), "snapshot published");
+        tracing::debug!(
+            generation = self.generation,
+            services = snap.service_count(),
+            "snapshot published"
+        );
         self.out.send_replace(Some(snap));
     }
 }

@@ -87,11 +87,15 @@ impl Snapshot {
     pub fn backends(&self, svc: &Service, port: &ServicePort) -> Vec<Backend> {
         let mut out: Vec<Backend> = Vec::new();
         for slice in self.slices(&svc.key) {
-            let Some(sp) = slice_port_for(slice, port) else { continue };
+            let Some(sp) = slice_port_for(slice, port) else {
+                continue;
+            };
             for ep in &slice.endpoints {
                 // Dual-stack endpoints carry one address per slice family;
                 // the first address is the one the API says to use.
-                let Some(ip) = ep.addresses.first().copied() else { continue };
+                let Some(ip) = ep.addresses.first().copied() else {
+                    continue;
+                };
                 if out.iter().any(|b| b.ip == ip && b.port == sp.port) {
                     continue;
                 }

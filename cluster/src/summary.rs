@@ -34,9 +34,7 @@ pub fn render(snap: &Snapshot) -> String {
             let _ = write!(
                 out,
                 "    port {name} {}/{} -> {}",
-                port.port,
-                port.protocol,
-                port.target_port
+                port.port, port.protocol, port.target_port
             );
             if let Some(np) = port.node_port {
                 let _ = write!(out, " nodePort={np}");

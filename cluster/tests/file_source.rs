@@ -1,6 +1,8 @@
 //! The file source end to end: create, modify and delete files under a
 //! watched directory; broken documents keep their last good version.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,10 +10,14 @@ use ferry_cluster::files::FileSource;
 use ferry_cluster::{ClusterMetrics, Publisher, Snapshot, SnapshotRx};
 use tokio_util::sync::CancellationToken;
 
-const SVC_A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
-const SVC_B: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
-const SVC_B2: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.22, ports: [{port: 80}]}\n";
-const SVC_C: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}\n";
+const SVC_A: &str =
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+const SVC_B: &str =
+    "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+const SVC_B2: &str =
+    "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.22, ports: [{port: 80}]}\n";
+const SVC_C: &str =
+    "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}\n";
 
 /// Waits (bounded) for a snapshot that satisfies `pred`.
 async fn wait_for(rx: &mut SnapshotRx, pred: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
@@ -48,7 +54,8 @@ async fn create_modify_delete_and_broken_documents() {
 
     // Modify with a broken first document: b keeps its last good version,
     // c (the next document) still updates, a is untouched.
-    let broken = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: not-an-ip, ports: [{port: 80}]}\n";
+    let broken =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: not-an-ip, ports: [{port: 80}]}\n";
     let c2 = SVC_C.replace("10.96.0.3", "10.96.0.33");
     std::fs::write(dir.path().join("b.yaml"), format!("{broken}---\n{c2}")).unwrap();
     let snap = wait_for(&mut rx, |s| cluster_ip(s, "c").as_deref() == Some("10.96.0.33")).await;
@@ -61,7 +68,11 @@ async fn create_modify_delete_and_broken_documents() {
     assert!(errors >= 1);
 
     // A YAML syntax error in one document does not stop the others.
-    std::fs::write(dir.path().join("b.yaml"), format!("{SVC_B2}---\nkind: [unclosed\n---\n{SVC_C}")).unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        format!("{SVC_B2}---\nkind: [unclosed\n---\n{SVC_C}"),
+    )
+    .unwrap();
     let snap = wait_for(&mut rx, |s| cluster_ip(s, "b").as_deref() == Some("10.96.0.22")).await;
     assert_eq!(cluster_ip(&snap, "c").as_deref(), Some("10.96.0.3"));
 
@@ -76,7 +87,9 @@ async fn create_modify_delete_and_broken_documents() {
 fn document_errors_name_path_and_index() {
     let docs = ferry_cluster::files::parse_documents(
         std::path::Path::new("x.yaml"),
-        &format!("{SVC_A}---\nkind: Service\napiVersion: v1\nmetadata: {{name: z}}\nspec: {{ports: [{{port: 99999}}]}}\n"),
+        &format!(
+            "{SVC_A}---\nkind: Service\napiVersion: v1\nmetadata: {{name: z}}\nspec: {{ports: [{{port: 99999}}]}}\n"
+        ),
     );
     assert!(docs[0].is_ok());
     let err = docs[1].as_ref().unwrap_err().to_string();

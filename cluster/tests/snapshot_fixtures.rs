@@ -1,13 +1,17 @@
 //! YAML fixtures → Snapshot contents: namespace defaulting, multi-slice
 //! services, endpoint conditions and the usable-backend rule.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ferry_cluster::{files, Kind, Snapshot};
 
 fn fixture(name: &str) -> Snapshot {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let (objects, errors) = files::load(&[path]);
     assert!(errors.is_empty(), "{errors:?}");
     Snapshot::from_objects(1, objects)
@@ -35,13 +39,20 @@ fn slices_merge_per_service_and_deduplicate() {
     let http = web.port_named("http").unwrap();
     assert_eq!(
         ips(&snap.backends(web, http)),
-        vec![("10.1.0.1".into(), 8080), ("10.1.0.2".into(), 8080), ("10.1.0.3".into(), 8080)]
+        vec![
+            ("10.1.0.1".into(), 8080),
+            ("10.1.0.2".into(), 8080),
+            ("10.1.0.3".into(), 8080)
+        ]
     );
     // Only the ready one is used while one is ready.
     assert_eq!(ips(&snap.usable_backends(web, http)), vec![("10.1.0.1".into(), 8080)]);
     // The UDP port only exists in one slice, with its own target port.
     let dns = web.port_named("dns").unwrap();
-    assert_eq!(ips(&snap.backends(web, dns)), vec![("10.1.0.1".into(), 5353), ("10.1.0.2".into(), 5353)]);
+    assert_eq!(
+        ips(&snap.backends(web, dns)),
+        vec![("10.1.0.1".into(), 5353), ("10.1.0.2".into(), 5353)]
+    );
 }
 
 #[test]
@@ -82,8 +93,14 @@ fn seed_manifests_load_with_their_unrelated_kinds() {
     assert_eq!(wp.ports[0].name, "http80");
     let ing = snap.ingress("default", "wp-ing").unwrap();
     assert_eq!(ing.class_name.as_deref(), Some("wp-ink"));
-    assert_eq!(ing.annotations.get("nginx.org/lb-method").map(String::as_str), Some("round_robin"));
-    assert_eq!(snap.ingress_class("wp-ink").unwrap().controller, "nginx.org/ingress-controller");
+    assert_eq!(
+        ing.annotations.get("nginx.org/lb-method").map(String::as_str),
+        Some("round_robin")
+    );
+    assert_eq!(
+        snap.ingress_class("wp-ink").unwrap().controller,
+        "nginx.org/ingress-controller"
+    );
     // No EndpointSlices in the seed: the service has no endpoints.
     assert!(snap.backends(wp, &wp.ports[0]).is_empty());
 }
