@@ -5,7 +5,9 @@
 //! make the kernel match that table: `iptables` here, eBPF in `ebpf`.
 
 pub mod dataplane;
+pub mod ebpf;
 pub mod error;
+pub mod iptables;
 pub mod table;
 
 pub use dataplane::{Dataplane, FakeDataplane, SyncReport};

@@ -1,0 +1,10 @@
+//! The eBPF dataplane: socket-level load balancing with the programs of the
+//! `ferry-ebpf` crate, loaded and attached with aya.
+//!
+//! `entries` is the pure half (ServiceTable → map entries, diff); `loader`
+//! owns the kernel objects (bpffs pins, programs, cgroup links, maps);
+//! `dataplane` glues them behind the `Dataplane` trait.
+
+pub mod entries;
+
+pub use entries::{compile, diff, render, MapEntries, Op, Skipped};
