@@ -5,8 +5,11 @@
 //! `ArcSwap`. `routes` and `tls` are the compile steps; `proxy` and
 //! `upstream` are the request path; `status` writes Ingress status.
 
+pub mod error;
 pub mod routes;
+pub mod tls;
 
+pub use error::IngressError;
 pub use routes::{compile, ClassSelection, LbMethod, RouteTable};
 
 /// The IngressClass `spec.controller` value that selects ferry.
