@@ -1,8 +1,24 @@
 //! ferry's cluster DNS.
 //!
-//! A pure `Zone` compiled from a cluster `Snapshot`, served by a hickory
-//! server; names outside the zone are forwarded upstream. Built by the DNS
-//! issue; this crate so far holds the zone's naming rules.
+//! `zone` is the pure compile step (Snapshot → `Zone`) and the lookup;
+//! `wire` turns a request packet into a reply or a forwarding decision
+//! (pure, the fuzzed request path); `forward` talks to upstream nameservers
+//! with a TTL cache; `server` owns the sockets, the `ArcSwap<Zone>` and the
+//! task that rebuilds the zone on each snapshot; `metrics` what they count.
+
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod resolv;
+pub mod server;
+pub mod wire;
+pub mod zone;
+
+pub use error::DnsError;
+pub use forward::{Forwarder, ForwarderConfig};
+pub use metrics::DnsMetrics;
+pub use server::{BoundSockets, DnsServer, ServerConfig};
+pub use zone::{master_file, Lookup, PodMode, Zone, ZoneConfig};
 
 /// The default cluster domain, as kubeadm configures it.
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";

@@ -1,0 +1,368 @@
+//! The serving step: sockets, the `ArcSwap<Zone>` the request path reads
+//! without locks, and the task that rebuilds the zone for each snapshot.
+//!
+//! UDP is served by one blocking thread per SO_REUSEPORT socket (one per
+//! core by default): the kernel spreads clients over the sockets and a
+//! thread answers a zone query with one recv and one send, no executor in
+//! between. Forwarded queries leave the thread as tokio tasks, so a slow
+//! upstream never stalls cluster answers. TCP is served by tokio, one task
+//! per connection.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use ferry_cluster::SnapshotRx;
+use hickory_proto::op::ResponseCode;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::DnsError;
+use crate::forward::{Forwarder, ForwarderConfig};
+use crate::metrics::DnsMetrics;
+use crate::wire::{self, Context, Outcome, Request, Transport};
+use crate::zone::{name_key, Zone, ZoneConfig};
+
+/// How long a TCP connection may sit idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How often a UDP thread wakes to notice cancellation.
+const UDP_POLL: Duration = Duration::from_millis(200);
+/// At most this many TCP connections at once; more wait in the backlog.
+const TCP_MAX_CONNECTIONS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub zone: ZoneConfig,
+    /// `None`: answer the zone only and REFUSE other names.
+    pub forwarder: Option<ForwarderConfig>,
+}
+
+/// The listening sockets, bound before the server starts so that errors
+/// (port in use, no permission) surface to the caller.
+pub struct BoundSockets {
+    udp: Vec<UdpSocket>,
+    tcp: TcpListener,
+    local: SocketAddr,
+}
+
+impl BoundSockets {
+    /// Binds `workers` UDP sockets with SO_REUSEPORT and one TCP listener on
+    /// `listen`. With port 0 the kernel picks one port for all of them.
+    pub fn bind(listen: SocketAddr, workers: usize) -> Result<BoundSockets, DnsError> {
+        let workers = workers.max(1);
+        let attempts = if listen.port() == 0 { 20 } else { 1 };
+        let mut last = None;
+        for _ in 0..attempts {
+            match Self::try_bind(listen, workers) {
+                Ok(b) => return Ok(b),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(DnsError::Bind {
+            proto: "udp",
+            addr: listen,
+            source: std::io::Error::other("no attempt made"),
+        }))
+    }
+
+    fn try_bind(listen: SocketAddr, workers: usize) -> Result<BoundSockets, DnsError> {
+        let udp_err = |source| DnsError::Bind {
+            proto: "udp",
+            addr: listen,
+            source,
+        };
+        let first = udp_socket(listen).map_err(udp_err)?;
+        let local = first.local_addr().map_err(udp_err)?;
+        let mut udp = vec![first];
+        for _ in 1..workers {
+            udp.push(udp_socket(local).map_err(udp_err)?);
+        }
+        let tcp = tcp_listener(local).map_err(|source| DnsError::Bind {
+            proto: "tcp",
+            addr: local,
+            source,
+        })?;
+        Ok(BoundSockets { udp, tcp, local })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    // Room for bursts while a thread is busy.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    let s: UdpSocket = s.into();
+    s.set_read_timeout(Some(UDP_POLL))?;
+    Ok(s)
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+struct State {
+    zone: ArcSwapOption<Zone>,
+    zone_cfg: ZoneConfig,
+    cluster_key: Vec<u8>,
+    forwarder: Option<Forwarder>,
+    metrics: DnsMetrics,
+}
+
+/// Cheap to clone: a handle on the shared state.
+#[derive(Clone)]
+pub struct DnsServer {
+    state: Arc<State>,
+}
+
+impl DnsServer {
+    /// `own` are the addresses we listen on, never used as upstreams.
+    pub fn new(cfg: ServerConfig, own: &[SocketAddr], metrics: DnsMetrics) -> Result<DnsServer, DnsError> {
+        // Validates the domain now rather than at the first snapshot.
+        let empty = Zone::build(&ferry_cluster::Snapshot::default(), &cfg.zone)?;
+        let cluster_key = name_key(empty.origin());
+        let forwarder = match cfg.forwarder {
+            Some(f) => Some(Forwarder::new(f, own, metrics.clone())?),
+            None => None,
+        };
+        Ok(DnsServer {
+            state: Arc::new(State {
+                zone: ArcSwapOption::empty(),
+                zone_cfg: cfg.zone,
+                cluster_key,
+                forwarder,
+                metrics,
+            }),
+        })
+    }
+
+    /// Installs a zone (the snapshot follower does this; tests may too).
+    pub fn set_zone(&self, zone: Zone) {
+        let m = &self.state.metrics;
+        m.zone_names.set(i64::try_from(zone.name_count()).unwrap_or(i64::MAX));
+        m.zone_records.set(i64::try_from(zone.record_count()).unwrap_or(i64::MAX));
+        m.zone_generation.set(i64::try_from(zone.generation()).unwrap_or(i64::MAX));
+        m.zone_builds.inc();
+        self.state.zone.store(Some(Arc::new(zone)));
+    }
+
+    pub fn zone(&self) -> Option<Arc<Zone>> {
+        self.state.zone.load_full()
+    }
+
+    /// Readiness: a zone from a snapshot is being served.
+    pub fn zone_loaded(&self) -> bool {
+        self.state.zone.load().is_some()
+    }
+
+    /// The request path for one packet (everything but forwarding).
+    pub fn answer(&self, packet: &[u8], transport: Transport) -> Outcome {
+        let zone = self.state.zone.load();
+        let ctx = Context {
+            cluster_key: &self.state.cluster_key,
+            transport,
+            recursion: self.state.forwarder.is_some(),
+        };
+        let out = wire::handle(packet, zone.as_deref(), ctx);
+        match &out {
+            Outcome::Reply { qtype, rcode, .. } => self.state.metrics.query(*qtype, *rcode),
+            Outcome::Drop => {
+                self.state.metrics.dropped.inc();
+            }
+            Outcome::Forward(_) => {}
+        }
+        out
+    }
+
+    /// Forwards a request that is not ours and returns the reply bytes.
+    pub async fn forward(&self, req: Request) -> Vec<u8> {
+        let qtype = Some(req.query.query_type());
+        let (bytes, rcode) = match &self.state.forwarder {
+            None => (wire::error_reply(&req, ResponseCode::Refused), ResponseCode::Refused),
+            Some(f) if f.is_own_query(&req) => {
+                self.state.metrics.loops_refused.inc();
+                tracing::warn!(name = %req.query.name(), "dns: our own forwarded query came back to us (forwarding loop); refused");
+                (wire::error_reply(&req, ResponseCode::Refused), ResponseCode::Refused)
+            }
+            Some(f) => match f.resolve(&req).await {
+                Ok(msg) => (wire::forwarded_reply(&req, &msg), msg.metadata.response_code),
+                Err(e) => {
+                    tracing::debug!(name = %req.query.name(), error = %e, "dns: forwarding failed");
+                    (wire::error_reply(&req, ResponseCode::ServFail), ResponseCode::ServFail)
+                }
+            },
+        };
+        self.state.metrics.query(qtype, rcode);
+        bytes
+    }
+
+    /// Serves until `cancel` fires: rebuilds the zone on every snapshot and
+    /// answers on `sockets`.
+    pub async fn serve(self, sockets: BoundSockets, snapshots: SnapshotRx, cancel: CancellationToken) -> Result<(), DnsError> {
+        let follower = tokio::spawn(self.clone().follow_snapshots(snapshots, cancel.clone()));
+        let handle = tokio::runtime::Handle::current();
+        let mut threads = Vec::new();
+        for (i, sock) in sockets.udp.into_iter().enumerate() {
+            let server = self.clone();
+            let thread_cancel = cancel.clone();
+            let handle = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ferry-dns-udp-{i}"))
+                .spawn(move || server.udp_loop(Arc::new(sock), handle, thread_cancel));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    cancel.cancel();
+                    return Err(DnsError::Bind {
+                        proto: "udp",
+                        addr: sockets.local,
+                        source: e,
+                    });
+                }
+            }
+        }
+        let tcp = tokio::net::TcpListener::from_std(sockets.tcp).map_err(|source| DnsError::Bind {
+            proto: "tcp",
+            addr: sockets.local,
+            source,
+        })?;
+        tracing::info!(addr = %sockets.local, udp_workers = threads.len(), "dns server listening");
+        self.tcp_accept_loop(tcp, cancel.clone()).await;
+        let _ = follower.await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn follow_snapshots(self, mut rx: SnapshotRx, cancel: CancellationToken) {
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            if let Some(snap) = snap {
+                let cfg = self.state.zone_cfg.clone();
+                match tokio::task::spawn_blocking(move || Zone::build(&snap, &cfg)).await {
+                    Ok(Ok(zone)) => {
+                        tracing::debug!(generation = zone.generation(), names = zone.name_count(), "dns: zone rebuilt");
+                        self.set_zone(zone);
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "dns: zone build failed; the last good zone keeps serving"),
+                    Err(e) => tracing::error!(error = %e, "dns: zone build task failed; the last good zone keeps serving"),
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = rx.changed() => if r.is_err() {
+                    // The source is gone; keep serving the last zone until cancelled.
+                    cancel.cancelled().await;
+                    return;
+                },
+            }
+        }
+    }
+
+    fn udp_loop(&self, sock: Arc<UdpSocket>, handle: tokio::runtime::Handle, cancel: CancellationToken) {
+        let mut buf = vec![0u8; 65535];
+        while !cancel.is_cancelled() {
+            let (n, peer) = match sock.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns: udp recv");
+                    continue;
+                }
+            };
+            let packet = buf.get(..n).unwrap_or_default();
+            match self.answer(packet, Transport::Udp) {
+                Outcome::Reply { bytes, .. } => {
+                    let _ = sock.send_to(&bytes, peer);
+                }
+                Outcome::Forward(req) => {
+                    let server = self.clone();
+                    let sock = sock.clone();
+                    handle.spawn(async move {
+                        let bytes = server.forward(req).await;
+                        let _ = sock.send_to(&bytes, peer);
+                    });
+                }
+                Outcome::Drop => {}
+            }
+        }
+    }
+
+    async fn tcp_accept_loop(&self, listener: tokio::net::TcpListener, cancel: CancellationToken) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(TCP_MAX_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let (stream, peer) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dns: tcp accept");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let server = self.clone();
+            let cancel = cancel.clone();
+            let span = tracing::debug_span!("dns_tcp", %peer);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    server.tcp_connection(stream, cancel).await;
+                    drop(permit);
+                },
+                span,
+            ));
+        }
+    }
+
+    async fn tcp_connection(&self, mut stream: tokio::net::TcpStream, cancel: CancellationToken) {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let mut len = [0u8; 2];
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)) => r,
+            };
+            if !matches!(read, Ok(Ok(_))) {
+                return;
+            }
+            let n = usize::from(u16::from_be_bytes(len));
+            let Some(body) = buf.get_mut(..n) else { return };
+            if !matches!(tokio::time::timeout(TCP_IDLE, stream.read_exact(body)).await, Ok(Ok(_))) {
+                return;
+            }
+            let bytes = match self.answer(body, Transport::Tcp) {
+                Outcome::Reply { bytes, .. } => bytes,
+                Outcome::Forward(req) => self.forward(req).await,
+                Outcome::Drop => return,
+            };
+            let Ok(out_len) = u16::try_from(bytes.len()) else { return };
+            let mut framed = Vec::with_capacity(bytes.len() + 2);
+            framed.extend_from_slice(&out_len.to_be_bytes());
+            framed.extend_from_slice(&bytes);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
