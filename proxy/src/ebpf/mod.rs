@@ -8,3 +8,6 @@
 pub mod entries;
 
 pub use entries::{compile, diff, render, MapEntries, Op, Skipped};
+pub mod loader;
+
+pub use loader::{cgroup2_root, cleanup, EbpfError, SockLb, DEFAULT_BPFFS_DIR};

@@ -1,0 +1,423 @@
+//! The iptables dataplane: the thin apply step around the pure renderer.
+//!
+//! It owns choosing the iptables back end (nft or legacy, like kube-proxy:
+//! whichever the node already uses), feeding rendered text to
+//! `iptables-restore --noflush` (atomic per table, never touching chains
+//! that are not ours), installing the jumps from the built-in chains,
+//! remembering what it applied so that the next sync can be partial,
+//! deleting UDP conntrack entries that point at removed endpoints, and the
+//! canary check.
+
+pub mod render;
+pub mod trace;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use ferry_cluster::Protocol;
+
+use crate::dataplane::{Dataplane, SyncReport};
+use crate::error::ProxyError;
+use crate::table::{FrontendKind, ServiceTable};
+use render::{Family, Rendered};
+
+/// Which iptables implementation to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IptablesBackend {
+    Nft,
+    Legacy,
+}
+
+impl IptablesBackend {
+    fn tool(self, family: Family, what: &str) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        let kind = match self {
+            IptablesBackend::Nft => "nft",
+            IptablesBackend::Legacy => "legacy",
+        };
+        if what.is_empty() {
+            format!("{base}-{kind}")
+        } else {
+            format!("{base}-{kind}-{what}")
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IptablesBackend::Nft => "nft",
+            IptablesBackend::Legacy => "legacy",
+        }
+    }
+
+    /// kube-proxy's choice: a back end that holds kubelet's or kube-proxy's
+    /// marker chains wins; else the one with more rules; a tie (a fresh
+    /// node) goes to nft.
+    pub fn detect() -> IptablesBackend {
+        let save = |b: IptablesBackend| -> String {
+            Command::new(b.tool(Family::V4, "save"))
+                .stderr(Stdio::null())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let nft = save(IptablesBackend::Nft);
+        let legacy = save(IptablesBackend::Legacy);
+        let marker = |s: &str| s.contains("KUBE-IPTABLES-HINT") || s.contains("KUBE-KUBELET-CANARY");
+        if marker(&nft) {
+            return IptablesBackend::Nft;
+        }
+        if marker(&legacy) {
+            return IptablesBackend::Legacy;
+        }
+        let rules = |s: &str| s.lines().filter(|l| l.starts_with("-A ")).count();
+        if rules(&legacy) > rules(&nft) {
+            IptablesBackend::Legacy
+        } else {
+            IptablesBackend::Nft
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| ProxyError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(|source| ProxyError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    }
+    let out = child.wait_with_output().map_err(|source| ProxyError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(ProxyError::Command {
+            program: format!("{program} {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What was applied for one family, so the next sync can be partial.
+struct Applied {
+    rendered: Rendered,
+}
+
+pub struct IptablesDataplane {
+    backend: IptablesBackend,
+    prev_table: Option<ServiceTable>,
+    applied_v4: Option<Applied>,
+    applied_v6: Option<Applied>,
+}
+
+impl IptablesDataplane {
+    pub fn new(backend: IptablesBackend) -> IptablesDataplane {
+        IptablesDataplane {
+            backend,
+            prev_table: None,
+            applied_v4: None,
+            applied_v6: None,
+        }
+    }
+
+    pub fn backend(&self) -> IptablesBackend {
+        self.backend
+    }
+
+    fn ours_in_kernel(&self, family: Family, table: &str) -> Result<BTreeSet<String>, ProxyError> {
+        let text = run(&self.backend.tool(family, "save"), &["-t", table], None)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(render::CHAIN_PREFIX))
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn ensure_hooks(&self, family: Family) -> Result<(), ProxyError> {
+        let tool = self.backend.tool(family, "");
+        // Insert in reverse so that, on a fresh chain, hooks end up in HOOKS order.
+        for (table, chain, spec) in render::HOOKS.iter().rev() {
+            let spec: Vec<&str> = spec.split_whitespace().collect();
+            let mut check = vec!["-w", "5", "-t", table, "-C", chain];
+            check.extend(&spec);
+            if run(&tool, &check, None).is_ok() {
+                continue;
+            }
+            let mut insert = vec!["-w", "5", "-t", table, "-I", chain, "1"];
+            insert.extend(&spec);
+            run(&tool, &insert, None)?;
+        }
+        Ok(())
+    }
+
+    fn sync_family(
+        &mut self,
+        table: &ServiceTable,
+        family: Family,
+        full: bool,
+    ) -> Result<(usize, usize, usize), ProxyError> {
+        let next = render::render(table, family);
+        let rules = next.rule_count();
+        let prev = match family {
+            Family::V4 => self.applied_v4.take(),
+            Family::V6 => self.applied_v6.take(),
+        };
+        let (text, written, removed) = match (&prev, full) {
+            (Some(prev), false) => render::restore_partial(&prev.rendered, &next),
+            _ => {
+                let desired = next.nat_chain_names();
+                let stale_nat: BTreeSet<String> = self
+                    .ours_in_kernel(family, "nat")?
+                    .into_iter()
+                    .filter(|n| !desired.contains(n))
+                    .collect();
+                let desired_filter: BTreeSet<String> = next.filter_fixed.iter().map(|(n, _)| n.clone()).collect();
+                let stale_filter: BTreeSet<String> = self
+                    .ours_in_kernel(family, "filter")?
+                    .into_iter()
+                    .filter(|n| !desired_filter.contains(n))
+                    .collect();
+                let removed = stale_nat.iter().filter(|n| n.starts_with("FERRY-SVC-")).count();
+                (
+                    render::restore_full(&next, &stale_nat, &stale_filter),
+                    table.services.len(),
+                    removed,
+                )
+            }
+        };
+        run(
+            &self.backend.tool(family, "restore"),
+            &["--noflush", "-w", "5"],
+            Some(&text),
+        )?;
+        if full || prev.is_none() {
+            self.ensure_hooks(family)?;
+        }
+        let applied = Some(Applied { rendered: next });
+        match family {
+            Family::V4 => self.applied_v4 = applied,
+            Family::V6 => self.applied_v6 = applied,
+        }
+        Ok((rules, written, removed))
+    }
+
+    /// Deletes UDP conntrack entries that would keep sending datagrams to
+    /// endpoints that are gone (UDP has no connection to break), and entries
+    /// for frontends that just got their first endpoint (their old entries
+    /// were made while the traffic went nowhere).
+    fn clear_udp_conntrack(&self, prev: &ServiceTable, next: &ServiceTable) {
+        for (name, old) in &prev.services {
+            if old.protocol != Protocol::Udp {
+                continue;
+            }
+            let new = next.services.get(name);
+            for b in &old.backends {
+                let still = new.is_some_and(|n| n.backends.iter().any(|nb| nb.ip == b.ip && nb.port == b.port));
+                if still {
+                    continue;
+                }
+                for f in old.frontends.iter().filter(|f| f.ip.is_ipv4() == b.ip.is_ipv4()) {
+                    conntrack_delete(f.ip, f.port, f.kind, Some(b.ip));
+                }
+            }
+        }
+        for (name, new) in &next.services {
+            if new.protocol != Protocol::Udp || new.backends.is_empty() {
+                continue;
+            }
+            let had = prev.services.get(name).is_some_and(|o| !o.backends.is_empty());
+            if !had {
+                for f in &new.frontends {
+                    conntrack_delete(f.ip, f.port, f.kind, None);
+                }
+            }
+        }
+    }
+
+    fn remove_hooks_and_chains(backend: IptablesBackend, family: Family) -> Result<(), ProxyError> {
+        let tool = backend.tool(family, "");
+        for (table, chain, spec) in render::HOOKS {
+            let spec: Vec<&str> = spec.split_whitespace().collect();
+            // A hook may have been inserted more than once by a crash-looping
+            // older ferry; delete until none is left (bounded).
+            for _ in 0..16 {
+                let mut del = vec!["-w", "5", "-t", table, "-D", chain];
+                del.extend(&spec);
+                if run(&tool, &del, None).is_err() {
+                    break;
+                }
+            }
+        }
+        let dp = IptablesDataplane::new(backend);
+        let nat = dp.ours_in_kernel(family, "nat")?;
+        let filter = dp.ours_in_kernel(family, "filter")?;
+        if nat.is_empty() && filter.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::from("*filter\n");
+        for n in &filter {
+            text.push_str(&format!(":{n} - [0:0]\n"));
+        }
+        for n in &filter {
+            text.push_str(&format!("-X {n}\n"));
+        }
+        text.push_str("COMMIT\n*nat\n");
+        for n in &nat {
+            text.push_str(&format!(":{n} - [0:0]\n"));
+        }
+        for n in &nat {
+            text.push_str(&format!("-X {n}\n"));
+        }
+        text.push_str("COMMIT\n");
+        run(&backend.tool(family, "restore"), &["--noflush", "-w", "5"], Some(&text))?;
+        Ok(())
+    }
+}
+
+fn conntrack_delete(frontend: IpAddr, port: u16, kind: FrontendKind, endpoint: Option<IpAddr>) {
+    let ip = frontend.to_string();
+    let port = port.to_string();
+    let ep = endpoint.map(|e| e.to_string());
+    let family = if frontend.is_ipv4() { "ipv4" } else { "ipv6" };
+    let mut args = vec!["-D", "-f", family, "-p", "udp"];
+    if kind != FrontendKind::NodePort {
+        args.extend(["--orig-dst", ip.as_str()]);
+    }
+    args.extend(["--orig-port-dst", port.as_str()]);
+    if let Some(ep) = &ep {
+        args.extend(["--dst-nat", ep.as_str()]);
+    }
+    match run("conntrack", &args, None) {
+        Ok(_) => tracing::debug!(frontend = %ip, port = %port, endpoint = ?ep, "deleted stale UDP conntrack entries"),
+        // conntrack exits 1 when nothing matched; that is the common case.
+        Err(ProxyError::Command { stderr, .. }) if stderr.contains("0 flow entries") => {}
+        Err(e) => tracing::warn!(error = %e, "deleting stale UDP conntrack entries"),
+    }
+}
+
+fn has_family(table: &ServiceTable, family: Family) -> bool {
+    table
+        .services
+        .values()
+        .any(|e| e.frontends.iter().any(|f| Family::of(f.ip) == family))
+}
+
+impl Dataplane for IptablesDataplane {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn sync(&mut self, table: &ServiceTable, full: bool) -> Result<SyncReport, ProxyError> {
+        let full = full || self.prev_table.is_none();
+        if table.node_ips.iter().any(|ip| ip.is_loopback() && ip.is_ipv4()) {
+            enable_route_localnet();
+        }
+        let result = (|| {
+            let (mut rules, written, removed) = self.sync_family(table, Family::V4, full)?;
+            if has_family(table, Family::V6) || self.applied_v6.is_some() {
+                let (r6, _, _) = self.sync_family(table, Family::V6, full)?;
+                rules += r6;
+            }
+            Ok::<_, ProxyError>((rules, written, removed))
+        })();
+        match result {
+            Ok((rules, written, removed)) => {
+                if let Some(prev) = &self.prev_table {
+                    self.clear_udp_conntrack(prev, table);
+                }
+                self.prev_table = Some(table.clone());
+                Ok(SyncReport {
+                    full,
+                    rules,
+                    services_written: written,
+                    services_removed: removed,
+                })
+            }
+            Err(e) => {
+                // Forget what we think is applied: the next sync is full.
+                self.prev_table = None;
+                self.applied_v4 = None;
+                self.applied_v6 = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn check(&mut self) -> Result<bool, ProxyError> {
+        if self.prev_table.is_none() {
+            return Ok(false);
+        }
+        let tool = self.backend.tool(Family::V4, "");
+        for table in ["nat", "filter"] {
+            match run(&tool, &["-w", "5", "-t", table, "-S", render::CANARY], None) {
+                Ok(out) if out.contains(&format!("-A {}", render::CANARY)) => {}
+                _ => return Ok(false),
+            }
+        }
+        for (table, chain, spec) in render::HOOKS {
+            let mut check = vec!["-w", "5", "-t", table, "-C", chain];
+            check.extend(spec.split_whitespace());
+            if run(&tool, &check, None).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes our hooks and chains from both back ends and both families
+    /// (a node may have switched back ends between runs).
+    fn cleanup(&mut self) -> Result<(), ProxyError> {
+        let mut first_err = None;
+        for backend in [IptablesBackend::Nft, IptablesBackend::Legacy] {
+            for family in [Family::V4, Family::V6] {
+                match Self::remove_hooks_and_chains(backend, family) {
+                    Ok(()) => {}
+                    Err(ProxyError::Spawn { program, .. }) => {
+                        tracing::debug!(%program, "not installed; nothing to clean");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, backend = backend.as_str(), "cleanup");
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        self.prev_table = None;
+        self.applied_v4 = None;
+        self.applied_v6 = None;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Localhost NodePorts need the kernel to route packets with a 127/8
+/// source off the loopback device (see `NodeConfig::localhost_nodeports`).
+fn enable_route_localnet() {
+    let path = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    if std::fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
+        return;
+    }
+    match std::fs::write(path, "1") {
+        Ok(()) => tracing::warn!("set net.ipv4.conf.all.route_localnet=1 for localhost NodePorts"),
+        Err(e) => tracing::warn!(error = %e, "cannot set route_localnet; localhost NodePorts will not work"),
+    }
+}

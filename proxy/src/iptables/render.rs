@@ -1,0 +1,555 @@
+//! Pure rendering of a `ServiceTable` into `iptables-restore` input, in
+//! chains ferry owns (all named `FERRY-*`), following kube-proxy's layout:
+//!
+//! - nat `FERRY-SERVICES` (from PREROUTING and OUTPUT): one rule per
+//!   ClusterIP / externalIP / LB frontend, jumping to the service's chain;
+//!   last, `--dst-type LOCAL` traffic goes on to `FERRY-NODEPORTS`.
+//! - `FERRY-SVC-*` picks a cluster-wide endpoint (statistic random, with
+//!   `recent` for ClientIP affinity); `FERRY-SVL-*` a node-local one;
+//!   `FERRY-EXT-*` decides masquerade and Local policy for external traffic;
+//!   `FERRY-SEP-*` marks hairpin traffic and DNATs to one endpoint.
+//! - nat `FERRY-POSTROUTING` masquerades marked packets.
+//! - filter `FERRY-FILTER` rejects (or drops) new connections to frontends
+//!   without endpoints; `FERRY-FORWARD` accepts what we forward.
+//!
+//! Rendering never does I/O; the apply step (`apply.rs`) feeds the text to
+//! `iptables-restore --noflush` and installs the jumps in `HOOKS`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ferry_cluster::Protocol;
+use ipnet::IpNet;
+
+use crate::table::{Backend, EmptyAction, FrontendKind, ServiceEntry, ServicePortName, ServiceTable};
+
+pub const SERVICES: &str = "FERRY-SERVICES";
+pub const NODEPORTS: &str = "FERRY-NODEPORTS";
+pub const POSTROUTING: &str = "FERRY-POSTROUTING";
+pub const MARK_MASQ: &str = "FERRY-MARK-MASQ";
+pub const MASQ_OUTSIDE: &str = "FERRY-MASQ-OUTSIDE";
+pub const FILTER: &str = "FERRY-FILTER";
+pub const FORWARD: &str = "FERRY-FORWARD";
+/// Exists in nat and filter with one rule; if it is gone or empty, someone
+/// flushed or deleted our rules and the next sync must be full.
+pub const CANARY: &str = "FERRY-CANARY";
+/// The packet mark meaning "masquerade me" (kube-proxy's 0x4000 bit).
+pub const MASQ_MARK: &str = "0x4000/0x4000";
+pub const CHAIN_PREFIX: &str = "FERRY-";
+
+/// Jumps from the built-in chains into ours: (table, builtin chain, rule spec).
+pub const HOOKS: [(&str, &str, &str); 7] = [
+    (
+        "nat",
+        "PREROUTING",
+        "-m comment --comment ferry-services -j FERRY-SERVICES",
+    ),
+    ("nat", "OUTPUT", "-m comment --comment ferry-services -j FERRY-SERVICES"),
+    (
+        "nat",
+        "POSTROUTING",
+        "-m comment --comment ferry-postrouting -j FERRY-POSTROUTING",
+    ),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW -m comment --comment ferry-filter -j FERRY-FILTER",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW -m comment --comment ferry-filter -j FERRY-FILTER",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW -m comment --comment ferry-filter -j FERRY-FILTER",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m comment --comment ferry-forward -j FERRY-FORWARD",
+    ),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    fn host_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    fn reject(self) -> &'static str {
+        match self {
+            Family::V4 => "REJECT --reject-with icmp-port-unreachable",
+            Family::V6 => "REJECT --reject-with icmp6-port-unreachable",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+}
+
+/// FNV-1a 64, base32: stable chain-name suffixes (13 chars, so chain names
+/// stay under iptables' 28-character limit).
+fn hash_suffix(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(13);
+    for i in 0..13 {
+        let idx = ((h >> (i * 5)) & 31) as usize;
+        out.push(char::from(ALPHABET[idx]));
+    }
+    out
+}
+
+pub fn svc_chain(name: &ServicePortName) -> String {
+    format!("FERRY-SVC-{}", hash_suffix(&name.to_string()))
+}
+
+pub fn svl_chain(name: &ServicePortName) -> String {
+    format!("FERRY-SVL-{}", hash_suffix(&name.to_string()))
+}
+
+pub fn ext_chain(name: &ServicePortName) -> String {
+    format!("FERRY-EXT-{}", hash_suffix(&name.to_string()))
+}
+
+pub fn sep_chain(name: &ServicePortName, b: &Backend) -> String {
+    format!("FERRY-SEP-{}", hash_suffix(&format!("{name}@{}:{}", b.ip, b.port)))
+}
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+fn host(ip: IpAddr, family: Family) -> String {
+    format!("{ip}/{}", family.host_len())
+}
+
+fn dnat_target(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// The chains of one service port, in the order they are written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceChains {
+    pub chains: Vec<(String, Vec<String>)>,
+}
+
+impl ServiceChains {
+    pub fn names(&self) -> BTreeSet<String> {
+        self.chains.iter().map(|(n, _)| n.clone()).collect()
+    }
+}
+
+fn family_backends(bs: &[Backend], family: Family) -> Vec<&Backend> {
+    bs.iter().filter(|b| Family::of(b.ip) == family).collect()
+}
+
+fn has_frontends(e: &ServiceEntry, family: Family) -> bool {
+    e.frontends.iter().any(|f| Family::of(f.ip) == family)
+}
+
+fn balance_rules(e: &ServiceEntry, backends: &[&Backend], rules: &mut Vec<String>) {
+    if let Some(timeout) = e.affinity_timeout {
+        for b in backends {
+            let sep = sep_chain(&e.name, b);
+            rules.push(format!(
+                "-m recent --name {sep} --mask {} --rcheck --seconds {timeout} --reap -j {sep}",
+                mask(b.ip)
+            ));
+        }
+    }
+    let n = backends.len();
+    for (i, b) in backends.iter().enumerate() {
+        let sep = sep_chain(&e.name, b);
+        if i + 1 < n {
+            let p = 1.0 / (n - i) as f64;
+            rules.push(format!("-m statistic --mode random --probability {p:.10} -j {sep}"));
+        } else {
+            rules.push(format!("-j {sep}"));
+        }
+    }
+}
+
+fn mask(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "255.255.255.255"
+    } else {
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+    }
+}
+
+/// The per-service chains (SVC, SVL, EXT, SEPs) for one family.
+pub fn service_chains(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet]) -> ServiceChains {
+    let mut out = ServiceChains::default();
+    if !has_frontends(e, family) {
+        return out;
+    }
+    let p = proto(e.protocol);
+    let all = family_backends(&e.backends, family);
+    let local = family_backends(&e.local_backends, family);
+    let has_external = e
+        .frontends
+        .iter()
+        .any(|f| f.kind.is_external() && Family::of(f.ip) == family);
+    let cidrs: Vec<&IpNet> = cluster_cidrs
+        .iter()
+        .filter(|c| Family::of(c.addr()) == family)
+        .collect();
+    let needs_svl = (e.internal_local || (e.external_local && has_external)) && !local.is_empty();
+
+    if !all.is_empty() {
+        let mut rules = Vec::new();
+        if !cidrs.is_empty() {
+            rules.push(format!("-j {MASQ_OUTSIDE}"));
+        }
+        let chain = svc_chain(&e.name);
+        balance_rules(e, &all, &mut rules);
+        out.chains.push((chain, rules));
+    }
+    if needs_svl {
+        let mut rules = Vec::new();
+        balance_rules(e, &local, &mut rules);
+        out.chains.push((svl_chain(&e.name), rules));
+    }
+    if has_external && e.empty_action(FrontendKind::NodePort).is_none() {
+        let mut rules = Vec::new();
+        if e.frontends
+            .iter()
+            .any(|f| f.ip.is_loopback() && Family::of(f.ip) == family)
+        {
+            // Localhost NodePorts: a 127/8 source cannot be replied to from a pod.
+            rules.push(format!("-s {} -j {MARK_MASQ}", family.loopback()));
+        }
+        if e.masquerade_external() {
+            rules.push(format!("-j {MARK_MASQ}"));
+            rules.push(format!("-j {}", svc_chain(&e.name)));
+        } else {
+            // Pods and the node itself may use every endpoint: their
+            // source needs no preserving (kube-proxy's short-circuit).
+            if !all.is_empty() {
+                for c in &cidrs {
+                    rules.push(format!("-s {c} -j {}", svc_chain(&e.name)));
+                }
+                rules.push(format!("-m addrtype --src-type LOCAL -j {MARK_MASQ}"));
+                rules.push(format!("-m addrtype --src-type LOCAL -j {}", svc_chain(&e.name)));
+            }
+            rules.push(format!("-j {}", svl_chain(&e.name)));
+        }
+        out.chains.push((ext_chain(&e.name), rules));
+    }
+    let mut seps: BTreeMap<String, &Backend> = BTreeMap::new();
+    for b in all.iter().chain(local.iter()) {
+        seps.insert(sep_chain(&e.name, b), b);
+    }
+    for (chain, b) in seps {
+        let mut rules = vec![format!("-s {} -j {MARK_MASQ}", host(b.ip, family))];
+        let recent = if e.affinity_timeout.is_some() {
+            format!(" -m recent --name {chain} --mask {} --set", mask(b.ip))
+        } else {
+            String::new()
+        };
+        rules.push(format!(
+            "-p {p} -m {p}{recent} -j DNAT --to-destination {}",
+            dnat_target(b.ip, b.port)
+        ));
+        out.chains.push((chain, rules));
+    }
+    out
+}
+
+/// Rules in the dispatch chains (`FERRY-SERVICES`, `FERRY-NODEPORTS`,
+/// `FERRY-FILTER`) for one service port.
+fn dispatch_rules(
+    e: &ServiceEntry,
+    family: Family,
+    services: &mut Vec<String>,
+    nodeports: &mut Vec<String>,
+    filter: &mut Vec<String>,
+) {
+    let p = proto(e.protocol);
+    for f in e.frontends.iter().filter(|f| Family::of(f.ip) == family) {
+        let comment = format!("\"{} {}\"", e.name, f.kind.as_str());
+        let matcher = format!("-d {} -p {p} -m {p} --dport {}", host(f.ip, family), f.port);
+        match e.empty_action(f.kind) {
+            Some(action) => {
+                let target = match action {
+                    EmptyAction::Reject => family.reject(),
+                    EmptyAction::Drop => "DROP",
+                };
+                let no = match action {
+                    EmptyAction::Reject => "has no endpoints",
+                    EmptyAction::Drop => "has no local endpoints",
+                };
+                filter.push(format!(
+                    "-m comment --comment \"{} {} {no}\" {matcher} -j {target}",
+                    e.name,
+                    f.kind.as_str()
+                ));
+            }
+            None => {
+                let target = match f.kind {
+                    FrontendKind::ClusterIp if e.internal_local => svl_chain(&e.name),
+                    FrontendKind::ClusterIp => svc_chain(&e.name),
+                    _ => ext_chain(&e.name),
+                };
+                let rule = format!("-m comment --comment {comment} {matcher} -j {target}");
+                if f.kind == FrontendKind::NodePort {
+                    nodeports.push(rule);
+                } else {
+                    services.push(rule);
+                }
+            }
+        }
+    }
+}
+
+/// A complete rule set for one family, split the way the apply step needs it.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    /// Fixed nat chains with their rules (SERVICES, NODEPORTS, POSTROUTING, ...).
+    pub nat_fixed: Vec<(String, Vec<String>)>,
+    pub filter_fixed: Vec<(String, Vec<String>)>,
+    /// Per-service nat chains.
+    pub services: BTreeMap<ServicePortName, ServiceChains>,
+}
+
+impl Rendered {
+    pub fn rule_count(&self) -> usize {
+        let fixed: usize = self
+            .nat_fixed
+            .iter()
+            .chain(self.filter_fixed.iter())
+            .map(|(_, r)| r.len())
+            .sum();
+        let svc: usize = self
+            .services
+            .values()
+            .flat_map(|s| s.chains.iter())
+            .map(|(_, r)| r.len())
+            .sum();
+        fixed + svc
+    }
+
+    /// All nat chain names this rule set defines.
+    pub fn nat_chain_names(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self.nat_fixed.iter().map(|(n, _)| n.clone()).collect();
+        for s in self.services.values() {
+            out.extend(s.names());
+        }
+        out
+    }
+}
+
+pub fn render(table: &ServiceTable, family: Family) -> Rendered {
+    let cidrs: Vec<IpNet> = table
+        .cluster_cidrs
+        .iter()
+        .filter(|c| Family::of(c.addr()) == family)
+        .copied()
+        .collect();
+    let mut services = Vec::new();
+    let mut nodeports = Vec::new();
+    let mut filter = Vec::new();
+    let mut per_service = BTreeMap::new();
+    for e in table.services.values() {
+        dispatch_rules(e, family, &mut services, &mut nodeports, &mut filter);
+        let chains = service_chains(e, family, &table.cluster_cidrs);
+        if !chains.chains.is_empty() {
+            per_service.insert(e.name.clone(), chains);
+        }
+    }
+    services.push(format!(
+        "-m comment --comment \"ferry service nodeports; must be last\" -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+    ));
+    let mut masq_outside = Vec::new();
+    for c in &cidrs {
+        masq_outside.push(format!("-s {c} -j RETURN"));
+    }
+    masq_outside.push(format!("-j {MARK_MASQ}"));
+    let nat_fixed = vec![
+        (CANARY.to_string(), vec!["-j RETURN".to_string()]),
+        (SERVICES.to_string(), services),
+        (NODEPORTS.to_string(), nodeports),
+        (MARK_MASQ.to_string(), vec!["-j MARK --or-mark 0x4000".to_string()]),
+        (MASQ_OUTSIDE.to_string(), masq_outside),
+        (
+            POSTROUTING.to_string(),
+            vec![
+                format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
+                "-j MARK --xor-mark 0x4000".to_string(),
+                "-m comment --comment \"ferry service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+                    .to_string(),
+            ],
+        ),
+    ];
+    let filter_fixed = vec![
+        (CANARY.to_string(), vec!["-j RETURN".to_string()]),
+        (FILTER.to_string(), filter),
+        (
+            FORWARD.to_string(),
+            vec![
+                format!("-m mark --mark {MASQ_MARK} -j ACCEPT"),
+                "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
+            ],
+        ),
+    ];
+    Rendered {
+        nat_fixed,
+        filter_fixed,
+        services: per_service,
+    }
+}
+
+fn write_chain_decl(out: &mut String, name: &str) {
+    let _ = writeln!(out, ":{name} - [0:0]");
+}
+
+fn write_rules(out: &mut String, name: &str, rules: &[String]) {
+    for r in rules {
+        let _ = writeln!(out, "-A {name} {r}");
+    }
+}
+
+/// iptables-restore input that rewrites every chain of ours and deletes
+/// `stale` chains (ours, present in the kernel, no longer wanted).
+pub fn restore_full(r: &Rendered, stale_nat: &BTreeSet<String>, stale_filter: &BTreeSet<String>) -> String {
+    let mut out = String::new();
+    out.push_str("*filter\n");
+    for (n, _) in &r.filter_fixed {
+        write_chain_decl(&mut out, n);
+    }
+    for n in stale_filter {
+        write_chain_decl(&mut out, n);
+    }
+    for (n, rules) in &r.filter_fixed {
+        write_rules(&mut out, n, rules);
+    }
+    for n in stale_filter {
+        let _ = writeln!(out, "-X {n}");
+    }
+    out.push_str("COMMIT\n*nat\n");
+    for (n, _) in &r.nat_fixed {
+        write_chain_decl(&mut out, n);
+    }
+    for s in r.services.values() {
+        for (n, _) in &s.chains {
+            write_chain_decl(&mut out, n);
+        }
+    }
+    for n in stale_nat {
+        write_chain_decl(&mut out, n);
+    }
+    for (n, rules) in &r.nat_fixed {
+        write_rules(&mut out, n, rules);
+    }
+    for s in r.services.values() {
+        for (n, rules) in &s.chains {
+            write_rules(&mut out, n, rules);
+        }
+    }
+    for n in stale_nat {
+        let _ = writeln!(out, "-X {n}");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// iptables-restore input for a partial sync from `prev` to `next`: the
+/// dispatch chains are rewritten (they are small per service), but of the
+/// per-service chains only those of changed services are, and chains that
+/// disappeared are deleted. Unchanged services' chains are not mentioned,
+/// so `--noflush` leaves them (and their counters) alone.
+pub fn restore_partial(prev: &Rendered, next: &Rendered) -> (String, usize, usize) {
+    let mut out = String::new();
+    out.push_str("*filter\n");
+    for (n, _) in &next.filter_fixed {
+        write_chain_decl(&mut out, n);
+    }
+    for (n, rules) in &next.filter_fixed {
+        write_rules(&mut out, n, rules);
+    }
+    out.push_str("COMMIT\n*nat\n");
+    let mut written = Vec::new();
+    for (name, chains) in &next.services {
+        if prev.services.get(name) != Some(chains) {
+            written.push(chains);
+        }
+    }
+    let next_names = next.nat_chain_names();
+    let mut stale = BTreeSet::new();
+    let mut removed = 0;
+    for (name, chains) in &prev.services {
+        if !next.services.contains_key(name) {
+            removed += 1;
+        }
+        for n in chains.names() {
+            if !next_names.contains(&n) {
+                stale.insert(n);
+            }
+        }
+    }
+    for (n, _) in &next.nat_fixed {
+        write_chain_decl(&mut out, n);
+    }
+    for s in &written {
+        for (n, _) in &s.chains {
+            write_chain_decl(&mut out, n);
+        }
+    }
+    for n in &stale {
+        write_chain_decl(&mut out, n);
+    }
+    for (n, rules) in &next.nat_fixed {
+        write_rules(&mut out, n, rules);
+    }
+    for s in &written {
+        for (n, rules) in &s.chains {
+            write_rules(&mut out, n, rules);
+        }
+    }
+    for n in &stale {
+        let _ = writeln!(out, "-X {n}");
+    }
+    out.push_str("COMMIT\n");
+    (out, written.len(), removed)
+}
+
+/// The whole rule set as one iptables-restore text (what `render --what
+/// iptables` prints and the golden files hold).
+pub fn render_text(table: &ServiceTable, family: Family) -> String {
+    restore_full(&render(table, family), &BTreeSet::new(), &BTreeSet::new())
+}
