@@ -122,3 +122,61 @@ pub fn snapshot_ready(rx: ferry_cluster::SnapshotRx) -> impl Fn() -> Result<(), 
         None => Err("waiting for the first complete snapshot".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut admin = Admin::default();
+        let metrics = ferry_cluster::ClusterMetrics::default();
+        metrics.register(&mut admin.registry);
+        metrics.source_error("files");
+        let r = ready.clone();
+        admin.readiness("snapshot", move || {
+            if r.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("waiting".into())
+            }
+        });
+        // Find a free port, then serve on it.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cancel = CancellationToken::new();
+        admin.serve(addr, cancel.clone()).await.unwrap();
+
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let not_ready = get(addr, "/readyz").await;
+        assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
+        assert!(not_ready.contains("[-] snapshot failed: waiting"));
+        ready.store(true, Ordering::SeqCst);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let m = get(addr, "/metrics").await;
+        assert!(
+            m.contains("ferry_cluster_source_errors_total{source=\"files\"} 1"),
+            "{m}"
+        );
+        assert!(m.contains("ferry_cluster_snapshots_published_total 0"), "{m}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        cancel.cancel();
+    }
+}

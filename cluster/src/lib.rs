@@ -9,6 +9,7 @@ pub mod convert;
 pub mod error;
 pub mod files;
 pub mod kube;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod publish;

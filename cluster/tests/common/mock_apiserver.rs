@@ -5,7 +5,6 @@
 //!
 //! This is the only mocked component in ferry's tests (see DESIGN.md).
 #![allow(dead_code)]
-
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::collections::{BTreeMap, HashMap};
