@@ -197,6 +197,20 @@ impl Zone {
             }
             b.zone.namespaces.insert(ns.name.to_ascii_lowercase().into());
         }
+        // A namespace that holds objects exists, whether or not the source
+        // delivered its Namespace object.
+        let object_namespaces = snap
+            .services()
+            .map(|s| s.key.namespace.clone())
+            .chain(snap.pods().map(|p| p.key.namespace.clone()))
+            .collect::<BTreeSet<_>>();
+        for ns in object_namespaces {
+            b.ensure(&format!("{ns}.svc.{domain}"));
+            if cfg.pods != PodMode::Disabled {
+                b.ensure(&format!("{ns}.pod.{domain}"));
+            }
+            b.zone.namespaces.insert(ns.to_ascii_lowercase().into());
+        }
         for svc in snap.services() {
             b.service(snap, svc, &domain);
         }
@@ -630,3 +644,7 @@ pub fn master_file(zone: &Zone) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[path = "zone_tests.rs"]
+mod tests;
