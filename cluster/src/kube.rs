@@ -42,18 +42,50 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
     Client::try_from(config).map_err(SourceError::Kube)
 }
 
-/// What ferry watches, per kind, with the selector that keeps memory down.
-/// `deploy/` RBAC is checked against this list.
-pub const WATCHES: [(Kind, &str, &str); 8] = [
-    (Kind::Service, "", "services"),
-    (Kind::EndpointSlice, "discovery.k8s.io", "endpointslices"),
-    (Kind::Ingress, "networking.k8s.io", "ingresses"),
-    (Kind::IngressClass, "networking.k8s.io", "ingressclasses"),
-    (Kind::Secret, "", "secrets"),
-    (Kind::Pod, "", "pods"),
-    (Kind::Node, "", "nodes"),
-    (Kind::Namespace, "", "namespaces"),
-];
+/// One API permission ferry's code uses. `deploy/` RBAC is tested against
+/// this list, and the mock-apiserver tests check every request the code
+/// really makes is in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiAccess {
+    pub group: &'static str,
+    /// Plural resource, with `/subresource` when one is used.
+    pub resource: String,
+    pub verbs: &'static [&'static str],
+    /// Only in ferry's own namespace (a Role, not a ClusterRole).
+    pub own_namespace: bool,
+}
+
+fn access<K: k8s_openapi::Resource>(sub: &str, verbs: &'static [&'static str], own_namespace: bool) -> ApiAccess {
+    let resource = if sub.is_empty() {
+        K::URL_PATH_SEGMENT.to_string()
+    } else {
+        format!("{}/{sub}", K::URL_PATH_SEGMENT)
+    };
+    ApiAccess {
+        group: K::GROUP,
+        resource,
+        verbs,
+        own_namespace,
+    }
+}
+
+/// Everything ferry reads (the watchers of `KubeSource::run`) and writes
+/// (Ingress status, the leader-election Lease).
+pub fn api_access() -> Vec<ApiAccess> {
+    const WATCH: &[&str] = &["list", "watch"];
+    vec![
+        access::<core::Service>("", WATCH, false),
+        access::<discovery::EndpointSlice>("", WATCH, false),
+        access::<networking::Ingress>("", WATCH, false),
+        access::<networking::IngressClass>("", WATCH, false),
+        access::<core::Secret>("", WATCH, false),
+        access::<core::Pod>("", WATCH, false),
+        access::<core::Node>("", WATCH, false),
+        access::<core::Namespace>("", WATCH, false),
+        access::<networking::Ingress>("status", &["get", "patch", "update"], false),
+        access::<k8s_openapi::api::coordination::v1::Lease>("", &["get", "create", "update"], true),
+    ]
+}
 
 pub struct KubeSource {
     client: Client,

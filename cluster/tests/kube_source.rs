@@ -120,3 +120,46 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
     wait_for(&mut rx, "DELETED b", |s| s.service("default", "b").is_none()).await;
     cancel.cancel();
 }
+
+/// Every request path the code made is covered by `api_access()` (which the
+/// deploy/ RBAC test checks): the permission list is derived from behaviour.
+#[tokio::test]
+async fn every_request_is_in_api_access() {
+    let api = MockApiserver::start().await;
+    for c in [
+        SERVICES,
+        ENDPOINTSLICES,
+        INGRESSES,
+        INGRESSCLASSES,
+        SECRETS,
+        PODS,
+        NODES,
+        NAMESPACES,
+    ] {
+        api.ensure(c);
+    }
+    let (publisher, tx, mut rx) = Publisher::new(Duration::from_millis(10), ClusterMetrics::default());
+    let cancel = CancellationToken::new();
+    tokio::spawn(publisher.run(cancel.clone()));
+    let source = KubeSource::new(api.client(), ClusterMetrics::default());
+    let c = cancel.clone();
+    tokio::spawn(async move { source.run(tx, c).await });
+    wait_for(&mut rx, "first snapshot", |_| true).await;
+    cancel.cancel();
+    let access = ferry_cluster::kube::api_access();
+    for req in api.requests() {
+        let path = req.split(['?', ' ']).nth(1).unwrap();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, resource) = if parts[0] == "api" {
+            ("", parts[2])
+        } else {
+            (parts[1], parts[3])
+        };
+        assert!(
+            access
+                .iter()
+                .any(|a| a.group == group && a.resource == resource && a.verbs.contains(&"list")),
+            "request {req} is not covered by api_access()"
+        );
+    }
+}

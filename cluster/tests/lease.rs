@@ -62,4 +62,19 @@ async fn one_leader_failover_and_step_down() {
     api.put(LEASES, taken);
     wait_until(&mut b_rx, false, "b steps down after losing the lease").await;
     b_cancel.cancel();
+
+    // Every request is covered by api_access(), verb by verb.
+    let access = ferry_cluster::kube::api_access();
+    let lease = access.iter().find(|a| a.resource == "leases").unwrap();
+    assert!(lease.own_namespace);
+    for req in api.requests() {
+        let verb = match req.split(' ').next().unwrap() {
+            "GET" => "get",
+            "POST" => "create",
+            "PUT" => "update",
+            other => panic!("unexpected {other} in {req}"),
+        };
+        assert!(req.contains("/namespaces/ferry-system/leases"), "{req}");
+        assert!(lease.verbs.contains(&verb), "{req} needs {verb}");
+    }
 }
