@@ -7,6 +7,7 @@
 pub mod dataplane;
 pub mod ebpf;
 pub mod error;
+pub mod health;
 pub mod iptables;
 pub mod table;
 
