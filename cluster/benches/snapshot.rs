@@ -1,7 +1,7 @@
 //! Snapshot build cost at scale: 10k Services with 100k endpoints (10k
 //! slices of 10). Prints the process RSS once the store is loaded.
 //!
-//! `cargo bench --bench snapshot`
+//! `cargo bench -p ferry-cluster --bench snapshot`
 
 use std::net::{IpAddr, Ipv4Addr};
 
