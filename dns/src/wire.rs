@@ -305,3 +305,7 @@ fn header_only_with(id: u16, op_code: OpCode, rd: bool, rcode: ResponseCode, qty
     b[3] = u8::try_from(u16::from(rcode) & 0x0f).unwrap_or(2);
     Outcome::Reply { bytes: b, qtype, rcode }
 }
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;
