@@ -1,12 +1,84 @@
-//! `ferry dns` and `ferry render --what zone` (owned by the DNS issue).
+//! `ferry dns` and `ferry render --what zone`: the flags of the cluster DNS
+//! engine and how it is wired into a `Runtime` (metrics, readiness, sockets,
+//! cancellation). `ferry node` composes it through `spawn`.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Args;
+use ferry_dns::{BoundSockets, DnsMetrics, DnsServer, ForwarderConfig, PodMode, ServerConfig, Zone, ZoneConfig};
 
 use crate::cli::RunArgs;
 
 /// DNS flags shared by `ferry dns`, `ferry node` and `ferry render`.
-#[derive(Args, Debug, Clone, Default)]
-pub struct DnsOpts {}
+#[derive(Args, Debug, Clone)]
+pub struct DnsOpts {
+    /// Address for DNS over UDP and TCP.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "0.0.0.0:53")]
+    pub listen: SocketAddr,
+    /// The cluster domain the zone answers for.
+    #[arg(long, value_name = "DOMAIN", default_value = ferry_dns::DEFAULT_CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+    /// Upstream nameserver for names outside the zone (repeatable; default:
+    /// the nameservers of /etc/resolv.conf). Port 53 when omitted.
+    #[arg(long = "upstream", value_name = "ADDR", value_parser = parse_upstream)]
+    pub upstream: Vec<SocketAddr>,
+    /// Pod records a-b-c-d.<ns>.pod.<zone>: insecure, verified or disabled.
+    #[arg(long, value_name = "MODE", default_value = "insecure")]
+    pub pods: PodMode,
+    /// TTL of cluster records, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub ttl: u32,
+    /// UDP sockets (and threads) with SO_REUSEPORT; default one per core.
+    #[arg(long, value_name = "N")]
+    pub dns_workers: Option<usize>,
+    /// Timeout of one upstream attempt before failing over to the next.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub upstream_timeout_ms: u64,
+    /// Entries in the forwarding cache.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub dns_cache_size: usize,
+    /// resolv.conf to take default upstreams from.
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for DnsOpts {
+    fn default() -> Self {
+        DnsOpts {
+            listen: SocketAddr::from(([0, 0, 0, 0], 53)),
+            cluster_domain: ferry_dns::DEFAULT_CLUSTER_DOMAIN.into(),
+            upstream: Vec::new(),
+            pods: PodMode::Insecure,
+            ttl: 5,
+            dns_workers: None,
+            upstream_timeout_ms: 2000,
+            dns_cache_size: 10_000,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        }
+    }
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|e| format!("{s:?} is not an IP or IP:PORT: {e}"))
+}
+
+impl DnsOpts {
+    fn zone_config(&self) -> ZoneConfig {
+        ZoneConfig {
+            domain: self.cluster_domain.clone(),
+            ttl: self.ttl,
+            pods: self.pods,
+        }
+    }
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct DnsArgs {
@@ -16,10 +88,62 @@ pub struct DnsArgs {
     pub opts: DnsOpts,
 }
 
-pub async fn run(_args: DnsArgs) -> anyhow::Result<()> {
-    crate::not_built("dns", 6)
+pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
+    let mut rt = crate::runtime::Runtime::new();
+    let snapshots = rt.source(&args.run.source).await?;
+    let server = spawn(&mut rt, snapshots, &args.opts).await?;
+    let _cancel = rt.serve_admin(args.run.admin_addr).await?;
+    server.await.context("dns server task")?
 }
 
-pub fn render_zone(_snap: &ferry_cluster::Snapshot, _opts: &DnsOpts) -> anyhow::Result<String> {
-    crate::not_built("render --what zone", 6).map(|_| String::new())
+/// Starts the DNS engine inside `rt`: metrics, readiness (a zone is being
+/// served), sockets bound now (errors surface here), server task until
+/// `rt.cancel` fires.
+pub async fn spawn(
+    rt: &mut crate::runtime::Runtime,
+    snapshots: ferry_cluster::SnapshotRx,
+    opts: &DnsOpts,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let metrics = DnsMetrics::default();
+    metrics.register(&mut rt.admin.registry);
+    let workers = opts
+        .dns_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let sockets = BoundSockets::bind(opts.listen, workers).with_context(|| format!("dns: listening on {}", opts.listen))?;
+    let local = sockets.local_addr();
+    let upstreams = if opts.upstream.is_empty() {
+        ferry_dns::resolv::nameservers(&opts.resolv_conf)?
+    } else {
+        opts.upstream.clone()
+    };
+    let forwarder = ForwarderConfig {
+        upstreams,
+        timeout: Duration::from_millis(opts.upstream_timeout_ms.max(1)),
+        cache_size: opts.dns_cache_size,
+        ..ForwarderConfig::default()
+    };
+    let cfg = ServerConfig {
+        zone: opts.zone_config(),
+        forwarder: Some(forwarder),
+    };
+    let server = DnsServer::new(cfg, &[opts.listen, local], metrics)?;
+    let ready = server.clone();
+    rt.admin.readiness("dns-zone", move || {
+        if ready.zone_loaded() {
+            Ok(())
+        } else {
+            Err("no zone yet (waiting for the first snapshot)".into())
+        }
+    });
+    tracing::info!(addr = %local, "dns: bound");
+    let cancel = rt.cancel.clone();
+    Ok(tokio::spawn(async move {
+        server.serve(sockets, snapshots, cancel).await?;
+        Ok(())
+    }))
+}
+
+pub fn render_zone(snap: &ferry_cluster::Snapshot, opts: &DnsOpts) -> anyhow::Result<String> {
+    let zone = Zone::build(snap, &opts.zone_config())?;
+    Ok(ferry_dns::master_file(&zone))
 }

@@ -633,14 +633,16 @@ pub fn master_file(zone: &Zone) -> String {
         ));
     }
     for r in zone.records() {
-        out.push_str(&format!(
-            "{} {} {} {} {}\n",
-            r.name,
-            r.ttl,
-            DNSClass::IN,
-            r.record_type(),
-            r.data
-        ));
+        let rdata = match &r.data {
+            // Character-strings are quoted in master files.
+            RData::TXT(txt) => txt
+                .iter()
+                .map(|s| format!("\"{}\"", String::from_utf8_lossy(s).replace('\\', "\\\\").replace('"', "\\\"")))
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => other.to_string(),
+        };
+        out.push_str(&format!("{} {} {} {} {rdata}\n", r.name, r.ttl, DNSClass::IN, r.record_type()));
     }
     out
 }

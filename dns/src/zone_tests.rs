@@ -294,6 +294,7 @@ fn master_file_lists_every_record() {
         "redis-sts-0.redis-svc.default.svc.cluster.local. 5 IN A 10.244.0.10",
         "90.0.96.10.in-addr.arpa. 5 IN PTR ngx-svc.default.svc.cluster.local.",
         "ext.default.svc.cluster.local. 5 IN CNAME example.com.",
+        "dns-version.cluster.local. 5 IN TXT \"1.1.0\"",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
