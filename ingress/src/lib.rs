@@ -6,10 +6,15 @@
 //! `upstream` are the request path; `status` writes Ingress status.
 
 pub mod error;
+pub mod metrics;
+pub mod proxy;
 pub mod routes;
 pub mod tls;
+pub mod upstream;
 
 pub use error::IngressError;
+pub use metrics::IngressMetrics;
+pub use proxy::{Engine, EngineConfig, Listeners};
 pub use routes::{compile, ClassSelection, LbMethod, RouteTable};
 
 /// The IngressClass `spec.controller` value that selects ferry.

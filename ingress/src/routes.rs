@@ -181,6 +181,9 @@ pub struct Route {
     pub upstream: usize,
     /// The Ingress this route came from.
     pub ingress: ObjectKey,
+    /// The rule's host as written (lowercased; empty for host-less rules
+    /// and the default backend): a bounded metrics label.
+    pub host: String,
 }
 
 /// The result of a lookup.
@@ -188,6 +191,7 @@ pub struct Route {
 pub struct RouteMatch<'a> {
     pub upstream: usize,
     pub ingress: &'a ObjectKey,
+    pub host: &'a str,
 }
 
 /// A `spec.tls` entry of an Ingress we serve.
@@ -259,6 +263,7 @@ fn first_match<'a>(routes: &'a [Route], path: &str) -> Option<RouteMatch<'a>> {
     routes.iter().find(|r| r.path.matches(path)).map(|r| RouteMatch {
         upstream: r.upstream,
         ingress: &r.ingress,
+        host: &r.host,
     })
 }
 
@@ -286,6 +291,7 @@ impl RouteTable {
         self.default_backend.as_ref().map(|r| RouteMatch {
             upstream: r.upstream,
             ingress: &r.ingress,
+            host: &r.host,
         })
     }
 
@@ -573,6 +579,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                         path: PathMatch::Prefix(String::new()),
                         upstream,
                         ingress: ing.key.clone(),
+                        host: String::new(),
                     });
                 }
             }
@@ -625,6 +632,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     path: matcher,
                     upstream,
                     ingress: ing.key.clone(),
+                    host: host.clone().unwrap_or_default(),
                 };
                 match &host {
                     None => c.table.any_host.push(route),

@@ -35,7 +35,8 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, St
         .ok_or_else(|| "tls.key: no PEM private key".to_string())?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| format!("tls.key: {e}"))?;
     let ck = CertifiedKey::new(certs, signer);
-    ck.keys_match().map_err(|e| format!("tls.key does not match tls.crt: {e}"))?;
+    ck.keys_match()
+        .map_err(|e| format!("tls.key does not match tls.crt: {e}"))?;
     Ok(ck)
 }
 
@@ -48,7 +49,8 @@ pub fn self_signed(names: &[String]) -> Result<(Arc<CertifiedKey>, String), Ingr
     }
     let ck = rcgen::generate_simple_self_signed(names)?;
     let cert_pem = ck.cert.pem();
-    let key = certified_key(cert_pem.as_bytes(), ck.signing_key.serialize_pem().as_bytes()).map_err(IngressError::Tls)?;
+    let key =
+        certified_key(cert_pem.as_bytes(), ck.signing_key.serialize_pem().as_bytes()).map_err(IngressError::Tls)?;
     Ok((Arc::new(key), cert_pem))
 }
 
@@ -279,7 +281,10 @@ mod tests {
         assert_eq!(leaf(None), fallback.cert[0]);
         let problems: Vec<String> = store.problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("Secret default/mismatch data: tls.key does not match"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("Secret default/mismatch data: tls.key does not match"),
+            "{problems:?}"
+        );
         assert!(problems[1].starts_with("Ingress default/i spec.tls[].secretName: TLS Secret default/gone not found"));
 
         // --default-tls-secret replaces the generated default.

@@ -1,0 +1,94 @@
+//! Prometheus metrics of the ingress engine: requests by host, status and
+//! upstream; upstream response-header latency; open connections; reloads.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The routed host (empty when no route matched, to bound cardinality).
+    pub host: String,
+    pub status: u16,
+    /// `namespace/service:port`, empty when no route matched.
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Cheap to clone: every field is an `Arc` inside.
+#[derive(Clone, Debug)]
+pub struct IngressMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_latency: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    pub open_connections: Gauge,
+    pub reloads: Counter,
+    pub config_problems: Gauge,
+    pub upstream_connect_failures: Family<UpstreamLabels, Counter>,
+    pub retries: Counter,
+    pub ejections: Counter,
+}
+
+impl Default for IngressMetrics {
+    fn default() -> Self {
+        IngressMetrics {
+            requests: Family::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            open_connections: Gauge::default(),
+            reloads: Counter::default(),
+            config_problems: Gauge::default(),
+            upstream_connect_failures: Family::default(),
+            retries: Counter::default(),
+            ejections: Counter::default(),
+        }
+    }
+}
+
+impl IngressMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("ferry_ingress");
+        r.register(
+            "requests",
+            "HTTP requests by routed host, status and upstream",
+            self.requests.clone(),
+        );
+        r.register(
+            "upstream_response_seconds",
+            "Time from sending a request upstream to its response headers",
+            self.upstream_latency.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Downstream connections open",
+            self.open_connections.clone(),
+        );
+        r.register("reloads", "Route table reloads applied", self.reloads.clone());
+        r.register(
+            "config_problems",
+            "Problems found in the last compiled configuration",
+            self.config_problems.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Failed connection attempts to upstream endpoints",
+            self.upstream_connect_failures.clone(),
+        );
+        r.register("retries", "Requests retried on another endpoint", self.retries.clone());
+        r.register(
+            "ejections",
+            "Endpoints ejected after consecutive connect failures",
+            self.ejections.clone(),
+        );
+    }
+}

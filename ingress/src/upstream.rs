@@ -1,0 +1,441 @@
+//! The upstream side of the request path: per-endpoint state (requests in
+//! flight, consecutive connect failures, ejection), keep-alive connection
+//! pools (HTTP/1.1 and h2c), load-balancing picks, and the `LiveTable` that
+//! pairs a compiled `RouteTable` with that state.
+//!
+//! Endpoint state outlives reloads: a new table reuses the state (pools,
+//! counters, ejection) of every endpoint it keeps, so a config change
+//! touches neither open upstream connections nor in-flight accounting;
+//! endpoints that disappear are dropped with their idle connections once
+//! their last in-flight request finishes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
+
+/// What is sent upstream: the client's body, or nothing (rebuilt retries).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 512;
+
+/// Tunables of the upstream side.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub header_timeout: Duration,
+    /// Consecutive connect failures that eject an endpoint.
+    pub max_fails: u32,
+    /// How long an ejected endpoint gets no new requests.
+    pub eject_for: Duration,
+    /// Attempts per request (first try included) across endpoints.
+    pub max_attempts: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(60),
+            max_fails: 3,
+            eject_for: Duration::from_secs(10),
+            max_attempts: 3,
+        }
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One pod endpoint with its pools and health.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: SocketAddr,
+    pub pod: Option<String>,
+    pub h2c: bool,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch()` until which the endpoint is ejected.
+    ejected_until_ms: AtomicU64,
+    h1_idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+}
+
+/// A connection ready for one request.
+pub enum Conn {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+/// Counts a request in flight on an endpoint until dropped (with the response body).
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EndpointState {
+    pub fn new(addr: SocketAddr, pod: Option<String>, h2c: bool) -> EndpointState {
+        EndpointState {
+            addr,
+            pod,
+            h2c,
+            in_flight: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            h1_idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn track(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Records a connect failure; returns true when this one ejected the endpoint.
+    pub fn connect_failed(&self, config: &UpstreamConfig) -> bool {
+        let fails = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= config.max_fails && !self.is_ejected() {
+            let until = now_ms() + u64::try_from(config.eject_for.as_millis()).unwrap_or(u64::MAX / 2);
+            self.ejected_until_ms.store(until, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    pub fn connect_succeeded(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An idle pooled connection, if one is ready. Closed ones are dropped.
+    fn take_idle(&self) -> Option<Conn> {
+        if self.h2c {
+            let guard = self.h2.lock().ok()?;
+            return match guard.as_ref() {
+                Some(s) if !s.is_closed() => Some(Conn::H2(s.clone())),
+                _ => None,
+            };
+        }
+        let mut idle = self.h1_idle.lock().ok()?;
+        idle.retain(|s| !s.is_closed());
+        let i = idle.iter().rposition(|s| s.is_ready())?;
+        Some(Conn::H1(idle.swap_remove(i)))
+    }
+
+    /// Puts an HTTP/1.1 connection back; it is handed out again once its
+    /// current response body is done (`is_ready`).
+    pub fn give_back(&self, sender: http1::SendRequest<UpstreamBody>) {
+        if let Ok(mut idle) = self.h1_idle.lock() {
+            if idle.len() < MAX_IDLE_PER_ENDPOINT && !sender.is_closed() {
+                idle.push(sender);
+            }
+        }
+    }
+
+    /// A pooled connection, or a new one (connect timeout applies).
+    /// `Ok(true)` in the tuple means the connection is fresh.
+    pub async fn connection(&self, config: &UpstreamConfig) -> Result<(Conn, bool), ConnectError> {
+        if let Some(c) = self.take_idle() {
+            return Ok((c, false));
+        }
+        let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Err(_) => return Err(ConnectError::Timeout),
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        if self.h2c {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake::<_, UpstreamBody>(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            let addr = self.addr;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%addr, error = %e, "upstream h2c connection ended");
+                }
+            });
+            if let Ok(mut slot) = self.h2.lock() {
+                *slot = Some(sender.clone());
+            }
+            Ok((Conn::H2(sender), true))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake::<_, UpstreamBody>(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            let addr = self.addr;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %e, "upstream connection ended");
+                }
+            });
+            Ok((Conn::H1(sender), true))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect: {0}")]
+    Io(std::io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+}
+
+/// An upstream with live endpoint state.
+#[derive(Debug)]
+pub struct LiveUpstream {
+    pub spec: Arc<UpstreamSpec>,
+    pub endpoints: Vec<Arc<EndpointState>>,
+    rr: Arc<AtomicUsize>,
+}
+
+impl LiveUpstream {
+    /// Picks an endpoint not in `tried`, preferring ones that are not
+    /// ejected (when all are ejected, ejection is ignored rather than
+    /// failing every request).
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let n = self.endpoints.len();
+        if n == 0 || tried.len() >= n {
+            return None;
+        }
+        let fresh = |i: &usize| !tried.contains(i);
+        let healthy = |i: &usize| fresh(i) && !self.endpoints[*i].is_ejected();
+        let any_healthy = (0..n).any(|i| healthy(&i));
+        let ok = |i: usize| if any_healthy { healthy(&i) } else { fresh(&i) };
+        match self.spec.lb {
+            LbMethod::RoundRobin => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
+            }
+            LbMethod::LeastConn => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|&i| ok(i))
+                    .min_by_key(|&i| self.endpoints[i].in_flight())
+            }
+            LbMethod::Random => {
+                let candidates: Vec<usize> = (0..n).filter(|&i| ok(i)).collect();
+                candidates.get(fastrand::usize(..candidates.len().max(1))).copied()
+            }
+            LbMethod::RandomTwoLeastConn => {
+                let candidates: Vec<usize> = (0..n).filter(|&i| ok(i)).collect();
+                match candidates.len() {
+                    0 => None,
+                    1 => Some(candidates[0]),
+                    len => {
+                        let a = fastrand::usize(..len);
+                        let mut b = fastrand::usize(..len - 1);
+                        if b >= a {
+                            b += 1;
+                        }
+                        let (a, b) = (candidates[a], candidates[b]);
+                        Some(if self.endpoints[b].in_flight() < self.endpoints[a].in_flight() {
+                            b
+                        } else {
+                            a
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A compiled `RouteTable` plus the live state of its upstreams; what the
+/// request path loads from the `ArcSwap`.
+#[derive(Debug, Default)]
+pub struct LiveTable {
+    pub routes: Arc<RouteTable>,
+    /// Parallel to `routes.upstreams`.
+    pub upstreams: Vec<Arc<LiveUpstream>>,
+}
+
+impl LiveTable {
+    /// Builds the live table for `routes`, reusing `previous`'s endpoint
+    /// state and round-robin positions where they still apply.
+    pub fn build(routes: Arc<RouteTable>, previous: &LiveTable) -> LiveTable {
+        let mut old_eps: HashMap<(SocketAddr, bool), Arc<EndpointState>> = HashMap::new();
+        let mut old_rr: HashMap<&str, Arc<AtomicUsize>> = HashMap::new();
+        for u in &previous.upstreams {
+            old_rr.insert(u.spec.name.as_str(), u.rr.clone());
+            for e in &u.endpoints {
+                old_eps.insert((e.addr, e.h2c), e.clone());
+            }
+        }
+        let mut new_eps: HashMap<(SocketAddr, bool), Arc<EndpointState>> = HashMap::new();
+        let upstreams = routes
+            .upstreams
+            .iter()
+            .map(|spec| {
+                let endpoints =
+                    spec.endpoints
+                        .iter()
+                        .map(|e| {
+                            let key = (e.addr, spec.h2c);
+                            new_eps
+                                .entry(key)
+                                .or_insert_with(|| {
+                                    old_eps.get(&key).cloned().unwrap_or_else(|| {
+                                        Arc::new(EndpointState::new(e.addr, e.pod.clone(), spec.h2c))
+                                    })
+                                })
+                                .clone()
+                        })
+                        .collect();
+                let rr = old_rr
+                    .get(spec.name.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)));
+                Arc::new(LiveUpstream {
+                    spec: spec.clone(),
+                    endpoints,
+                    rr,
+                })
+            })
+            .collect();
+        LiveTable { routes, upstreams }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::UpstreamEndpoint;
+
+    fn upstream(lb: LbMethod, n: usize) -> LiveUpstream {
+        let endpoints: Vec<UpstreamEndpoint> = (0..n)
+            .map(|i| UpstreamEndpoint {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                pod: None,
+            })
+            .collect();
+        let spec = Arc::new(UpstreamSpec {
+            name: "ns/s:80".into(),
+            endpoints: endpoints.clone(),
+            lb,
+            h2c: false,
+        });
+        LiveUpstream {
+            endpoints: endpoints
+                .iter()
+                .map(|e| Arc::new(EndpointState::new(e.addr, None, false)))
+                .collect(),
+            spec,
+            rr: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles_and_skips_tried_and_ejected() {
+        let u = upstream(LbMethod::RoundRobin, 3);
+        let picks: Vec<usize> = (0..6).map(|_| u.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(u.pick(&[0, 1, 2]), None);
+        let config = UpstreamConfig::default();
+        for _ in 0..config.max_fails {
+            u.endpoints[1].connect_failed(&config);
+        }
+        assert!(u.endpoints[1].is_ejected());
+        for _ in 0..10 {
+            assert_ne!(u.pick(&[]), Some(1));
+        }
+        // All others tried: the ejected one is still offered rather than nothing.
+        assert_eq!(u.pick(&[0, 2]), Some(1));
+    }
+
+    #[test]
+    fn least_conn_prefers_fewest_in_flight() {
+        let u = upstream(LbMethod::LeastConn, 3);
+        let _a = u.endpoints[0].track();
+        let _b = u.endpoints[0].track();
+        let _c = u.endpoints[2].track();
+        for _ in 0..5 {
+            assert_eq!(u.pick(&[]), Some(1));
+        }
+        drop(_a);
+        drop(_b);
+        let _d = u.endpoints[1].track();
+        assert_eq!(u.pick(&[]), Some(0));
+    }
+
+    #[test]
+    fn random_two_never_picks_the_busiest_of_two() {
+        let u = upstream(LbMethod::RandomTwoLeastConn, 2);
+        let _busy: Vec<InFlight> = (0..5).map(|_| u.endpoints[0].track()).collect();
+        for _ in 0..50 {
+            assert_eq!(u.pick(&[]), Some(1));
+        }
+        let r = upstream(LbMethod::Random, 4);
+        for _ in 0..50 {
+            assert!(r.pick(&[1, 2]).is_some_and(|i| i == 0 || i == 3));
+        }
+    }
+
+    #[test]
+    fn reload_keeps_endpoint_state() {
+        let mk = |ports: &[u16]| {
+            let mut t = RouteTable::default();
+            t.upstreams = vec![Arc::new(UpstreamSpec {
+                name: "ns/s:80".into(),
+                endpoints: ports
+                    .iter()
+                    .map(|p| UpstreamEndpoint {
+                        addr: SocketAddr::from(([127, 0, 0, 1], *p)),
+                        pod: None,
+                    })
+                    .collect(),
+                lb: LbMethod::RoundRobin,
+                h2c: false,
+            })];
+            Arc::new(t)
+        };
+        let first = LiveTable::build(mk(&[1, 2]), &LiveTable::default());
+        let _busy = first.upstreams[0].endpoints[1].track();
+        let second = LiveTable::build(mk(&[2, 3]), &first);
+        assert!(Arc::ptr_eq(
+            &first.upstreams[0].endpoints[1],
+            &second.upstreams[0].endpoints[0]
+        ));
+        assert_eq!(second.upstreams[0].endpoints[0].in_flight(), 1);
+        assert_eq!(second.upstreams[0].endpoints[1].in_flight(), 0);
+    }
+}
