@@ -635,7 +635,7 @@ pub fn master_file(zone: &Zone) -> String {
     for r in zone.records() {
         let rdata = match &r.data {
             // Character-strings are quoted in master files.
-            RData::TXT(txt) => txt
+            RData::TXT(txt) => txt.txt_data
                 .iter()
                 .map(|s| format!("\"{}\"", String::from_utf8_lossy(s).replace('\\', "\\\\").replace('"', "\\\"")))
                 .collect::<Vec<_>>()
