@@ -5,10 +5,12 @@
 //! `ArcSwap`. `routes` and `tls` are the compile steps; `proxy` and
 //! `upstream` are the request path; `status` writes Ingress status.
 
+pub mod echo;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 
