@@ -7,6 +7,8 @@ mod cmd_dns;
 mod cmd_ingress;
 mod cmd_node;
 mod cmd_proxy;
+#[cfg(test)]
+mod deploy_tests;
 mod render;
 mod runtime;
 mod source;
