@@ -109,7 +109,8 @@ pub async fn spawn(
     let workers = opts
         .dns_workers
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let sockets = BoundSockets::bind(opts.listen, workers).with_context(|| format!("dns: listening on {}", opts.listen))?;
+    let sockets =
+        BoundSockets::bind(opts.listen, workers).with_context(|| format!("dns: listening on {}", opts.listen))?;
     let local = sockets.local_addr();
     let upstreams = if opts.upstream.is_empty() {
         ferry_dns::resolv::nameservers(&opts.resolv_conf)?

@@ -4,7 +4,7 @@
 //! honours TTLs (positive and negative), and refusal of our own queries
 //! coming back to us (a forwarding loop).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -112,7 +112,12 @@ impl Cache {
         }
         let elapsed = u32::try_from(now.duration_since(entry.stored).as_secs()).unwrap_or(u32::MAX);
         let mut msg = entry.message.clone();
-        for r in msg.answers.iter_mut().chain(msg.authorities.iter_mut()).chain(msg.additionals.iter_mut()) {
+        for r in msg
+            .answers
+            .iter_mut()
+            .chain(msg.authorities.iter_mut())
+            .chain(msg.additionals.iter_mut())
+        {
             r.ttl = r.ttl.saturating_sub(elapsed);
         }
         Some(msg)
@@ -143,13 +148,17 @@ impl Cache {
 }
 
 /// Key of a query we have in flight upstream, to recognize it if it comes
-/// back to us.
+/// back to us. Upstream queries keep the client's id for this reason: a
+/// chain of forwarders that loops back to us presents the same (id, name,
+/// type), so the loop is cut at its first turn. (Spoofing resistance comes
+/// from the fresh random source port of every exchange and the question
+/// check on the answer.)
 type InflightKey = (u16, Vec<u8>, u16);
 
 pub struct Forwarder {
     cfg: ForwarderConfig,
     cache: Mutex<Cache>,
-    inflight: Mutex<HashSet<InflightKey>>,
+    inflight: Mutex<HashMap<InflightKey, usize>>,
     /// Index of the upstream that answered last; tried first.
     preferred: AtomicUsize,
     metrics: DnsMetrics,
@@ -176,7 +185,7 @@ impl Forwarder {
         Ok(Forwarder {
             cache: Mutex::new(Cache::new(cfg.cache_size)),
             cfg,
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
             preferred: AtomicUsize::new(0),
             metrics,
         })
@@ -190,7 +199,7 @@ impl Forwarder {
     /// again would loop forever.
     pub fn is_own_query(&self, req: &Request) -> bool {
         let key = (req.metadata.id, req.key.clone(), u16::from(req.query.query_type()));
-        self.inflight.lock().map(|s| s.contains(&key)).unwrap_or(false)
+        self.inflight.lock().map(|s| s.contains_key(&key)).unwrap_or(false)
     }
 
     pub fn cached_entries(&self) -> usize {
@@ -217,23 +226,35 @@ impl Forwarder {
         let mut last: Result<Message, DnsError> = Err(DnsError::NoUpstream("no upstream configured".into()));
         for attempt in 0..n {
             let idx = (start + attempt) % n;
-            let Some(&upstream) = self.cfg.upstreams.get(idx) else { continue };
-            let id = fastrand::u16(..);
+            let Some(&upstream) = self.cfg.upstreams.get(idx) else {
+                continue;
+            };
+            let id = req.metadata.id;
             let inflight_key = (id, req.key.clone(), key.qtype);
             if let Ok(mut s) = self.inflight.lock() {
-                s.insert(inflight_key.clone());
+                *s.entry(inflight_key.clone()).or_insert(0) += 1;
             }
             let began = Instant::now();
-            let result = self.exchange(upstream, id, &req.query, key.dnssec_ok, key.checking_disabled).await;
+            let result = self
+                .exchange(upstream, id, &req.query, key.dnssec_ok, key.checking_disabled)
+                .await;
             if let Ok(mut s) = self.inflight.lock() {
-                s.remove(&inflight_key);
+                if let Some(n) = s.get_mut(&inflight_key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.remove(&inflight_key);
+                    }
+                }
             }
             let label = UpstreamLabels {
                 upstream: upstream.to_string(),
             };
             match result {
                 Ok(msg)
-                    if !matches!(msg.metadata.response_code, ResponseCode::ServFail | ResponseCode::Refused) =>
+                    if !matches!(
+                        msg.metadata.response_code,
+                        ResponseCode::ServFail | ResponseCode::Refused
+                    ) =>
                 {
                     self.metrics
                         .upstream_latency
@@ -384,24 +405,48 @@ mod tests {
             ("positive takes the smallest TTL", answer(&[300, 60]), Some(60)),
             ("positive capped", answer(&[100_000]), Some(3600)),
             ("zero TTL not cached", answer(&[0]), None),
-            ("NXDOMAIN: min(SOA ttl, minimum)", negative(ResponseCode::NXDomain, 900, 30), Some(30)),
-            ("NODATA: negative too", negative(ResponseCode::NoError, 20, 600), Some(20)),
-            ("negative capped", negative(ResponseCode::NXDomain, 9000, 9000), Some(300)),
-            ("NXDOMAIN without SOA not cached", {
-                let mut m = answer(&[]);
-                m.metadata.response_code = ResponseCode::NXDomain;
-                m
-            }, None),
-            ("SERVFAIL never cached", {
-                let mut m = answer(&[60]);
-                m.metadata.response_code = ResponseCode::ServFail;
-                m
-            }, None),
-            ("truncated never cached", {
-                let mut m = answer(&[60]);
-                m.metadata.truncation = true;
-                m
-            }, None),
+            (
+                "NXDOMAIN: min(SOA ttl, minimum)",
+                negative(ResponseCode::NXDomain, 900, 30),
+                Some(30),
+            ),
+            (
+                "NODATA: negative too",
+                negative(ResponseCode::NoError, 20, 600),
+                Some(20),
+            ),
+            (
+                "negative capped",
+                negative(ResponseCode::NXDomain, 9000, 9000),
+                Some(300),
+            ),
+            (
+                "NXDOMAIN without SOA not cached",
+                {
+                    let mut m = answer(&[]);
+                    m.metadata.response_code = ResponseCode::NXDomain;
+                    m
+                },
+                None,
+            ),
+            (
+                "SERVFAIL never cached",
+                {
+                    let mut m = answer(&[60]);
+                    m.metadata.response_code = ResponseCode::ServFail;
+                    m
+                },
+                None,
+            ),
+            (
+                "truncated never cached",
+                {
+                    let mut m = answer(&[60]);
+                    m.metadata.truncation = true;
+                    m
+                },
+                None,
+            ),
         ];
         for (what, msg, want) in cases {
             assert_eq!(cache_ttl(&msg, 3600, 300), want, "{what}");
@@ -431,7 +476,10 @@ mod tests {
             c.insert(key(n), answer(&[60]), 60, t0 + Duration::from_secs(i as u64));
             assert!(c.len() <= 2, "bounded");
         }
-        assert!(c.get(&key("d"), t0 + Duration::from_secs(5)).is_some(), "newest entry kept");
+        assert!(
+            c.get(&key("d"), t0 + Duration::from_secs(5)).is_some(),
+            "newest entry kept"
+        );
     }
 
     #[test]

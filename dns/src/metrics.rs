@@ -45,6 +45,9 @@ const RCODES: [ResponseCode; 6] = [
     ResponseCode::Refused,
 ];
 
+/// Mnemonics as dig prints them, in `RCODES` order.
+const RCODE_LABELS: [&str; 6] = ["NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED"];
+
 fn upstream_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
@@ -72,7 +75,7 @@ impl Default for DnsMetrics {
         let queries: Family<QueryLabels, Counter> = Family::default();
         let mut fast = Vec::with_capacity((TYPES.len() + 1) * (RCODES.len() + 1));
         for t in TYPES.iter().map(|t| t.to_string()).chain(["other".to_string()]) {
-            for r in RCODES.iter().map(|r| r.to_str().to_string()).chain(["other".to_string()]) {
+            for r in RCODE_LABELS.iter().map(|r| r.to_string()).chain(["other".to_string()]) {
                 fast.push(
                     queries
                         .get_or_create(&QueryLabels {
@@ -113,9 +116,21 @@ impl DnsMetrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("ferry_dns_queries", "DNS queries answered, by type and rcode", self.queries.clone());
-        registry.register("ferry_dns_cache_hits", "Forwarded queries answered from the cache", self.cache_hits.clone());
-        registry.register("ferry_dns_cache_misses", "Forwarded queries sent upstream", self.cache_misses.clone());
+        registry.register(
+            "ferry_dns_queries",
+            "DNS queries answered, by type and rcode",
+            self.queries.clone(),
+        );
+        registry.register(
+            "ferry_dns_cache_hits",
+            "Forwarded queries answered from the cache",
+            self.cache_hits.clone(),
+        );
+        registry.register(
+            "ferry_dns_cache_misses",
+            "Forwarded queries sent upstream",
+            self.cache_misses.clone(),
+        );
         registry.register(
             "ferry_dns_upstream_latency_seconds",
             "Latency of successful upstream exchanges",
@@ -131,10 +146,30 @@ impl DnsMetrics {
             "Queries refused because they were our own forwarded queries coming back",
             self.loops_refused.clone(),
         );
-        registry.register("ferry_dns_dropped", "Packets dropped unanswered (no header, or a response)", self.dropped.clone());
-        registry.register("ferry_dns_zone_names", "Names in the cluster zone index", self.zone_names.clone());
-        registry.register("ferry_dns_zone_records", "Records in the cluster zone", self.zone_records.clone());
-        registry.register("ferry_dns_zone_generation", "Snapshot generation the zone was built from", self.zone_generation.clone());
-        registry.register("ferry_dns_zone_builds", "Zones built from snapshots", self.zone_builds.clone());
+        registry.register(
+            "ferry_dns_dropped",
+            "Packets dropped unanswered (no header, or a response)",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "ferry_dns_zone_names",
+            "Names in the cluster zone index",
+            self.zone_names.clone(),
+        );
+        registry.register(
+            "ferry_dns_zone_records",
+            "Records in the cluster zone",
+            self.zone_records.clone(),
+        );
+        registry.register(
+            "ferry_dns_zone_generation",
+            "Snapshot generation the zone was built from",
+            self.zone_generation.clone(),
+        );
+        registry.register(
+            "ferry_dns_zone_builds",
+            "Zones built from snapshots",
+            self.zone_builds.clone(),
+        );
     }
 }

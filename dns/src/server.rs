@@ -152,8 +152,10 @@ impl DnsServer {
     pub fn set_zone(&self, zone: Zone) {
         let m = &self.state.metrics;
         m.zone_names.set(i64::try_from(zone.name_count()).unwrap_or(i64::MAX));
-        m.zone_records.set(i64::try_from(zone.record_count()).unwrap_or(i64::MAX));
-        m.zone_generation.set(i64::try_from(zone.generation()).unwrap_or(i64::MAX));
+        m.zone_records
+            .set(i64::try_from(zone.record_count()).unwrap_or(i64::MAX));
+        m.zone_generation
+            .set(i64::try_from(zone.generation()).unwrap_or(i64::MAX));
         m.zone_builds.inc();
         self.state.zone.store(Some(Arc::new(zone)));
     }
@@ -210,7 +212,12 @@ impl DnsServer {
 
     /// Serves until `cancel` fires: rebuilds the zone on every snapshot and
     /// answers on `sockets`.
-    pub async fn serve(self, sockets: BoundSockets, snapshots: SnapshotRx, cancel: CancellationToken) -> Result<(), DnsError> {
+    pub async fn serve(
+        self,
+        sockets: BoundSockets,
+        snapshots: SnapshotRx,
+        cancel: CancellationToken,
+    ) -> Result<(), DnsError> {
         let follower = tokio::spawn(self.clone().follow_snapshots(snapshots, cancel.clone()));
         let handle = tokio::runtime::Handle::current();
         let mut threads = Vec::new();
@@ -257,11 +264,19 @@ impl DnsServer {
                 let cfg = self.state.zone_cfg.clone();
                 match tokio::task::spawn_blocking(move || Zone::build(&snap, &cfg)).await {
                     Ok(Ok(zone)) => {
-                        tracing::debug!(generation = zone.generation(), names = zone.name_count(), "dns: zone rebuilt");
+                        tracing::debug!(
+                            generation = zone.generation(),
+                            names = zone.name_count(),
+                            "dns: zone rebuilt"
+                        );
                         self.set_zone(zone);
                     }
-                    Ok(Err(e)) => tracing::error!(error = %e, "dns: zone build failed; the last good zone keeps serving"),
-                    Err(e) => tracing::error!(error = %e, "dns: zone build task failed; the last good zone keeps serving"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "dns: zone build failed; the last good zone keeps serving")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "dns: zone build task failed; the last good zone keeps serving")
+                    }
                 }
             }
             tokio::select! {
@@ -356,7 +371,9 @@ impl DnsServer {
                 Outcome::Forward(req) => self.forward(req).await,
                 Outcome::Drop => return,
             };
-            let Ok(out_len) = u16::try_from(bytes.len()) else { return };
+            let Ok(out_len) = u16::try_from(bytes.len()) else {
+                return;
+            };
             let mut framed = Vec::with_capacity(bytes.len() + 2);
             framed.extend_from_slice(&out_len.to_be_bytes());
             framed.extend_from_slice(&bytes);

@@ -84,20 +84,56 @@ pub fn handle(packet: &[u8], zone: Option<&Zone>, ctx: Context<'_>) -> Outcome {
     let limit = client_limit(msg.edns.as_ref(), ctx.transport);
     let base = Metadata::response_from_request(&msg.metadata);
     if msg.metadata.op_code != OpCode::Query {
-        return reply(base, msg.queries.first(), ResponseCode::NotImp, false, Sections::default(), &msg.edns, limit, ctx);
+        return reply(
+            base,
+            msg.queries.first(),
+            ResponseCode::NotImp,
+            false,
+            Sections::default(),
+            &msg.edns,
+            limit,
+            ctx,
+        );
     }
     if msg.queries.len() != 1 {
-        return reply(base, None, ResponseCode::FormErr, false, Sections::default(), &msg.edns, limit, ctx);
+        return reply(
+            base,
+            None,
+            ResponseCode::FormErr,
+            false,
+            Sections::default(),
+            &msg.edns,
+            limit,
+            ctx,
+        );
     }
     let Some(query) = msg.queries.first() else {
         return header_only(packet, ResponseCode::FormErr);
     };
     if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
-        return reply(base, Some(query), ResponseCode::BADVERS, false, Sections::default(), &msg.edns, limit, ctx);
+        return reply(
+            base,
+            Some(query),
+            ResponseCode::BADVERS,
+            false,
+            Sections::default(),
+            &msg.edns,
+            limit,
+            ctx,
+        );
     }
     let qtype = query.query_type();
     if matches!(qtype, RecordType::AXFR | RecordType::IXFR | RecordType::OPT) {
-        return reply(base, Some(query), ResponseCode::Refused, false, Sections::default(), &msg.edns, limit, ctx);
+        return reply(
+            base,
+            Some(query),
+            ResponseCode::Refused,
+            false,
+            Sections::default(),
+            &msg.edns,
+            limit,
+            ctx,
+        );
     }
     let key = name_key(query.name());
     let class_ok = matches!(query.query_class(), DNSClass::IN | DNSClass::ANY);
@@ -107,8 +143,21 @@ pub fn handle(packet: &[u8], zone: Option<&Zone>, ctx: Context<'_>) -> Outcome {
         Some(_) | None if cluster => {
             // Before the first zone (or a class we do not serve) a cluster
             // name must not get a wrong NXDOMAIN.
-            let rcode = if class_ok { ResponseCode::ServFail } else { ResponseCode::Refused };
-            return reply(base, Some(query), rcode, false, Sections::default(), &msg.edns, limit, ctx);
+            let rcode = if class_ok {
+                ResponseCode::ServFail
+            } else {
+                ResponseCode::Refused
+            };
+            return reply(
+                base,
+                Some(query),
+                rcode,
+                false,
+                Sections::default(),
+                &msg.edns,
+                limit,
+                ctx,
+            );
         }
         _ => Lookup::NotOurs,
     };
@@ -154,9 +203,16 @@ pub fn handle(packet: &[u8], zone: Option<&Zone>, ctx: Context<'_>) -> Outcome {
             limit,
             ctx,
         ),
-        Lookup::NotOurs if !ctx.recursion => {
-            reply(base, Some(query), ResponseCode::Refused, false, Sections::default(), &msg.edns, limit, ctx)
-        }
+        Lookup::NotOurs if !ctx.recursion => reply(
+            base,
+            Some(query),
+            ResponseCode::Refused,
+            false,
+            Sections::default(),
+            &msg.edns,
+            limit,
+            ctx,
+        ),
         Lookup::NotOurs => Outcome::Forward(Request {
             metadata: msg.metadata,
             query: query.clone(),
@@ -182,7 +238,16 @@ pub fn forwarded_reply(req: &Request, upstream: &Message) -> Vec<u8> {
     };
     let mut base = base;
     base.authentic_data = upstream.metadata.authentic_data && req.metadata.authentic_data;
-    match reply(base, Some(&req.query), upstream.metadata.response_code, false, sections, &req.edns, req.limit, ctx) {
+    match reply(
+        base,
+        Some(&req.query),
+        upstream.metadata.response_code,
+        false,
+        sections,
+        &req.edns,
+        req.limit,
+        ctx,
+    ) {
         Outcome::Reply { bytes, .. } => bytes,
         _ => Vec::new(),
     }
@@ -197,7 +262,16 @@ pub fn error_reply(req: &Request, rcode: ResponseCode) -> Vec<u8> {
         transport: Transport::Tcp,
         recursion: true,
     };
-    match reply(base, Some(&req.query), rcode, false, Sections::default(), &req.edns, req.limit, ctx) {
+    match reply(
+        base,
+        Some(&req.query),
+        rcode,
+        false,
+        Sections::default(),
+        &req.edns,
+        req.limit,
+        ctx,
+    ) {
         Outcome::Reply { bytes, .. } => bytes,
         _ => Vec::new(),
     }
@@ -253,7 +327,15 @@ fn reply(
     let qtype = query.map(|q| q.query_type());
     let bytes = match encode_within(&mut msg, limit) {
         Some(b) => b,
-        None => return header_only_with(meta.id, meta.op_code, meta.recursion_desired, ResponseCode::ServFail, qtype),
+        None => {
+            return header_only_with(
+                meta.id,
+                meta.op_code,
+                meta.recursion_desired,
+                ResponseCode::ServFail,
+                qtype,
+            )
+        }
     };
     Outcome::Reply { bytes, qtype, rcode }
 }

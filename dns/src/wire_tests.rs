@@ -67,7 +67,11 @@ fn reply_of(out: Outcome) -> (Vec<u8>, Message) {
 #[test]
 fn answers_nodata_nxdomain_with_soa() {
     let z = big_zone(3);
-    let (_, m) = reply_of(handle(&query("small.default.svc.cluster.local.", RecordType::A, None), Some(&z), ctx(Transport::Udp)));
+    let (_, m) = reply_of(handle(
+        &query("small.default.svc.cluster.local.", RecordType::A, None),
+        Some(&z),
+        ctx(Transport::Udp),
+    ));
     assert_eq!(m.metadata.id, 0x1234);
     assert_eq!(m.metadata.message_type, MessageType::Response);
     assert!(m.metadata.authoritative && m.metadata.recursion_desired && m.metadata.recursion_available);
@@ -75,22 +79,38 @@ fn answers_nodata_nxdomain_with_soa() {
     assert_eq!(m.answers.len(), 1);
     assert_eq!(m.queries.len(), 1);
 
-    let (_, m) = reply_of(handle(&query("small.default.svc.cluster.local.", RecordType::AAAA, None), Some(&z), ctx(Transport::Udp)));
+    let (_, m) = reply_of(handle(
+        &query("small.default.svc.cluster.local.", RecordType::AAAA, None),
+        Some(&z),
+        ctx(Transport::Udp),
+    ));
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.answers.is_empty());
     assert_eq!(m.authorities.len(), 1);
     assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
 
-    let (_, m) = reply_of(handle(&query("nope.default.svc.cluster.local.", RecordType::A, None), Some(&z), ctx(Transport::Udp)));
+    let (_, m) = reply_of(handle(
+        &query("nope.default.svc.cluster.local.", RecordType::A, None),
+        Some(&z),
+        ctx(Transport::Udp),
+    ));
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
 }
 
 #[test]
 fn before_the_first_zone_cluster_names_get_servfail_and_others_forward() {
-    let (_, m) = reply_of(handle(&query("small.default.svc.cluster.local.", RecordType::A, None), None, ctx(Transport::Udp)));
+    let (_, m) = reply_of(handle(
+        &query("small.default.svc.cluster.local.", RecordType::A, None),
+        None,
+        ctx(Transport::Udp),
+    ));
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
-    match handle(&query("example.com.", RecordType::A, Some(1232)), None, ctx(Transport::Udp)) {
+    match handle(
+        &query("example.com.", RecordType::A, Some(1232)),
+        None,
+        ctx(Transport::Udp),
+    ) {
         Outcome::Forward(req) => {
             assert_eq!(req.key, b"example.com");
             assert_eq!(req.limit, 1232);
@@ -110,25 +130,49 @@ fn sizes_sheds_additionals_then_truncates() {
     let z = big_zone(60);
     let srv = "_http._tcp.big.default.svc.cluster.local.";
     // Over TCP everything fits.
-    let (_, m) = reply_of(handle(&query(srv, RecordType::SRV, None), Some(&z), ctx(Transport::Tcp)));
+    let (_, m) = reply_of(handle(
+        &query(srv, RecordType::SRV, None),
+        Some(&z),
+        ctx(Transport::Tcp),
+    ));
     assert_eq!(m.answers.len(), 60);
     assert_eq!(m.additionals.len(), 60);
     assert!(!m.metadata.truncation);
     // Plain UDP: 512 bytes, TC set, client retries over TCP.
-    let (bytes, m) = reply_of(handle(&query(srv, RecordType::SRV, None), Some(&z), ctx(Transport::Udp)));
+    let (bytes, m) = reply_of(handle(
+        &query(srv, RecordType::SRV, None),
+        Some(&z),
+        ctx(Transport::Udp),
+    ));
     assert!(bytes.len() <= 512, "{}", bytes.len());
     assert!(m.metadata.truncation);
     assert!(m.answers.is_empty());
     // EDNS 4096 is capped at 1232.
-    let (bytes, m) = reply_of(handle(&query(srv, RecordType::SRV, Some(4096)), Some(&z), ctx(Transport::Udp)));
+    let (bytes, m) = reply_of(handle(
+        &query(srv, RecordType::SRV, Some(4096)),
+        Some(&z),
+        ctx(Transport::Udp),
+    ));
     assert!(bytes.len() <= 1232, "{}", bytes.len());
     assert!(m.metadata.truncation);
     assert!(m.edns.is_some(), "EDNS answered with EDNS");
     // A few endpoints: answers fit in 512 once the additionals are shed, no TC.
     let z = big_zone(8);
-    let (full, _) = reply_of(handle(&query(srv, RecordType::SRV, None), Some(&z), ctx(Transport::Tcp)));
-    assert!(full.len() > 512, "the full answer must not fit for this case ({})", full.len());
-    let (bytes, m) = reply_of(handle(&query(srv, RecordType::SRV, None), Some(&z), ctx(Transport::Udp)));
+    let (full, _) = reply_of(handle(
+        &query(srv, RecordType::SRV, None),
+        Some(&z),
+        ctx(Transport::Tcp),
+    ));
+    assert!(
+        full.len() > 512,
+        "the full answer must not fit for this case ({})",
+        full.len()
+    );
+    let (bytes, m) = reply_of(handle(
+        &query(srv, RecordType::SRV, None),
+        Some(&z),
+        ctx(Transport::Udp),
+    ));
     assert!(bytes.len() <= 512);
     assert_eq!(m.answers.len(), 8);
     assert!(m.additionals.is_empty());
@@ -139,7 +183,10 @@ fn sizes_sheds_additionals_then_truncates() {
 fn protocol_errors() {
     let z = big_zone(1);
     // Too short for a header, or a response: dropped.
-    assert!(matches!(handle(&[1, 2, 3], Some(&z), ctx(Transport::Udp)), Outcome::Drop));
+    assert!(matches!(
+        handle(&[1, 2, 3], Some(&z), ctx(Transport::Udp)),
+        Outcome::Drop
+    ));
     let mut resp = query("small.default.svc.cluster.local.", RecordType::A, None);
     resp[2] |= 0x80;
     assert!(matches!(handle(&resp, Some(&z), ctx(Transport::Udp)), Outcome::Drop));
@@ -157,19 +204,29 @@ fn protocol_errors() {
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     // Not a query: NOTIMP.
     let mut notify = Message::new(8, MessageType::Query, OpCode::Notify);
-    notify.add_query(Query::query(Name::from_ascii("cluster.local.").unwrap(), RecordType::SOA));
+    notify.add_query(Query::query(
+        Name::from_ascii("cluster.local.").unwrap(),
+        RecordType::SOA,
+    ));
     let (_, m) = reply_of(handle(&notify.to_vec().unwrap(), Some(&z), ctx(Transport::Udp)));
     assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
     // EDNS version 1: BADVERS.
     let mut v1 = Message::new(9, MessageType::Query, OpCode::Query);
-    v1.add_query(Query::query(Name::from_ascii("cluster.local.").unwrap(), RecordType::SOA));
+    v1.add_query(Query::query(
+        Name::from_ascii("cluster.local.").unwrap(),
+        RecordType::SOA,
+    ));
     let mut e = Edns::new();
     e.set_version(1);
     v1.set_edns(e);
     let (_, m) = reply_of(handle(&v1.to_vec().unwrap(), Some(&z), ctx(Transport::Udp)));
     assert_eq!(u16::from(m.metadata.response_code), 16, "BADVERS");
     // Zone transfers are refused.
-    let (_, m) = reply_of(handle(&query("cluster.local.", RecordType::AXFR, None), Some(&z), ctx(Transport::Tcp)));
+    let (_, m) = reply_of(handle(
+        &query("cluster.local.", RecordType::AXFR, None),
+        Some(&z),
+        ctx(Transport::Tcp),
+    ));
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
 }
 

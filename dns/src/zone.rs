@@ -81,7 +81,10 @@ impl Default for ZoneConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
     /// NOERROR with records (authoritative).
-    Answer { answers: Vec<Record>, additionals: Vec<Record> },
+    Answer {
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    },
     /// The name exists but has no record of the asked type: NOERROR, empty
     /// answer, SOA in authority.
     NoData,
@@ -188,7 +191,10 @@ impl Zone {
             },
         };
         b.add(soa);
-        b.add_record(&format!("dns-version.{domain}"), RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])));
+        b.add_record(
+            &format!("dns-version.{domain}"),
+            RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
+        );
         b.ensure(&format!("svc.{domain}"));
         for ns in snap.namespaces() {
             b.ensure(&format!("{}.svc.{domain}", ns.name));
@@ -336,7 +342,8 @@ impl Zone {
 
     /// Insecure pod mode: `a-b-c-d.<ns>.pod.<zone>` for any existing namespace.
     fn synthesized_pod(&self, key: &[u8], qname: &Name, qtype: RecordType) -> Lookup {
-        if self.pods != PodMode::Insecure || !key_is_under(key, &self.pod_suffix) || key.len() <= self.pod_suffix.len() {
+        if self.pods != PodMode::Insecure || !key_is_under(key, &self.pod_suffix) || key.len() <= self.pod_suffix.len()
+        {
             return Lookup::NxDomain;
         }
         let prefix = &key[..key.len() - self.pod_suffix.len() - 1];
@@ -422,7 +429,11 @@ pub fn dashed(ip: IpAddr) -> String {
 fn undashed(label: &[u8]) -> Option<IpAddr> {
     let s = std::str::from_utf8(label).ok()?;
     let parts: Vec<&str> = s.split('-').collect();
-    if parts.len() == 4 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+    if parts.len() == 4
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
         return parts.join(".").parse::<Ipv4Addr>().ok().map(IpAddr::V4);
     }
     s.replace('-', ":").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
@@ -565,7 +576,11 @@ impl Builder {
             self.ptr(*ip, &fqdn);
         }
         for port in svc.ports.iter().filter(|p| !p.name.is_empty()) {
-            let srv_name = format!("_{}.{}.{fqdn}", port.name.to_ascii_lowercase(), proto_label(port.protocol));
+            let srv_name = format!(
+                "_{}.{}.{fqdn}",
+                port.name.to_ascii_lowercase(),
+                proto_label(port.protocol)
+            );
             if let Some(target) = self.parse(&fqdn) {
                 self.add_record(&srv_name, RData::SRV(SRV::new(0, 100, port.port, target)));
             }
@@ -607,7 +622,11 @@ impl Builder {
             if backends.is_empty() {
                 continue;
             }
-            let srv_name = format!("_{}.{}.{fqdn}", port.name.to_ascii_lowercase(), proto_label(port.protocol));
+            let srv_name = format!(
+                "_{}.{}.{fqdn}",
+                port.name.to_ascii_lowercase(),
+                proto_label(port.protocol)
+            );
             let weight = u16::try_from((100 / backends.len()).max(1)).unwrap_or(1);
             for b in backends {
                 let host = match &b.hostname {
@@ -635,14 +654,26 @@ pub fn master_file(zone: &Zone) -> String {
     for r in zone.records() {
         let rdata = match &r.data {
             // Character-strings are quoted in master files.
-            RData::TXT(txt) => txt.txt_data
+            RData::TXT(txt) => txt
+                .txt_data
                 .iter()
-                .map(|s| format!("\"{}\"", String::from_utf8_lossy(s).replace('\\', "\\\\").replace('"', "\\\"")))
+                .map(|s| {
+                    format!(
+                        "\"{}\"",
+                        String::from_utf8_lossy(s).replace('\\', "\\\\").replace('"', "\\\"")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
             other => other.to_string(),
         };
-        out.push_str(&format!("{} {} {} {} {rdata}\n", r.name, r.ttl, DNSClass::IN, r.record_type()));
+        out.push_str(&format!(
+            "{} {} {} {} {rdata}\n",
+            r.name,
+            r.ttl,
+            DNSClass::IN,
+            r.record_type()
+        ));
     }
     out
 }

@@ -11,8 +11,7 @@ use super::*;
 fn snapshot(text: &str) -> Snapshot {
     let objects: Vec<_> = parse_documents(Path::new("cluster.yaml"), text)
         .into_iter()
-        .map(|d| d.expect("fixture documents parse"))
-        .flatten()
+        .flat_map(|d| d.expect("fixture documents parse"))
         .collect();
     Snapshot::from_objects(7, objects)
 }
@@ -212,7 +211,12 @@ fn records_per_the_kubernetes_dns_spec() {
 fn pod_modes() {
     use RecordType::*;
     let verified = zone(PodMode::Verified);
-    check(&verified, "10-244-3-4.apps.pod.cluster.local.", A, &Answer(vec!["10-244-3-4.apps.pod.cluster.local. A 10.244.3.4"], vec![]));
+    check(
+        &verified,
+        "10-244-3-4.apps.pod.cluster.local.",
+        A,
+        &Answer(vec!["10-244-3-4.apps.pod.cluster.local. A 10.244.3.4"], vec![]),
+    );
     check(&verified, "1-2-3-4.apps.pod.cluster.local.", A, &NxDomain);
     check(&verified, "10-244-3-4.default.pod.cluster.local.", A, &NxDomain);
     let disabled = zone(PodMode::Disabled);
@@ -232,11 +236,21 @@ fn other_cluster_domain_and_serial() {
     )
     .unwrap();
     check(&z, "ngx-svc.default.svc.cluster.local.", RecordType::A, &NotOurs);
-    let got = z.lookup(&Name::from_ascii("ngx-svc.default.svc.corp.example.").unwrap(), RecordType::A);
+    let got = z.lookup(
+        &Name::from_ascii("ngx-svc.default.svc.corp.example.").unwrap(),
+        RecordType::A,
+    );
     assert!(matches!(got, Lookup::Answer { .. }), "{got:?}");
     assert_eq!(z.soa().ttl, 30);
     assert!(z.is_cluster_name(b"x.corp.example"));
-    assert!(Zone::build(&fixture(), &ZoneConfig { domain: "".into(), ..ZoneConfig::default() }).is_err());
+    assert!(Zone::build(
+        &fixture(),
+        &ZoneConfig {
+            domain: "".into(),
+            ..ZoneConfig::default()
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -278,8 +292,18 @@ endpoints:
 "#;
     let z = Zone::build(&snapshot(text), &ZoneConfig::default()).unwrap();
     assert!(z.skipped() > 0);
-    check(&z, "good.default.svc.cluster.local.", RecordType::A, &Answer(vec!["good.default.svc.cluster.local. A 10.96.0.1"], vec![]));
-    check(&z, "ok-0.hl.default.svc.cluster.local.", RecordType::A, &Answer(vec!["ok-0.hl.default.svc.cluster.local. A 10.1.0.2"], vec![]));
+    check(
+        &z,
+        "good.default.svc.cluster.local.",
+        RecordType::A,
+        &Answer(vec!["good.default.svc.cluster.local. A 10.96.0.1"], vec![]),
+    );
+    check(
+        &z,
+        "ok-0.hl.default.svc.cluster.local.",
+        RecordType::A,
+        &Answer(vec!["ok-0.hl.default.svc.cluster.local. A 10.1.0.2"], vec![]),
+    );
     check(&z, "badext.default.svc.cluster.local.", RecordType::A, &NxDomain);
 }
 
@@ -298,6 +322,9 @@ fn master_file_lists_every_record() {
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
-    let record_lines = text.lines().filter(|l| !l.starts_with('$') && !l.starts_with(';')).count();
+    let record_lines = text
+        .lines()
+        .filter(|l| !l.starts_with('$') && !l.starts_with(';'))
+        .count();
     assert_eq!(record_lines, z.record_count());
 }
