@@ -30,7 +30,7 @@ pub enum Command {
     /// Ingress controller against an apiserver (or files).
     Ingress(crate::cmd_ingress::IngressArgs),
     /// Standalone reverse proxy fed from YAML files.
-    Serve(crate::cmd_ingress::IngressArgs),
+    Serve(crate::cmd_ingress::ServeArgs),
     /// Print what ferry would make of a cluster, without touching anything.
     Render(RenderArgs),
     /// A small HTTP/TCP/UDP echo server for demos and tests.

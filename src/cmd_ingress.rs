@@ -1,13 +1,113 @@
 //! `ferry ingress`, `ferry serve`, `ferry echo` and `ferry render --what
-//! routes` (owned by the ingress issue).
+//! routes`: flags, wiring of the ingress engine into the shared runtime
+//! (metrics, readiness, cancellation), the embedded demo, and the Ingress
+//! status loop.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Args;
+use ferry_cluster::{ObjectKey, Snapshot, SnapshotRx};
+use ferry_ingress::echo::{self, EchoConfig};
+use ferry_ingress::upstream::UpstreamConfig;
+use ferry_ingress::{ClassSelection, Engine, EngineConfig, IngressMetrics, Listeners};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::RunArgs;
+use crate::cmd_proxy::parse_duration;
+use crate::runtime::Runtime;
 
 /// Ingress flags shared by `ferry ingress`, `ferry serve`, `ferry node` and `ferry render`.
-#[derive(Args, Debug, Clone, Default)]
-pub struct IngressOpts {}
+#[derive(Args, Debug, Clone)]
+pub struct IngressOpts {
+    /// Plain HTTP listener [default: 0.0.0.0:80; 127.0.0.1:8080 with --demo].
+    #[arg(long, value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// HTTPS listener [default: 0.0.0.0:443 for `ingress` and `node`; off for `serve` unless given].
+    #[arg(long, value_name = "ADDR")]
+    pub https_addr: Option<SocketAddr>,
+    /// IngressClasses with this spec.controller are served.
+    #[arg(long, value_name = "NAME", default_value = ferry_ingress::DEFAULT_CONTROLLER_NAME)]
+    pub controller_name: String,
+    /// Also serve this IngressClass whatever its controller (repeatable).
+    #[arg(long = "ingress-class", value_name = "NAME")]
+    pub ingress_classes: Vec<String>,
+    /// Default certificate as NAMESPACE/NAME of a kubernetes.io/tls Secret
+    /// [default: a generated self-signed one].
+    #[arg(long, value_name = "NS/NAME", value_parser = parse_object_key)]
+    pub default_tls_secret: Option<ObjectKey>,
+    /// Address written to Ingress .status.loadBalancer.ingress (repeatable;
+    /// `ferry ingress` only) [default: this node's IPs, from $NODE_NAME's Node].
+    #[arg(long = "status-address", value_name = "IP|HOST")]
+    pub status_addresses: Vec<String>,
+    /// How long in-flight requests may finish after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Timeout for connecting to an upstream endpoint.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    /// Timeout for an upstream's response headers.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_header_timeout: Duration,
+    /// Consecutive connect failures that eject an endpoint.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub upstream_max_fails: u32,
+    /// How long an ejected endpoint gets no new requests.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub upstream_eject_time: Duration,
+}
+
+impl Default for IngressOpts {
+    fn default() -> Self {
+        let u = UpstreamConfig::default();
+        IngressOpts {
+            http_addr: None,
+            https_addr: None,
+            controller_name: ferry_ingress::DEFAULT_CONTROLLER_NAME.to_string(),
+            ingress_classes: Vec::new(),
+            default_tls_secret: None,
+            status_addresses: Vec::new(),
+            drain_timeout: Duration::from_secs(30),
+            upstream_connect_timeout: u.connect_timeout,
+            upstream_header_timeout: u.header_timeout,
+            upstream_max_fails: u.max_fails,
+            upstream_eject_time: u.eject_for,
+        }
+    }
+}
+
+fn parse_object_key(s: &str) -> Result<ObjectKey, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(ObjectKey::new(ns, name)),
+        _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+    }
+}
+
+impl IngressOpts {
+    pub fn classes(&self) -> ClassSelection {
+        ClassSelection {
+            controller_name: self.controller_name.clone(),
+            class_names: self.ingress_classes.clone(),
+        }
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            classes: self.classes(),
+            default_tls_secret: self.default_tls_secret.clone(),
+            upstream: UpstreamConfig {
+                connect_timeout: self.upstream_connect_timeout,
+                header_timeout: self.upstream_header_timeout,
+                max_fails: self.upstream_max_fails.max(1),
+                eject_for: self.upstream_eject_time,
+                ..UpstreamConfig::default()
+            },
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct IngressArgs {
@@ -18,20 +118,258 @@ pub struct IngressArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct EchoArgs {}
-
-pub async fn run_ingress(_args: IngressArgs) -> anyhow::Result<()> {
-    crate::not_built("ingress", 3)
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub ingress: IngressArgs,
+    /// Serve the embedded WordPress example (examples/wordpress) with two
+    /// in-process demo backends on 127.0.0.11:18080 and 127.0.0.12:18080.
+    #[arg(long)]
+    pub demo: bool,
 }
 
-pub async fn run_serve(_args: IngressArgs) -> anyhow::Result<()> {
-    crate::not_built("serve", 3)
+#[derive(Args, Debug, Clone)]
+pub struct EchoArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+    pub addr: SocketAddr,
+    /// First line of every answer.
+    #[arg(long, value_name = "TEXT", default_value = "ferry echo")]
+    pub body: String,
+    /// Answer only the body, without the request line and headers.
+    #[arg(long)]
+    pub body_only: bool,
 }
 
-pub async fn run_echo(_args: EchoArgs) -> anyhow::Result<()> {
-    crate::not_built("echo", 3)
+/// Listener addresses used when the flags give none.
+#[derive(Debug, Clone, Copy)]
+struct ListenDefaults {
+    http: SocketAddr,
+    https: Option<SocketAddr>,
 }
 
-pub fn render_routes(_snap: &ferry_cluster::Snapshot, _opts: &IngressOpts) -> anyhow::Result<String> {
-    crate::not_built("render --what routes", 3).map(|_| String::new())
+const CLUSTER_DEFAULTS: ListenDefaults = ListenDefaults {
+    http: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80),
+    https: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 443)),
+};
+
+/// Starts the ingress engine on the runtime: registers metrics and the
+/// readiness check, binds the listeners, follows `snapshots`, and serves
+/// until `rt.cancel` fires (then drains). The handle ends after the drain.
+pub async fn spawn(
+    rt: &mut Runtime,
+    snapshots: SnapshotRx,
+    opts: &IngressOpts,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    spawn_with(rt, snapshots, opts, CLUSTER_DEFAULTS).await
+}
+
+async fn spawn_with(
+    rt: &mut Runtime,
+    snapshots: SnapshotRx,
+    opts: &IngressOpts,
+    defaults: ListenDefaults,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let metrics = IngressMetrics::default();
+    metrics.register(&mut rt.admin.registry);
+    let engine = Engine::new(opts.engine_config(), metrics).context("starting the ingress engine")?;
+    let http = opts.http_addr.unwrap_or(defaults.http);
+    let https = opts.https_addr.or(defaults.https);
+    let listeners = Listeners::bind(Some(http), https)
+        .await
+        .context("binding the ingress listeners")?;
+    let ready = engine.clone();
+    rt.admin.readiness("ingress", move || {
+        if ready.applied() > 0 {
+            Ok(())
+        } else {
+            Err("no route table applied yet".into())
+        }
+    });
+    let cancel = rt.cancel.clone();
+    let follower = engine.clone();
+    let follow_cancel = cancel.clone();
+    tokio::spawn(async move { follower.follow(snapshots, follow_cancel).await });
+    Ok(tokio::spawn(async move {
+        engine.serve(listeners, cancel).await?;
+        Ok(())
+    }))
+}
+
+pub async fn run_ingress(args: IngressArgs) -> anyhow::Result<()> {
+    let mut rt = Runtime::new();
+    let snapshots = rt.source(&args.run.source).await?;
+    let handle = spawn(&mut rt, snapshots.clone(), &args.opts).await?;
+    if args.run.source.files.is_empty() {
+        let client = ferry_cluster::kube::client(args.run.source.kubeconfig.as_deref())
+            .await
+            .context("connecting to the apiserver for Ingress status")?;
+        let opts = args.opts.clone();
+        let cancel = rt.cancel.clone();
+        tokio::spawn(async move { status_loop(client, snapshots, &opts, cancel).await });
+    }
+    let _cancel = rt.serve_admin(args.run.admin_addr).await?;
+    handle.await.context("ingress task")?
+}
+
+/// The addresses to publish: the flag, else the IPs of Node `$NODE_NAME`.
+fn status_addresses(snap: &Snapshot, opts: &IngressOpts) -> Vec<String> {
+    if !opts.status_addresses.is_empty() {
+        return opts.status_addresses.clone();
+    }
+    let Ok(node) = std::env::var("NODE_NAME") else {
+        return Vec::new();
+    };
+    snap.node(&node)
+        .map(|n| n.ips().iter().take(1).map(|ip| ip.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Writes Ingress status after every snapshot (changes only). The node
+/// command can run this on its elected leader only.
+pub async fn status_loop(
+    client: ferry_ingress::status::Client,
+    mut snapshots: SnapshotRx,
+    opts: &IngressOpts,
+    cancel: CancellationToken,
+) {
+    let classes = opts.classes();
+    let mut warned = false;
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if let Some(snap) = snap {
+            let addresses = status_addresses(&snap, opts);
+            if addresses.is_empty() && !warned {
+                tracing::warn!("no --status-address and no Node for $NODE_NAME: Ingress status is not written");
+                warned = true;
+            }
+            let table = ferry_ingress::compile(&snap, &classes);
+            let plan = ferry_ingress::status::plan(&snap, &table, &addresses);
+            if !plan.is_empty() {
+                if let Err(e) = ferry_ingress::status::write(client.clone(), &plan).await {
+                    tracing::warn!(error = %e, "ingress status update incomplete; retried on the next snapshot");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = snapshots.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// The WordPress walkthrough, embedded so `ferry serve --demo` needs no files.
+const DEMO_MANIFESTS: [(&str, &str); 3] = [
+    (
+        "examples/wordpress/services.yaml",
+        include_str!("../examples/wordpress/services.yaml"),
+    ),
+    (
+        "examples/wordpress/endpoints.yaml",
+        include_str!("../examples/wordpress/endpoints.yaml"),
+    ),
+    (
+        "examples/wordpress/ingress.yaml",
+        include_str!("../examples/wordpress/ingress.yaml"),
+    ),
+];
+
+/// The demo's IngressClass (NGINX's controller name, served by name).
+const DEMO_CLASS: &str = "wp-ink";
+
+fn demo_snapshot() -> anyhow::Result<Snapshot> {
+    let mut objects = Vec::new();
+    for (name, text) in DEMO_MANIFESTS {
+        for doc in ferry_cluster::files::parse_documents(std::path::Path::new(name), text) {
+            objects.extend(doc.with_context(|| format!("embedded {name}"))?);
+        }
+    }
+    Ok(Snapshot::from_objects(1, objects))
+}
+
+/// Starts one echo backend per endpoint of the demo's wp-svc, answering
+/// with its pod name.
+async fn start_demo_backends(snap: &Snapshot, cancel: &CancellationToken) -> anyhow::Result<Vec<SocketAddr>> {
+    let svc = snap.service("default", "wp-svc").context("demo: wp-svc missing")?;
+    let mut started = Vec::new();
+    for port in &svc.ports {
+        for b in snap.usable_backends(svc, port) {
+            let addr = SocketAddr::new(b.ip, b.port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("demo: binding backend {addr}"))?;
+            let body = b.pod_name.clone().unwrap_or_else(|| addr.to_string());
+            tracing::info!(%addr, pod = %body, "demo backend listening");
+            let config = EchoConfig {
+                body,
+                request_info: true,
+            };
+            tokio::spawn(echo::serve(listener, config, cancel.clone()));
+            started.push(addr);
+        }
+    }
+    Ok(started)
+}
+
+pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut rt = Runtime::new();
+    let mut opts = args.ingress.opts.clone();
+    let demo_embedded = args.demo && args.ingress.run.source.files.is_empty();
+    let snapshots = if demo_embedded {
+        let snap = Arc::new(demo_snapshot()?);
+        start_demo_backends(&snap, &rt.cancel).await?;
+        let (tx, rx) = tokio::sync::watch::channel(Some(snap));
+        // Keep the sender alive for the whole run: the channel stays open.
+        let cancel = rt.cancel.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            drop(tx);
+        });
+        rx
+    } else {
+        rt.source(&args.ingress.run.source).await?
+    };
+    if args.demo {
+        if !opts.ingress_classes.iter().any(|c| c == DEMO_CLASS) {
+            opts.ingress_classes.push(DEMO_CLASS.to_string());
+        }
+        opts.http_addr = opts.http_addr.or(Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
+    }
+    let defaults = ListenDefaults {
+        http: CLUSTER_DEFAULTS.http,
+        https: None,
+    };
+    let handle = spawn_with(&mut rt, snapshots, &opts, defaults).await?;
+    if args.demo {
+        let port = opts.http_addr.map_or(80, |a| a.port());
+        tracing::info!("demo ready; try: curl --resolve wp.test:{port}:127.0.0.1 http://wp.test:{port}/");
+    }
+    let _cancel = rt.serve_admin(args.ingress.run.admin_addr).await?;
+    handle.await.context("ingress task")?
+}
+
+pub async fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        c.cancel();
+    });
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    tracing::info!(addr = %args.addr, "echo listening");
+    echo::serve(
+        listener,
+        EchoConfig {
+            body: args.body,
+            request_info: !args.body_only,
+        },
+        cancel,
+    )
+    .await;
+    Ok(())
+}
+
+pub fn render_routes(snap: &ferry_cluster::Snapshot, opts: &IngressOpts) -> anyhow::Result<String> {
+    Ok(ferry_ingress::compile(snap, &opts.classes()).render())
 }

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -67,6 +68,8 @@ struct Shared {
     metrics: IngressMetrics,
     /// Problems already logged, so a reload logs only new ones.
     logged_problems: Mutex<HashSet<String>>,
+    /// Tables applied so far (readiness: at least one).
+    applied: AtomicU64,
 }
 
 /// The ingress engine: cheap to clone, shared by the listeners and the
@@ -126,6 +129,7 @@ impl Engine {
                 fallback_cert_pem,
                 metrics,
                 logged_problems: Mutex::new(HashSet::new()),
+                applied: AtomicU64::new(0),
             }),
         })
     }
@@ -154,6 +158,7 @@ impl Engine {
         s.live.store(Arc::new(live));
         s.certs.swap(certs);
         s.metrics.reloads.inc();
+        s.applied.fetch_add(1, Ordering::Relaxed);
         s.metrics
             .config_problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
@@ -166,6 +171,11 @@ impl Engine {
             "ingress routes applied"
         );
         table
+    }
+
+    /// How many tables have been applied (0 until the first snapshot).
+    pub fn applied(&self) -> u64 {
+        self.shared.applied.load(Ordering::Relaxed)
     }
 
     /// The table currently served.

@@ -11,6 +11,9 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 
+/// The client type `write` takes, re-exported for callers without a kube dependency.
+pub use kube::Client;
+
 use crate::error::IngressError;
 use crate::routes::RouteTable;
 
