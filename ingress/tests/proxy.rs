@@ -1,6 +1,7 @@
 //! Loopback integration tests of the ingress engine: real listeners, real
 //! echo backends, real hyper/rustls/WebSocket clients. Everything binds
 //! 127.0.0.1 port 0 and talks only to 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
