@@ -326,7 +326,7 @@ async fn config_changes_during_ten_seconds_of_load_fail_nothing() {
     let mut i = 0usize;
     while started.elapsed() < Duration::from_secs(10) {
         i += 1;
-        proxy.reload(parse(&config(1 + i % 3, if i % 2 == 0 { "/a" } else { "/b" })));
+        proxy.reload(parse(&config(1 + i % 3, if i.is_multiple_of(2) { "/a" } else { "/b" })));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);
