@@ -9,6 +9,8 @@ mod cmd_node;
 mod cmd_proxy;
 #[cfg(test)]
 mod deploy_tests;
+#[cfg(test)]
+mod node_tests;
 mod render;
 mod runtime;
 mod source;

@@ -15,6 +15,8 @@ pub struct Runtime {
     pub cancel: CancellationToken,
     pub admin: Admin,
     pub cluster_metrics: ClusterMetrics,
+    /// The kube source's client, once `source()` started one.
+    pub kube_client: Option<kube::Client>,
 }
 
 impl Runtime {
@@ -34,12 +36,14 @@ impl Runtime {
             cancel,
             admin,
             cluster_metrics,
+            kube_client: None,
         }
     }
 
     /// Starts the source the flags select; `/readyz` waits for its first snapshot.
     pub async fn source(&mut self, args: &SourceArgs) -> anyhow::Result<SnapshotRx> {
-        let rx = crate::source::start(args, self.cluster_metrics.clone(), self.cancel.clone()).await?;
+        let (rx, client) = crate::source::start(args, self.cluster_metrics.clone(), self.cancel.clone()).await?;
+        self.kube_client = client;
         self.admin
             .readiness("snapshot", crate::admin::snapshot_ready(rx.clone()));
         Ok(rx)

@@ -13,13 +13,15 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::SourceArgs;
 
 /// Spawns the source and the publisher; returns the snapshot channel
-/// (`None` until the first complete snapshot).
+/// (`None` until the first complete snapshot) and, for the kube source, its
+/// client, so writers (Ingress status, leases) share one connection pool.
 pub async fn start(
     args: &SourceArgs,
     metrics: ClusterMetrics,
     cancel: CancellationToken,
-) -> anyhow::Result<SnapshotRx> {
+) -> anyhow::Result<(SnapshotRx, Option<kube::Client>)> {
     let (publisher, tx, rx) = Publisher::new(Duration::from_millis(args.debounce_ms), metrics.clone());
+    let mut client = None;
     if !args.files.is_empty() {
         let source = FileSource::new(args.files.clone(), metrics);
         let c = cancel.clone();
@@ -29,15 +31,16 @@ pub async fn start(
             }
         });
     } else {
-        let client = ferry_cluster::kube::client(args.kubeconfig.as_deref())
+        let kube = ferry_cluster::kube::client(args.kubeconfig.as_deref())
             .await
             .context("connecting to the apiserver (or pass -f PATH for the file source)")?;
-        let source = KubeSource::new(client, metrics);
+        let source = KubeSource::new(kube.clone(), metrics);
+        client = Some(kube);
         let c = cancel.clone();
         tokio::spawn(async move { source.run(tx, c).await });
     }
     tokio::spawn(publisher.run(cancel));
-    Ok(rx)
+    Ok((rx, client))
 }
 
 /// Loads the source once and returns its first complete snapshot. File
@@ -54,7 +57,7 @@ pub async fn load_once(args: &SourceArgs) -> anyhow::Result<Arc<Snapshot>> {
         return Ok(Arc::new(Snapshot::from_objects(1, objects)));
     }
     let cancel = CancellationToken::new();
-    let mut rx = start(args, ClusterMetrics::default(), cancel.clone()).await?;
+    let (mut rx, _) = start(args, ClusterMetrics::default(), cancel.clone()).await?;
     let snap = rx
         .wait_for(Option::is_some)
         .await
