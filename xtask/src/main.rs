@@ -1,5 +1,7 @@
 //! `cargo xtask <task>`: ci (fmt + clippy + tests), and later e2e and bench.
 
+mod bench_dns;
+
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -8,6 +10,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("bench") if args.get(1).map(String::as_str) == Some("dns") => bench_dns::run(&args[2..]),
         Some("lint") => lint(),
         Some("test") => test(),
         _ => {
