@@ -683,6 +683,9 @@ async fn forward(ctx: &ConnContext, upstream: &LiveUpstream, mut req: Request<In
                     }
                 }
                 strip_hop_by_hop(resp.headers_mut(), false);
+                // The downstream connection speaks its own version (an
+                // HTTP/1.0 upstream must not downgrade a 1.1 client).
+                *resp.version_mut() = Version::default();
                 let (parts, body) = resp.into_parts();
                 return Outcome {
                     response: Response::from_parts(
