@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: ci (fmt + clippy + tests), and later e2e and bench.
 
 mod bench_dns;
+mod bench_ingress;
 
 use std::process::Command;
 
@@ -11,6 +12,7 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") if args.get(1).map(String::as_str) == Some("dns") => bench_dns::run(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("ingress") => bench_ingress::run(&args[2..]),
         Some("lint") => lint(),
         Some("test") => test(),
         _ => {

@@ -1,0 +1,415 @@
+//! `cargo xtask bench ingress [SECONDS]`: ferry serve against nginx and
+//! haproxy (Debian packages), all proxying to the same local backend
+//! (`ferry echo`), measured with wrk in one run; prints rps, p99 and
+//! ferry's ratios. Also HTTPS against nginx with the same certificate, and
+//! ferry's RSS with 1,000 Ingresses and 10,000 endpoints loaded.
+//!
+//! Everything listens on 127.0.0.1 high ports and runs as child processes
+//! from a temp dir that are killed at the end. Load is bounded by wrk's
+//! duration.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+const CONNECTIONS: &str = "64";
+const HOST: &str = "bench.test";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not start listening on {addr}")
+}
+
+fn spawn(cmd: &mut Command, name: &'static str) -> anyhow::Result<Proc> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc(child))
+}
+
+struct Result {
+    name: String,
+    rps: f64,
+    p99_ms: f64,
+}
+
+fn parse_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if let Some(v) = s.strip_suffix("us") {
+        return v.parse::<f64>().ok().map(|v| v / 1000.0);
+    }
+    if let Some(v) = s.strip_suffix("ms") {
+        return v.parse().ok();
+    }
+    if let Some(v) = s.strip_suffix('s') {
+        return v.parse::<f64>().ok().map(|v| v * 1000.0);
+    }
+    None
+}
+
+fn wrk(name: &str, url: &str, seconds: u64) -> anyhow::Result<Result> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            "-c",
+            CONNECTIONS,
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-H",
+        ])
+        .arg(format!("Host: {HOST}"))
+        .arg(url)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output for {name}:\n{text}"))?;
+    let p99_ms = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(parse_ms)
+        .with_context(|| format!("no 99% latency in wrk output for {name}:\n{text}"))?;
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        eprintln!("bench: {name}: {}", e.trim());
+    }
+    eprintln!("bench: {name}: {rps:.0} rps, p99 {p99_ms:.2} ms");
+    Ok(Result {
+        name: name.to_string(),
+        rps,
+        p99_ms,
+    })
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn manifests(backend_port: u16, cert: &[u8], key: &[u8]) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {{name: ferry}}\nspec: {{controller: ferry.dev/ingress-controller}}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata: {{name: echo}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: {backend_port}}}]\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: echo-1, labels: {{kubernetes.io/service-name: echo}}}}\naddressType: IPv4\nports: [{{name: http, port: {backend_port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
+apiVersion: v1\nkind: Secret\nmetadata: {{name: bench-tls}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n---\n\
+apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: bench}}\nspec:\n  ingressClassName: ferry\n  tls: [{{hosts: [{HOST}], secretName: bench-tls}}]\n  rules:\n  - host: {HOST}\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: echo, port: {{number: 80}}}}}}}}]}}\n",
+        base64(cert),
+        base64(key)
+    )
+}
+
+/// 1,000 Ingresses over 1,000 Services with 10 endpoints each. The
+/// endpoint addresses are never dialled: no request targets these hosts.
+fn large_manifests() -> String {
+    let mut y = String::from(
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: ferry}\nspec: {controller: ferry.dev/ingress-controller}\n---\n",
+    );
+    for i in 0..1000u32 {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+        );
+        for j in 0..10u32 {
+            let _ = writeln!(y, "- addresses: [\"10.{}.{}.{}\"]", i / 256, i % 256, j + 1);
+        }
+        let _ = write!(
+            y,
+            "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i{i}}}\nspec:\n  ingressClassName: ferry\n  rules:\n  - host: h{i}.bench.test\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: s{i}, port: {{number: 80}}}}}}}}]}}\n---\n"
+        );
+    }
+    y
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+fn ferry_binary(root: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--bin", "ferry"])
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        bail!("building ferry failed");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    Ok(target.join("release/ferry"))
+}
+
+fn ratio_line(ferry: &Result, others: &[&Result]) -> String {
+    let best = others.iter().max_by(|a, b| a.rps.total_cmp(&b.rps));
+    match best {
+        Some(b) => format!(
+            "{}: {:.2}x the rps of {} (best other), p99 {:.2} ms vs {:.2} ms ({:.2}x)",
+            ferry.name,
+            ferry.rps / b.rps,
+            b.name,
+            ferry.p99_ms,
+            b.p99_ms,
+            ferry.p99_ms / b.p99_ms
+        ),
+        None => String::new(),
+    }
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let seconds: u64 = match args.first() {
+        Some(s) => s.parse().context("usage: cargo xtask bench ingress [SECONDS]")?,
+        None => 10,
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ferry = ferry_binary(&root)?;
+    let dir = std::env::temp_dir().join(format!("ferry-bench-ingress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(&ferry, &dir, seconds);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
+    let backend = free_port()?;
+    let _echo = spawn(
+        Command::new(ferry)
+            .args([
+                "echo",
+                "--body-only",
+                "--body",
+                "ok",
+                "--addr",
+                &format!("127.0.0.1:{backend}"),
+            ])
+            .env("RUST_LOG", "warn"),
+        "ferry echo",
+    )?;
+    wait_port(backend, "backend")?;
+
+    // One certificate for ferry and nginx.
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={HOST}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{HOST}"),
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl")?;
+    if !status.success() {
+        bail!("openssl failed to make the benchmark certificate");
+    }
+    let manifest_dir = dir.join("manifests");
+    std::fs::create_dir_all(&manifest_dir)?;
+    std::fs::write(
+        manifest_dir.join("bench.yaml"),
+        manifests(backend, &std::fs::read(&cert)?, &std::fs::read(&key)?),
+    )?;
+
+    let (ferry_http, ferry_https) = (free_port()?, free_port()?);
+    let _ferry = spawn(
+        Command::new(ferry)
+            .args(["serve", "-f"])
+            .arg(&manifest_dir)
+            .args(["--http-addr", &format!("127.0.0.1:{ferry_http}")])
+            .args(["--https-addr", &format!("127.0.0.1:{ferry_https}")])
+            .env("TOKIO_WORKER_THREADS", "2")
+            .env("RUST_LOG", "warn"),
+        "ferry serve",
+    )?;
+
+    let (nginx_http, nginx_https) = (free_port()?, free_port()?);
+    let nginx_conf = dir.join("nginx.conf");
+    std::fs::write(
+        &nginx_conf,
+        format!(
+            "worker_processes 2;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\ndaemon off;\n\
+events {{ worker_connections 4096; }}\n\
+http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt; fastcgi_temp_path {dir}/ft; uwsgi_temp_path {dir}/ut; scgi_temp_path {dir}/st;\n\
+  upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
+  server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl;\n    http2 on;\n    server_name {HOST};\n\
+    ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
+    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n}}\n",
+            dir = dir.display(),
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    )?;
+    let _nginx = spawn(
+        Command::new("nginx").arg("-c").arg(&nginx_conf).arg("-p").arg(dir),
+        "nginx",
+    )?;
+
+    let haproxy_http = free_port()?;
+    let haproxy_cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global\n  nbthread 2\n  maxconn 10000\n\
+defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  option forwardfor\n\
+frontend fe\n  bind 127.0.0.1:{haproxy_http}\n  default_backend be\n\
+backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
+        ),
+    )?;
+    let _haproxy = spawn(Command::new("haproxy").arg("-f").arg(&haproxy_cfg), "haproxy")?;
+
+    for (port, what) in [
+        (ferry_http, "ferry"),
+        (ferry_https, "ferry https"),
+        (nginx_http, "nginx"),
+        (nginx_https, "nginx https"),
+        (haproxy_http, "haproxy"),
+    ] {
+        wait_port(port, what)?;
+    }
+    // Let ferry apply its first table.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let direct = wrk("direct (backend)", &format!("http://127.0.0.1:{backend}/"), seconds)?;
+    let nginx = wrk("nginx", &format!("http://127.0.0.1:{nginx_http}/"), seconds)?;
+    let haproxy = wrk("haproxy", &format!("http://127.0.0.1:{haproxy_http}/"), seconds)?;
+    let ferry_r = wrk("ferry", &format!("http://127.0.0.1:{ferry_http}/"), seconds)?;
+    let nginx_tls = wrk("nginx https", &format!("https://127.0.0.1:{nginx_https}/"), seconds)?;
+    let ferry_tls = wrk("ferry https", &format!("https://127.0.0.1:{ferry_https}/"), seconds)?;
+
+    // RSS with 1,000 Ingresses and 10,000 endpoints.
+    let large_dir = dir.join("large");
+    std::fs::create_dir_all(&large_dir)?;
+    std::fs::write(large_dir.join("large.yaml"), large_manifests())?;
+    let (large_http, large_admin) = (free_port()?, free_port()?);
+    let large = spawn(
+        Command::new(ferry)
+            .args(["serve", "-f"])
+            .arg(&large_dir)
+            .args(["--http-addr", &format!("127.0.0.1:{large_http}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{large_admin}")])
+            .env("TOKIO_WORKER_THREADS", "2")
+            .env("RUST_LOG", "warn"),
+        "ferry serve (large)",
+    )?;
+    wait_port(large_admin, "ferry admin")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ready = false;
+    while !ready && Instant::now() < deadline {
+        ready = readyz(large_admin);
+        if !ready {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if !ready {
+        bail!("ferry with 1,000 Ingresses never became ready");
+    }
+    let rss = rss_kib(large.0.id())?;
+
+    println!();
+    println!(
+        "ingress benchmark: wrk -t2 -c{CONNECTIONS} -d{seconds}s, keep-alive, 3-byte body, one backend (ferry echo)"
+    );
+    println!("{:<18} {:>10} {:>10} {:>14}", "target", "rps", "p99 ms", "rps/direct");
+    for r in [&direct, &nginx, &haproxy, &ferry_r, &nginx_tls, &ferry_tls] {
+        println!(
+            "{:<18} {:>10.0} {:>10.2} {:>14.2}",
+            r.name,
+            r.rps,
+            r.p99_ms,
+            r.rps / direct.rps
+        );
+    }
+    println!();
+    println!("{}", ratio_line(&ferry_r, &[&nginx, &haproxy]));
+    println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
+    println!(
+        "ferry RSS with 1,000 Ingresses / 10,000 endpoints: {:.1} MB",
+        rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn readyz(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
