@@ -30,9 +30,8 @@ async fn wait_for(rx: &mut SnapshotRx, what: &str, pred: impl Fn(&Snapshot) -> b
     }
 }
 
-#[tokio::test]
-async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
-    let api = MockApiserver::start().await;
+/// Every collection the kube source watches, empty.
+fn ensure_watched(api: &MockApiserver) {
     for c in [
         SERVICES,
         ENDPOINTSLICES,
@@ -45,6 +44,23 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
     ] {
         api.ensure(c);
     }
+}
+
+/// Starts a publisher and the kube source against `api`.
+fn start_source(api: &MockApiserver, debounce_ms: u64) -> (SnapshotRx, CancellationToken) {
+    let (publisher, tx, rx) = Publisher::new(Duration::from_millis(debounce_ms), ClusterMetrics::default());
+    let cancel = CancellationToken::new();
+    tokio::spawn(publisher.run(cancel.clone()));
+    let source = KubeSource::new(api.client(), ClusterMetrics::default());
+    let c = cancel.clone();
+    tokio::spawn(async move { source.run(tx, c).await });
+    (rx, cancel)
+}
+
+#[tokio::test]
+async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
+    let api = MockApiserver::start().await;
+    ensure_watched(&api);
     api.put(
         NAMESPACES,
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
@@ -61,12 +77,7 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
     // check the selector is sent.
     api.set_list_delay(PODS, Duration::from_millis(1500));
 
-    let (publisher, tx, mut rx) = Publisher::new(Duration::from_millis(20), ClusterMetrics::default());
-    let cancel = CancellationToken::new();
-    tokio::spawn(publisher.run(cancel.clone()));
-    let source = KubeSource::new(api.client(), ClusterMetrics::default());
-    let c = cancel.clone();
-    tokio::spawn(async move { source.run(tx, c).await });
+    let (mut rx, cancel) = start_source(&api, 20);
 
     // The slow Pod list holds the first snapshot back.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -126,24 +137,8 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
 #[tokio::test]
 async fn every_request_is_in_api_access() {
     let api = MockApiserver::start().await;
-    for c in [
-        SERVICES,
-        ENDPOINTSLICES,
-        INGRESSES,
-        INGRESSCLASSES,
-        SECRETS,
-        PODS,
-        NODES,
-        NAMESPACES,
-    ] {
-        api.ensure(c);
-    }
-    let (publisher, tx, mut rx) = Publisher::new(Duration::from_millis(10), ClusterMetrics::default());
-    let cancel = CancellationToken::new();
-    tokio::spawn(publisher.run(cancel.clone()));
-    let source = KubeSource::new(api.client(), ClusterMetrics::default());
-    let c = cancel.clone();
-    tokio::spawn(async move { source.run(tx, c).await });
+    ensure_watched(&api);
+    let (mut rx, cancel) = start_source(&api, 10);
     wait_for(&mut rx, "first snapshot", |_| true).await;
     cancel.cancel();
     let access = ferry_cluster::kube::api_access();
