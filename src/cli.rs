@@ -78,6 +78,8 @@ pub enum RenderWhat {
     Iptables,
     /// BPF map entries for the eBPF dataplane.
     Ebpf,
+    /// The deploy/ manifests with `--image` and `--config` applied (no source needed).
+    Manifests,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -87,6 +89,13 @@ pub struct RenderArgs {
     /// What to print.
     #[arg(long, value_enum, default_value_t = RenderWhat::Summary)]
     pub what: RenderWhat,
+    /// With `--what manifests`: the image the DaemonSet runs.
+    #[arg(long, value_name = "IMAGE", default_value = "ferry:dev")]
+    pub image: String,
+    /// With `--what manifests`: a ferry-config ConfigMap value (repeatable),
+    /// e.g. `--config PROXY_MODE=ebpf`.
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    pub config: Vec<String>,
     #[command(flatten)]
     pub proxy: crate::cmd_proxy::ProxyOpts,
     #[command(flatten)]

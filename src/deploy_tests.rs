@@ -187,3 +187,16 @@ fn dns_service_and_ingress_class() {
         Some(ferry_ingress::DEFAULT_CONTROLLER_NAME)
     );
 }
+
+#[test]
+fn render_manifests_embeds_every_deploy_file() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    on_disk.sort();
+    let embedded: Vec<String> = crate::render::DEPLOY.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(on_disk, embedded);
+}
