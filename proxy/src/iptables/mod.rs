@@ -11,6 +11,9 @@
 pub mod render;
 pub mod trace;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::IpAddr;

@@ -307,6 +307,9 @@ fn dispatch_rules(
         match e.empty_action(f.kind) {
             Some(action) => {
                 let target = match action {
+                    // A TCP reset is immediate; ICMP errors are rate-limited
+                    // per destination by the kernel and may never be sent.
+                    EmptyAction::Reject if e.protocol == Protocol::Tcp => "REJECT --reject-with tcp-reset",
                     EmptyAction::Reject => family.reject(),
                     EmptyAction::Drop => "DROP",
                 };
