@@ -226,14 +226,10 @@ impl SockLb {
                 .and_then(|p| p.try_into())
                 .map_err(perr)?;
             prog.load().map_err(perr)?;
-            let link_id = prog.attach(&cg, CgroupAttachMode::AllowMultiple).map_err(perr)?;
+            // bpf_link_create: cgroup links always coexist (flags must be 0).
+            let link_id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
             let link = prog.take_link(link_id).map_err(perr)?;
-            let fd_link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| EbpfError::Program {
-                    name,
-                    source: aya::programs::ProgramError::from(e),
-                })?;
+            let fd_link: FdLink = link.try_into().map_err(|source| EbpfError::Link { name, source })?;
             let path = link_pin(dir, name);
             fd_link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
         }
