@@ -192,12 +192,18 @@ impl SockLb {
     /// loads the object (reusing any pinned maps), attaches the programs to
     /// `cgroup` and pins the links.
     pub fn open(dir: &Path, cgroup: &Path) -> Result<SockLb, EbpfError> {
-        ensure_bpffs(dir)?;
         let all_linked = ferry_ebpf::SOCK_PROGRAMS.iter().all(|p| link_pin(dir, p).exists());
         let all_maps = [ferry_ebpf::MAP_SERVICES, ferry_ebpf::MAP_BACKENDS]
             .iter()
             .all(|m| dir.join(m).exists());
-        if all_linked && all_maps {
+        // Check the cgroup before creating anything, so a bad --cgroup leaves no pin directory.
+        let cg = if all_linked && all_maps {
+            None
+        } else {
+            Some(check_cgroup(cgroup)?)
+        };
+        ensure_bpffs(dir)?;
+        let Some(cg) = cg else {
             let open = |name: &str| -> Result<Map, EbpfError> {
                 let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
                 Map::from_map_data(md).map_err(map_err(name))
@@ -208,8 +214,7 @@ impl SockLb {
                 adopted: true,
                 dir: dir.to_path_buf(),
             });
-        }
-        let cg = check_cgroup(cgroup)?;
+        };
         // A partial set of links (a crash mid-attach) is replaced whole.
         for p in ferry_ebpf::SOCK_PROGRAMS {
             unpin_link(&link_pin(dir, p))?;

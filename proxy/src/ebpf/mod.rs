@@ -5,9 +5,10 @@
 //! owns the kernel objects (bpffs pins, programs, cgroup links, maps);
 //! `dataplane` glues them behind the `Dataplane` trait.
 
+pub mod dataplane;
 pub mod entries;
-
-pub use entries::{compile, diff, render, MapEntries, Op, Skipped};
 pub mod loader;
 
+pub use dataplane::EbpfDataplane;
+pub use entries::{compile, diff, render, MapEntries, Op, Skipped};
 pub use loader::{cgroup2_root, cleanup, EbpfError, SockLb, DEFAULT_BPFFS_DIR};
