@@ -168,7 +168,10 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
             tracing::info!(backend = backend.as_str(), "iptables dataplane");
             Ok(Box::new(IptablesDataplane::new(backend)))
         }
-        ProxyMode::Ebpf => anyhow::bail!("--mode ebpf is not built yet (issue 5); use --mode iptables"),
+        ProxyMode::Ebpf => Ok(Box::new(ferry_proxy::ebpf::EbpfDataplane::new(
+            opts.bpffs.clone().unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
+            opts.cgroup.clone(),
+        ))),
     }
 }
 
@@ -480,6 +483,15 @@ pub fn render_iptables(snap: &Snapshot, opts: &ProxyOpts) -> anyhow::Result<Stri
     Ok(out)
 }
 
-pub fn render_ebpf(_snap: &Snapshot, _opts: &ProxyOpts) -> anyhow::Result<String> {
-    crate::not_built("render --what ebpf", 5).map(|_| String::new())
+/// `ferry render --what ebpf`: the services/backends map entries a fresh
+/// eBPF dataplane would write, with planner warnings as comments.
+pub fn render_ebpf(snap: &Snapshot, opts: &ProxyOpts) -> anyhow::Result<String> {
+    let (table, warnings) = ferry_proxy::plan(snap, &opts.node_config());
+    let mut out = String::new();
+    for w in &warnings {
+        out.push_str(&format!("# warning: {w}\n"));
+    }
+    let (entries, skipped) = ferry_proxy::ebpf::compile(&table, &Default::default());
+    out.push_str(&ferry_proxy::ebpf::render(&table, &entries, &skipped));
+    Ok(out)
 }

@@ -49,6 +49,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+#[allow(dead_code)] // for engines not built yet
 fn not_built(what: &str, issue: u32) -> anyhow::Result<()> {
     anyhow::bail!("`ferry {what}` is not built yet (tracked in issue {issue})")
 }
