@@ -5,7 +5,10 @@
 //! Each scenario builds its own `Topology`, writes manifests (pods are
 //! 10.244.0.10-12; pod0 is on this node "node-a", pod1 and pod2 on
 //! "node-b"), runs `ferry proxy` in the node namespace and checks traffic
-//! from the node, from pods and from the client namespace.
+//! from the node, from pods and from the client namespace. All three pods
+//! physically sit on the node's bridge, but only pod0 is declared local, so
+//! pod-originated traffic comes from pod0: a real pod1 would live on node-b
+//! and hairpin there (ferry installs hairpin rules for local endpoints only).
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -291,7 +294,7 @@ pub fn affinity_and_local_policy(mode: &Mode) -> anyhow::Result<()> {
         "affinity via NodePort: {names:?}"
     );
     let sticky = addr(STICKY_VIP, 80);
-    let names = in_netns(&topo.pods[1].ns, move || tcp_names(sticky, 15))?;
+    let names = in_netns(&topo.pods[0].ns, move || tcp_names(sticky, 15))?;
     ensure!(
         distinct(&names).len() == 1 && !names[0].starts_with("ERR"),
         "affinity via ClusterIP: {names:?}"
@@ -304,7 +307,7 @@ pub fn affinity_and_local_policy(mode: &Mode) -> anyhow::Result<()> {
     );
     // Inside the cluster, the ClusterIP of the same service uses every endpoint.
     let local_vip = addr(LOCAL_VIP, 80);
-    let names = in_netns(&topo.pods[1].ns, move || tcp_names(local_vip, 40))?;
+    let names = in_netns(&topo.pods[0].ns, move || tcp_names(local_vip, 40))?;
     ensure!(
         distinct(&names) == all_pods(),
         "eTP Local service's ClusterIP: {names:?}"
@@ -347,13 +350,13 @@ pub fn reject_and_endpoint_removal(mode: &Mode) -> anyhow::Result<()> {
         "TCP from node to a service without endpoints: {err:?}"
     );
     let shrink = addr(SHRINK_VIP, 80);
-    let before = in_netns(&topo.pods[1].ns, move || tcp_names(shrink, 40))?;
+    let before = in_netns(&topo.pods[0].ns, move || tcp_names(shrink, 40))?;
     ensure!(distinct(&before) == all_pods(), "before removal: {before:?}");
     m.write(&cluster_yaml(&[0, 1]))?;
     let changed = Instant::now();
-    let pod1 = topo.pods[1].ns.clone();
+    let pod0 = topo.pods[0].ns.clone();
     let gone = wait_until(Duration::from_secs(10), || {
-        let ns = pod1.clone();
+        let ns = pod0.clone();
         in_netns(&ns, move || tcp_names(shrink, 10))
             .map(|n| !n.contains(&"pod2".to_string()))
             .unwrap_or(false)
@@ -365,7 +368,7 @@ pub fn reject_and_endpoint_removal(mode: &Mode) -> anyhow::Result<()> {
         took.as_secs_f64() * 1000.0
     );
     ensure!(gone, "pod2 still reached 10 s after its removal");
-    let after = in_netns(&topo.pods[1].ns, move || tcp_names(shrink, 40))?;
+    let after = in_netns(&topo.pods[0].ns, move || tcp_names(shrink, 40))?;
     ensure!(
         distinct(&after) == ["pod0", "pod1"].map(String::from).into_iter().collect(),
         "after removal: {after:?}"

@@ -4,11 +4,18 @@
 //! - nat `FERRY-SERVICES` (from PREROUTING and OUTPUT): one rule per
 //!   ClusterIP / externalIP / LB frontend, jumping to the service's chain;
 //!   last, `--dst-type LOCAL` traffic goes on to `FERRY-NODEPORTS`.
-//! - `FERRY-SVC-*` picks a cluster-wide endpoint (statistic random, with
-//!   `recent` for ClientIP affinity); `FERRY-SVL-*` a node-local one;
-//!   `FERRY-EXT-*` decides masquerade and Local policy for external traffic;
-//!   `FERRY-SEP-*` marks hairpin traffic and DNATs to one endpoint.
-//! - nat `FERRY-POSTROUTING` masquerades marked packets.
+//! - `FERRY-SVC-*` picks a cluster-wide endpoint and DNATs to it directly
+//!   (statistic random, with `recent` for ClientIP affinity); `FERRY-SVL-*`
+//!   a node-local one; `FERRY-EXT-*` decides masquerade and Local policy for
+//!   external traffic.
+//! - nat `FERRY-POSTROUTING` masquerades marked packets, and hairpin
+//!   packets (source = destination = a local endpoint) via `FERRY-HAIRPIN`.
+//!
+//! Unlike kube-proxy there is no per-endpoint chain and hairpin rules exist
+//! only for endpoints on this node (the only ones that can hairpin here):
+//! about a third of kube-proxy's rules and a tenth of its chains, which is
+//! what iptables-restore time is proportional to. Partial syncs rewrite
+//! only changed service chains and edit the dispatch chains rule by rule.
 //! - filter `FERRY-FILTER` rejects (or drops) new connections to frontends
 //!   without endpoints; `FERRY-FORWARD` accepts what we forward.
 //!
@@ -29,6 +36,7 @@ pub const NODEPORTS: &str = "FERRY-NODEPORTS";
 pub const POSTROUTING: &str = "FERRY-POSTROUTING";
 pub const MARK_MASQ: &str = "FERRY-MARK-MASQ";
 pub const MASQ_OUTSIDE: &str = "FERRY-MASQ-OUTSIDE";
+pub const HAIRPIN: &str = "FERRY-HAIRPIN";
 pub const FILTER: &str = "FERRY-FILTER";
 pub const FORWARD: &str = "FERRY-FORWARD";
 /// Exists in nat and filter with one rule; if it is gone or empty, someone
@@ -139,8 +147,9 @@ pub fn ext_chain(name: &ServicePortName) -> String {
     format!("FERRY-EXT-{}", hash_suffix(&name.to_string()))
 }
 
-pub fn sep_chain(name: &ServicePortName, b: &Backend) -> String {
-    format!("FERRY-SEP-{}", hash_suffix(&format!("{name}@{}:{}", b.ip, b.port)))
+/// Name of the `recent` list pinning clients to one endpoint (affinity).
+pub fn affinity_list(name: &ServicePortName, b: &Backend) -> String {
+    format!("FERRY-AFF-{}", hash_suffix(&format!("{name}@{}:{}", b.ip, b.port)))
 }
 
 fn proto(p: Protocol) -> &'static str {
@@ -182,25 +191,42 @@ fn has_frontends(e: &ServiceEntry, family: Family) -> bool {
     e.frontends.iter().any(|f| Family::of(f.ip) == family)
 }
 
+/// Endpoint choice: DNAT straight from the service chain (no per-endpoint
+/// chain), a `statistic` rule per endpoint with probability 1/(n-i) so that
+/// every endpoint gets 1/n. With ClientIP affinity, `recent` lists (one per
+/// endpoint, named like the endpoint) pin a client first.
 fn balance_rules(e: &ServiceEntry, backends: &[&Backend], rules: &mut Vec<String>) {
+    let p = proto(e.protocol);
     if let Some(timeout) = e.affinity_timeout {
         for b in backends {
-            let sep = sep_chain(&e.name, b);
             rules.push(format!(
-                "-m recent --name {sep} --mask {} --rcheck --seconds {timeout} --reap -j {sep}",
-                mask(b.ip)
+                "-m recent --name {} --mask {} --rcheck --seconds {timeout} --reap -p {p} -j DNAT --to-destination {}",
+                affinity_list(&e.name, b),
+                mask(b.ip),
+                dnat_target(b.ip, b.port)
             ));
         }
     }
     let n = backends.len();
     for (i, b) in backends.iter().enumerate() {
-        let sep = sep_chain(&e.name, b);
-        if i + 1 < n {
-            let p = 1.0 / (n - i) as f64;
-            rules.push(format!("-m statistic --mode random --probability {p:.10} -j {sep}"));
+        let statistic = if i + 1 < n {
+            format!("-m statistic --mode random --probability {:.10} ", 1.0 / (n - i) as f64)
         } else {
-            rules.push(format!("-j {sep}"));
-        }
+            String::new()
+        };
+        let recent = if e.affinity_timeout.is_some() {
+            format!(
+                "-m recent --name {} --mask {} --set ",
+                affinity_list(&e.name, b),
+                mask(b.ip)
+            )
+        } else {
+            String::new()
+        };
+        rules.push(format!(
+            "{statistic}{recent}-p {p} -j DNAT --to-destination {}",
+            dnat_target(b.ip, b.port)
+        ));
     }
 }
 
@@ -212,13 +238,12 @@ fn mask(ip: IpAddr) -> &'static str {
     }
 }
 
-/// The per-service chains (SVC, SVL, EXT, SEPs) for one family.
+/// The per-service chains (SVC, SVL, EXT) for one family.
 pub fn service_chains(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet]) -> ServiceChains {
     let mut out = ServiceChains::default();
     if !has_frontends(e, family) {
         return out;
     }
-    let p = proto(e.protocol);
     let all = family_backends(&e.backends, family);
     let local = family_backends(&e.local_backends, family);
     let has_external = e
@@ -270,23 +295,6 @@ pub fn service_chains(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet])
             rules.push(format!("-j {}", svl_chain(&e.name)));
         }
         out.chains.push((ext_chain(&e.name), rules));
-    }
-    let mut seps: BTreeMap<String, &Backend> = BTreeMap::new();
-    for b in all.iter().chain(local.iter()) {
-        seps.insert(sep_chain(&e.name, b), b);
-    }
-    for (chain, b) in seps {
-        let mut rules = vec![format!("-s {} -j {MARK_MASQ}", host(b.ip, family))];
-        let recent = if e.affinity_timeout.is_some() {
-            format!(" -m recent --name {chain} --mask {} --set", mask(b.ip))
-        } else {
-            String::new()
-        };
-        rules.push(format!(
-            "-p {p} -m {p}{recent} -j DNAT --to-destination {}",
-            dnat_target(b.ip, b.port)
-        ));
-        out.chains.push((chain, rules));
     }
     out
 }
@@ -388,7 +396,15 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
     let mut nodeports = Vec::new();
     let mut filter = Vec::new();
     let mut per_service = BTreeMap::new();
+    let mut hairpin_ips: BTreeSet<IpAddr> = BTreeSet::new();
     for e in table.services.values() {
+        hairpin_ips.extend(
+            e.backends
+                .iter()
+                .chain(e.local_backends.iter())
+                .filter(|b| b.local && Family::of(b.ip) == family)
+                .map(|b| b.ip),
+        );
         dispatch_rules(e, family, &mut services, &mut nodeports, &mut filter);
         let chains = service_chains(e, family, &table.cluster_cidrs);
         if !chains.chains.is_empty() {
@@ -410,8 +426,16 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
         (MARK_MASQ.to_string(), vec!["-j MARK --or-mark 0x4000".to_string()]),
         (MASQ_OUTSIDE.to_string(), masq_outside),
         (
+            HAIRPIN.to_string(),
+            hairpin_ips
+                .iter()
+                .map(|ip| format!("-s {} -d {} -j MASQUERADE", host(*ip, family), host(*ip, family)))
+                .collect(),
+        ),
+        (
             POSTROUTING.to_string(),
             vec![
+                format!("-j {HAIRPIN}"),
                 format!("-m mark ! --mark {MASQ_MARK} -j RETURN"),
                 "-j MARK --xor-mark 0x4000".to_string(),
                 "-m comment --comment \"ferry service traffic requiring SNAT\" -j MASQUERADE --random-fully"
@@ -499,12 +523,8 @@ pub fn restore_full(r: &Rendered, stale_nat: &BTreeSet<String>, stale_filter: &B
 pub fn restore_partial(prev: &Rendered, next: &Rendered) -> (String, usize, usize) {
     let mut out = String::new();
     out.push_str("*filter\n");
-    for (n, _) in &next.filter_fixed {
-        write_chain_decl(&mut out, n);
-    }
-    for (n, rules) in &next.filter_fixed {
-        write_rules(&mut out, n, rules);
-    }
+    let filter_updates = fixed_updates(&prev.filter_fixed, &next.filter_fixed);
+    write_fixed_updates(&mut out, &filter_updates);
     out.push_str("COMMIT\n*nat\n");
     let mut written = Vec::new();
     for (name, chains) in &next.services {
@@ -525,9 +545,7 @@ pub fn restore_partial(prev: &Rendered, next: &Rendered) -> (String, usize, usiz
             }
         }
     }
-    for (n, _) in &next.nat_fixed {
-        write_chain_decl(&mut out, n);
-    }
+    // New and rewritten service chains first, so dispatch rules can jump to them.
     for s in &written {
         for (n, _) in &s.chains {
             write_chain_decl(&mut out, n);
@@ -536,19 +554,93 @@ pub fn restore_partial(prev: &Rendered, next: &Rendered) -> (String, usize, usiz
     for n in &stale {
         write_chain_decl(&mut out, n);
     }
-    for (n, rules) in &next.nat_fixed {
-        write_rules(&mut out, n, rules);
-    }
     for s in &written {
         for (n, rules) in &s.chains {
             write_rules(&mut out, n, rules);
         }
     }
+    let nat_updates = fixed_updates(&prev.nat_fixed, &next.nat_fixed);
+    write_fixed_updates(&mut out, &nat_updates);
     for n in &stale {
         let _ = writeln!(out, "-X {n}");
     }
     out.push_str("COMMIT\n");
     (out, written.len(), removed)
+}
+
+/// How a fixed chain changes in a partial sync.
+enum FixedUpdate<'a> {
+    /// Small or order-sensitive: flush and rewrite.
+    Rewrite(&'a str, &'a [String]),
+    /// Large and order-insensitive (one rule per frontend): delete the
+    /// rules that went away, add the new ones. `front` inserts at the top
+    /// (FERRY-SERVICES must keep its NodePort jump last).
+    Edit {
+        chain: &'a str,
+        delete: Vec<&'a String>,
+        add: Vec<&'a String>,
+        front: bool,
+    },
+}
+
+fn fixed_updates<'a>(prev: &'a [(String, Vec<String>)], next: &'a [(String, Vec<String>)]) -> Vec<FixedUpdate<'a>> {
+    let mut out = Vec::new();
+    for (name, rules) in next {
+        let old = prev.iter().find(|(n, _)| n == name).map(|(_, r)| r);
+        if old == Some(rules) {
+            continue;
+        }
+        let editable = [SERVICES, NODEPORTS, FILTER, HAIRPIN].contains(&name.as_str());
+        match old {
+            Some(old) if editable => {
+                let old_set: BTreeSet<&String> = old.iter().collect();
+                let new_set: BTreeSet<&String> = rules.iter().collect();
+                // Duplicate rules would make -D ambiguous; rewrite then.
+                if old_set.len() != old.len() || new_set.len() != rules.len() {
+                    out.push(FixedUpdate::Rewrite(name, rules));
+                    continue;
+                }
+                out.push(FixedUpdate::Edit {
+                    chain: name,
+                    delete: old_set.difference(&new_set).copied().collect(),
+                    add: new_set.difference(&old_set).copied().collect(),
+                    front: name == SERVICES,
+                });
+            }
+            _ => out.push(FixedUpdate::Rewrite(name, rules)),
+        }
+    }
+    out
+}
+
+fn write_fixed_updates(out: &mut String, updates: &[FixedUpdate<'_>]) {
+    for u in updates {
+        if let FixedUpdate::Rewrite(name, _) = u {
+            write_chain_decl(out, name);
+        }
+    }
+    for u in updates {
+        match u {
+            FixedUpdate::Rewrite(name, rules) => write_rules(out, name, rules),
+            FixedUpdate::Edit {
+                chain,
+                delete,
+                add,
+                front,
+            } => {
+                for r in delete {
+                    let _ = writeln!(out, "-D {chain} {r}");
+                }
+                for r in add {
+                    if *front {
+                        let _ = writeln!(out, "-I {chain} 1 {r}");
+                    } else {
+                        let _ = writeln!(out, "-A {chain} {r}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The whole rule set as one iptables-restore text (what `render --what

@@ -397,13 +397,29 @@ fn partial_sync_writes_only_changed_services() {
         !text.contains(&format!("-A {} ", render::svc_chain(local_name))),
         "{text}"
     );
-    // sticky's chains and web's removed endpoint chain are deleted.
+    // sticky's chain is deleted, and its dispatch rule removed one by one:
+    // the big dispatch chain is edited, never flushed, in a partial sync.
     let sticky_name = before.services.keys().find(|k| k.service.name == "sticky").unwrap();
     assert!(
         text.contains(&format!("-X {}", render::svc_chain(sticky_name))),
         "{text}"
     );
-    assert_eq!(text.matches("-X FERRY-SEP-").count(), 3, "{text}");
+    assert_eq!(text.matches("-X ").count(), 1, "{text}");
+    assert!(text.contains("-D FERRY-SERVICES "), "{text}");
+    assert!(!text.contains(":FERRY-SERVICES "), "{text}");
+    // An endpoint change alone touches one chain and nothing else.
+    let mut moved = before.clone();
+    moved
+        .services
+        .values_mut()
+        .find(|e| e.name.service.name == "term")
+        .unwrap()
+        .backends[0]
+        .port = 8081;
+    let (text, written, removed) = render::restore_partial(&prev, &render::render(&moved, Family::V4));
+    assert_eq!((written, removed), (1, 0), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with(':')).count(), 1, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("-A ")).count(), 2, "{text}");
     // Applying the partial text on top of the full one gives the full new rule set.
     let full_after = Ruleset::parse(&render::render_text(&after, Family::V4)).unwrap();
     let t = full_after.trace(&Packet {
