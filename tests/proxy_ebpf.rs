@@ -7,6 +7,7 @@
 //!
 //! Skipped (with a message) when not root. Everything made — cgroup, bpffs
 //! pin directory, links, maps — is removed by Drop guards, also on failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -10,6 +10,7 @@
 //! cleanup. Not the ones that need traffic from *outside* the node (NodePort
 //! from the client namespace, eTP Local): that is the TC program, not built.
 //! Skipped with a message when not root.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 mod common;
 
