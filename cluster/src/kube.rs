@@ -151,7 +151,9 @@ impl KubeSource {
             ),
             watch(
                 Api::<core::Pod>::all(c.clone()),
-                all.clone(),
+                // Finished pods have no DNS records; in clusters with many
+                // Jobs they are most of the pods.
+                all.clone().fields("status.phase!=Succeeded,status.phase!=Failed"),
                 Kind::Pod,
                 m,
                 &tx,

@@ -89,6 +89,10 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
         .requests()
         .iter()
         .any(|r| r.starts_with("GET /api/v1/secrets?") && r.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")));
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.starts_with("GET /api/v1/pods?") && r.contains("fieldSelector=status.phase%21%3DSucceeded")));
 
     // A watch event reaches a snapshot.
     api.put(SERVICES, service("b", "10.96.0.2"));
