@@ -573,6 +573,10 @@ fn connection_rate(bin: &Path, work: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let wrk = |url: &str| -> anyhow::Result<f64> {
+        // Each run starts from an empty conntrack table: entries left in
+        // TIME_WAIT by the other target would clash with this run's NAT
+        // reply tuples (same client, same pod) and stall connects.
+        node.exec("conntrack", &["-F"])?;
         let out = node.exec(
             "wrk",
             &["-t1", "-c16", "-d5s", "--timeout", "2s", "-H", "Connection: close", url],

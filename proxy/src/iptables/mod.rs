@@ -142,32 +142,11 @@ impl IptablesDataplane {
         self.backend
     }
 
-    fn ours_in_kernel(&self, family: Family, table: &str) -> Result<BTreeSet<String>, ProxyError> {
-        let text = run(&self.backend.tool(family, "save"), &["-t", table], None)?;
-        Ok(text
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with(render::CHAIN_PREFIX))
-            .map(str::to_string)
-            .collect())
-    }
-
-    fn ensure_hooks(&self, family: Family) -> Result<(), ProxyError> {
-        let tool = self.backend.tool(family, "");
-        // Insert in reverse so that, on a fresh chain, hooks end up in HOOKS order.
-        for (table, chain, spec) in render::HOOKS.iter().rev() {
-            let spec: Vec<&str> = spec.split_whitespace().collect();
-            let mut check = vec!["-w", "5", "-t", table, "-C", chain];
-            check.extend(&spec);
-            if run(&tool, &check, None).is_ok() {
-                continue;
-            }
-            let mut insert = vec!["-w", "5", "-t", table, "-I", chain, "1"];
-            insert.extend(&spec);
-            run(&tool, &insert, None)?;
-        }
-        Ok(())
+    /// Our chains per table, and which of `HOOKS` are present, from one
+    /// `iptables-save` (one process instead of one per hook).
+    fn kernel_state(&self, family: Family) -> Result<KernelState, ProxyError> {
+        let text = run(&self.backend.tool(family, "save"), &[], None)?;
+        Ok(KernelState::parse(&text))
     }
 
     fn sync_family(
@@ -185,24 +164,29 @@ impl IptablesDataplane {
         let (text, written, removed) = match (&prev, full) {
             (Some(prev), false) => render::restore_partial(&prev.rendered, &next),
             _ => {
+                let kernel = self.kernel_state(family)?;
                 let desired = next.nat_chain_names();
-                let stale_nat: BTreeSet<String> = self
-                    .ours_in_kernel(family, "nat")?
-                    .into_iter()
-                    .filter(|n| !desired.contains(n))
+                let stale_nat: BTreeSet<String> = kernel
+                    .chains("nat")
+                    .filter(|n| !desired.contains(*n))
+                    .cloned()
                     .collect();
                 let desired_filter: BTreeSet<String> = next.filter_fixed.iter().map(|(n, _)| n.clone()).collect();
-                let stale_filter: BTreeSet<String> = self
-                    .ours_in_kernel(family, "filter")?
-                    .into_iter()
-                    .filter(|n| !desired_filter.contains(n))
+                let stale_filter: BTreeSet<String> = kernel
+                    .chains("filter")
+                    .filter(|n| !desired_filter.contains(*n))
+                    .cloned()
                     .collect();
                 let removed = stale_nat.iter().filter(|n| n.starts_with("FERRY-SVC-")).count();
-                (
-                    render::restore_full(&next, &stale_nat, &stale_filter),
-                    table.services.len(),
-                    removed,
-                )
+                let mut text = render::restore_full(&next, &stale_nat, &stale_filter);
+                // Missing jumps from the built-in chains go into the same
+                // transaction (inserted in reverse to end up in HOOKS order).
+                for (i, (tbl, chain, spec)) in render::HOOKS.iter().enumerate().rev() {
+                    if !kernel.hooks[i] {
+                        text = insert_before_commit(&text, tbl, &format!("-I {chain} 1 {spec}"));
+                    }
+                }
+                (text, table.services.len(), removed)
             }
         };
         run(
@@ -210,9 +194,6 @@ impl IptablesDataplane {
             &["--noflush", "-w", "5"],
             Some(&text),
         )?;
-        if full || prev.is_none() {
-            self.ensure_hooks(family)?;
-        }
         let applied = Some(Applied { rendered: next });
         match family {
             Family::V4 => self.applied_v4 = applied,
@@ -268,9 +249,9 @@ impl IptablesDataplane {
                 }
             }
         }
-        let dp = IptablesDataplane::new(backend);
-        let nat = dp.ours_in_kernel(family, "nat")?;
-        let filter = dp.ours_in_kernel(family, "filter")?;
+        let kernel = IptablesDataplane::new(backend).kernel_state(family)?;
+        let nat: Vec<&String> = kernel.chains("nat").collect();
+        let filter: Vec<&String> = kernel.chains("filter").collect();
         if nat.is_empty() && filter.is_empty() {
             return Ok(());
         }
@@ -292,6 +273,70 @@ impl IptablesDataplane {
         run(&backend.tool(family, "restore"), &["--noflush", "-w", "5"], Some(&text))?;
         Ok(())
     }
+}
+
+/// What `iptables-save` says about our state.
+struct KernelState {
+    /// table → our chains.
+    chains: std::collections::BTreeMap<String, BTreeSet<String>>,
+    /// `hooks[i]`: `HOOKS[i]` is installed.
+    hooks: Vec<bool>,
+}
+
+impl KernelState {
+    fn parse(text: &str) -> KernelState {
+        let mut chains: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+        let mut hooks = vec![false; render::HOOKS.len()];
+        let mut table = "";
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.trim();
+            } else if let Some(decl) = line.strip_prefix(':') {
+                if let Some(name) = decl.split_whitespace().next() {
+                    if name.starts_with(render::CHAIN_PREFIX) {
+                        chains.entry(table.to_string()).or_default().insert(name.to_string());
+                    }
+                }
+            } else if line.starts_with("-A ") {
+                for (i, (tbl, chain, spec)) in render::HOOKS.iter().enumerate() {
+                    // Match loosely (chain, comment, target): iptables-save
+                    // may print matches in its own order.
+                    let target = spec.rsplit(' ').next().unwrap_or_default();
+                    let comment = spec
+                        .split("--comment ")
+                        .nth(1)
+                        .and_then(|c| c.split_whitespace().next())
+                        .unwrap_or_default();
+                    if *tbl == table
+                        && line.starts_with(&format!("-A {chain} "))
+                        && line.ends_with(&format!("-j {target}"))
+                        && line.contains(comment)
+                        && (spec.contains("NEW") == line.contains("NEW"))
+                    {
+                        hooks[i] = true;
+                    }
+                }
+            }
+        }
+        KernelState { chains, hooks }
+    }
+
+    fn chains(&self, table: &str) -> impl Iterator<Item = &String> {
+        self.chains.get(table).into_iter().flatten()
+    }
+}
+
+/// Adds `line` at the end of `table`'s section of restore input.
+fn insert_before_commit(text: &str, table: &str, line: &str) -> String {
+    let header = format!("*{table}\n");
+    let Some(start) = text.find(&header) else {
+        return format!("{text}*{table}\n{line}\nCOMMIT\n");
+    };
+    let Some(rel) = text[start..].find("COMMIT\n") else {
+        return text.to_string();
+    };
+    let at = start + rel;
+    format!("{}{line}\n{}", &text[..at], &text[at..])
 }
 
 fn conntrack_delete(frontend: IpAddr, port: u16, kind: FrontendKind, endpoint: Option<IpAddr>) {

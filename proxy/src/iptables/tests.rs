@@ -438,3 +438,23 @@ fn partial_sync_writes_only_changed_services() {
 fn tracer_parses_what_it_is_given() {
     assert!(Ruleset::parse("*nat\n-A FERRY-SERVICES -d nonsense -j X\nCOMMIT\n").is_err());
 }
+
+#[test]
+fn kernel_state_finds_our_chains_and_hooks() {
+    let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:FERRY-SERVICES - [0:0]\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -m comment --comment ferry-services -j FERRY-SERVICES\nCOMMIT\n*filter\n:FERRY-FILTER - [0:0]\n-A INPUT -m conntrack --ctstate NEW -m comment --comment ferry-filter -j FERRY-FILTER\n-A FORWARD -m comment --comment ferry-forward -j FERRY-FORWARD\nCOMMIT\n";
+    let k = super::KernelState::parse(save);
+    assert_eq!(k.chains("nat").collect::<Vec<_>>(), vec!["FERRY-SERVICES"]);
+    assert_eq!(k.chains("filter").collect::<Vec<_>>(), vec!["FERRY-FILTER"]);
+    let present: Vec<(&str, &str)> = render::HOOKS
+        .iter()
+        .zip(&k.hooks)
+        .filter(|(_, p)| **p)
+        .map(|((t, c, _), _)| (*t, *c))
+        .collect();
+    assert_eq!(
+        present,
+        vec![("nat", "PREROUTING"), ("filter", "INPUT"), ("filter", "FORWARD")]
+    );
+    let text = super::insert_before_commit("*filter\n-A X\nCOMMIT\n*nat\n-A Y\nCOMMIT\n", "nat", "-I OUTPUT 1 -j Z");
+    assert_eq!(text, "*filter\n-A X\nCOMMIT\n*nat\n-A Y\n-I OUTPUT 1 -j Z\nCOMMIT\n");
+}
