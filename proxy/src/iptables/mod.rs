@@ -237,19 +237,24 @@ impl IptablesDataplane {
 
     fn remove_hooks_and_chains(backend: IptablesBackend, family: Family) -> Result<(), ProxyError> {
         let tool = backend.tool(family, "");
-        for (table, chain, spec) in render::HOOKS {
+        // Look first: touching a back end (or family) that holds nothing of
+        // ours would make the kernel create its tables.
+        let kernel = IptablesDataplane::new(backend).kernel_state(family)?;
+        for (i, (table, chain, spec)) in render::HOOKS.iter().enumerate() {
+            if !kernel.hooks[i] {
+                continue;
+            }
             let spec: Vec<&str> = spec.split_whitespace().collect();
             // A hook may have been inserted more than once by a crash-looping
             // older ferry; delete until none is left (bounded).
             for _ in 0..16 {
-                let mut del = vec!["-w", "5", "-t", table, "-D", chain];
+                let mut del = vec!["-w", "5", "-t", *table, "-D", *chain];
                 del.extend(&spec);
                 if run(&tool, &del, None).is_err() {
                     break;
                 }
             }
         }
-        let kernel = IptablesDataplane::new(backend).kernel_state(family)?;
         let nat: Vec<&String> = kernel.chains("nat").collect();
         let filter: Vec<&String> = kernel.chains("filter").collect();
         if nat.is_empty() && filter.is_empty() {
