@@ -299,7 +299,7 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
 events {{ worker_connections 4096; }}\n\
 http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt; fastcgi_temp_path {dir}/ft; uwsgi_temp_path {dir}/ut; scgi_temp_path {dir}/st;\n\
   upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
-  server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl;\n    http2 on;\n    server_name {HOST};\n\
+  server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl http2;\n    server_name {HOST};\n\
     ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n}}\n",
             dir = dir.display(),
