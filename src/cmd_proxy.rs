@@ -20,6 +20,7 @@ use ferry_cluster::{Snapshot, SnapshotRx};
 use ferry_proxy::health::HealthCheckServers;
 use ferry_proxy::iptables::render::Family;
 use ferry_proxy::iptables::{IptablesBackend, IptablesDataplane};
+use ferry_proxy::replan::Replanner;
 use ferry_proxy::{Dataplane, NodeConfig, ServiceTable};
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
@@ -169,7 +170,9 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
             Ok(Box::new(IptablesDataplane::new(backend)))
         }
         ProxyMode::Ebpf => Ok(Box::new(ferry_proxy::ebpf::EbpfDataplane::new(
-            opts.bpffs.clone().unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
+            opts.bpffs
+                .clone()
+                .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
             opts.cgroup.clone(),
         ))),
     }
@@ -309,6 +312,8 @@ pub async fn spawn(
         health,
         health_servers: HealthCheckServers::default(),
         cancel: rt.cancel.clone(),
+        replanner: Some(Replanner::default()),
+        incremental_plan: opts.mode == ProxyMode::Ebpf,
     };
     Ok(tokio::spawn(sync_loop.run()))
 }
@@ -323,6 +328,10 @@ struct SyncLoop {
     health: Arc<Mutex<SyncHealth>>,
     health_servers: HealthCheckServers,
     cancel: CancellationToken,
+    /// Keeps the last table; in eBPF mode partial syncs re-plan only the
+    /// Services that changed (the iptables dataplane plans whole each time).
+    replanner: Option<Replanner>,
+    incremental_plan: bool,
 }
 
 impl SyncLoop {
@@ -422,17 +431,24 @@ impl SyncLoop {
             .dataplane
             .take()
             .context("dataplane lost after a failed sync task")?;
+        let mut replanner = self.replanner.take().unwrap_or_default();
         let node = self.node.clone();
+        let whole = full || !self.incremental_plan;
         let started = Instant::now();
-        let (dp, result) = tokio::task::spawn_blocking(move || {
-            let table = plan_logged(&snap, &node);
-            let r = dp.sync(&table, full).map(|rep| (rep, table));
-            (dp, r)
+        let (dp, replanner, result) = tokio::task::spawn_blocking(move || {
+            let planned = replanner.update(&snap, &node, whole);
+            for w in &planned.warnings {
+                tracing::warn!(object = %w.object, field = %w.field, "{}", w.message);
+            }
+            let r = dp.sync(replanner.table(), full);
+            (dp, replanner, r)
         })
         .await
         .context("sync task panicked")?;
         self.dataplane = Some(dp);
-        let (report, table) = result?;
+        let table = replanner.table().health_checks.clone();
+        self.replanner = Some(replanner);
+        let report = result?;
         let secs = started.elapsed().as_secs_f64();
         if report.full {
             self.metrics.full.observe(secs);
@@ -457,7 +473,7 @@ impl SyncLoop {
             sync_seconds = secs,
             "proxy synced"
         );
-        self.health_servers.update(&table.health_checks).await;
+        self.health_servers.update(&table).await;
         Ok(())
     }
 }

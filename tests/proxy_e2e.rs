@@ -37,3 +37,37 @@ fn iptables_reject_and_endpoint_removal() {
 fn iptables_restart_and_cleanup() {
     run("restart_and_cleanup", scenarios::restart_and_cleanup);
 }
+
+/// iptables only: someone flushing the nat table (a firewall reload) is
+/// noticed by the canary check and repaired by a full resync.
+#[test]
+fn iptables_canary_repairs_a_flushed_nat_table() {
+    if !is_root() {
+        eprintln!("skipping iptables_canary_repairs_a_flushed_nat_table: needs root");
+        return;
+    }
+    use common::netns::*;
+    use common::proxy_scenarios::*;
+    use std::time::Duration;
+    let mode = Mode::iptables();
+    let topo = Topology::new("fyE").unwrap();
+    let m = Manifests::new(&cluster_yaml(&[0, 1, 2])).unwrap();
+    let _ferry = Ferry::start_with(&topo, &mode, &m.dir, &["--sync-period", "1s"]).unwrap();
+    let web = addr(WEB_VIP, 80);
+    let before = in_netns(&topo.node, move || tcp_names(web, 20)).unwrap();
+    assert_eq!(distinct(&before), all_pods(), "{before:?}");
+    ns_sh(&topo.node, "iptables-nft", &["-t", "nat", "-F"]).unwrap();
+    let broken = in_netns(&topo.node, move || tcp_name(web)).unwrap();
+    assert!(
+        broken.is_err(),
+        "service still reachable right after the flush: {broken:?}"
+    );
+    let node = topo.node.clone();
+    let repaired = wait_until(Duration::from_secs(20), || {
+        let ns = node.clone();
+        in_netns(&ns, move || tcp_name(web).is_ok()).unwrap_or(false)
+    });
+    assert!(repaired, "rules were not restored after the nat table was flushed");
+    let after = in_netns(&topo.node, move || tcp_names(web, 20)).unwrap();
+    assert_eq!(distinct(&after), all_pods(), "{after:?}");
+}

@@ -68,6 +68,11 @@ pub struct Ferry {
 
 impl Ferry {
     pub fn start(topo: &Topology, mode: &Mode, manifests: &Path) -> anyhow::Result<Ferry> {
+        Ferry::start_with(topo, mode, manifests, &[])
+    }
+
+    /// `start` with extra `ferry proxy` flags.
+    pub fn start_with(topo: &Topology, mode: &Mode, manifests: &Path, extra: &[&str]) -> anyhow::Result<Ferry> {
         let bin = env!("CARGO_BIN_EXE_ferry");
         let dir = manifests.to_string_lossy().into_owned();
         let mut args: Vec<String> = ["netns", "exec", &topo.node, bin, "proxy", "-f", &dir]
@@ -91,6 +96,7 @@ impl Ferry {
             ]
             .map(String::from),
         );
+        args.extend(extra.iter().map(|a| a.to_string()));
         let child = Command::new("ip")
             .args(&args)
             .stdin(Stdio::null())
@@ -203,7 +209,7 @@ fn slice(service: &str, pods: &[usize]) -> String {
     )
 }
 
-const WEB_VIP: &str = "10.96.0.10";
+pub const WEB_VIP: &str = "10.96.0.10";
 const STICKY_VIP: &str = "10.96.0.11";
 const LOCAL_VIP: &str = "10.96.0.12";
 const EMPTY_VIP: &str = "10.96.0.13";
@@ -237,15 +243,15 @@ pub fn cluster_yaml(shrink_pods: &[usize]) -> String {
     y
 }
 
-fn addr(ip: &str, port: u16) -> SocketAddr {
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])), port)
 }
 
-fn distinct(names: &[String]) -> BTreeSet<String> {
+pub fn distinct(names: &[String]) -> BTreeSet<String> {
     names.iter().cloned().collect()
 }
 
-fn all_pods() -> BTreeSet<String> {
+pub fn all_pods() -> BTreeSet<String> {
     ["pod0", "pod1", "pod2"].map(String::from).into_iter().collect()
 }
 
@@ -277,6 +283,17 @@ pub fn cluster_ip_and_node_port(mode: &Mode) -> anyhow::Result<()> {
         distinct(&from_client) == all_pods(),
         "NodePort from client: {from_client:?}"
     );
+    let admin: SocketAddr = ADMIN.parse()?;
+    let (status, metrics) = in_netns(&topo.node, move || http_get(admin, "/metrics"))??;
+    ensure!(status.contains(" 200"), "/metrics: {status}");
+    for name in [
+        "ferry_proxy_sync_full_duration_seconds_count 1",
+        "ferry_proxy_rules ",
+        "ferry_proxy_last_successful_sync_timestamp_seconds ",
+        "ferry_proxy_sync_failures_total 0",
+    ] {
+        ensure!(metrics.contains(name), "/metrics lacks {name:?}:\n{metrics}");
+    }
     Ok(())
 }
 
