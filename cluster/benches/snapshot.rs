@@ -21,7 +21,7 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
                 (a % 256) as u8,
             ))
         };
-        out.push(Object::Service(Service {
+        out.push(Object::Service(std::sync::Arc::new(Service {
             key: ObjectKey::new(&ns, &name),
             type_: ServiceType::ClusterIp,
             cluster_ips: vec![ip(i)],
@@ -43,7 +43,7 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
             external_name: None,
             publish_not_ready_addresses: false,
             service_proxy_name: None,
-        }));
+        })));
         let endpoints = (0..per)
             .map(|j| Endpoint {
                 addresses: vec![IpAddr::V4(Ipv4Addr::new(
@@ -63,7 +63,7 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
                 pod_name: Some(format!("{name}-pod-{j}")),
             })
             .collect();
-        out.push(Object::EndpointSlice(EndpointSlice {
+        out.push(Object::EndpointSlice(std::sync::Arc::new(EndpointSlice {
             key: ObjectKey::new(&ns, format!("{name}-abcde")),
             service: name,
             address_type: AddressType::IPv4,
@@ -74,7 +74,7 @@ fn objects(services: usize, per: usize) -> Vec<Object> {
                 app_protocol: None,
             }],
             endpoints,
-        }));
+        })));
     }
     out
 }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as core;
@@ -35,23 +36,21 @@ pub type Document = Result<Vec<Object>, SourceError>;
 
 /// Splits a YAML stream into documents on `---` lines. Done by hand rather
 /// than with serde_yaml's multi-document reader so that one broken document
-/// cannot stop the ones after it from loading.
-fn split_documents(text: &str) -> Vec<String> {
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
+/// cannot stop the ones after it from loading. Borrows from `text`: large
+/// manifest files are not copied.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
         let trimmed = line.trim_end();
-        if trimmed == "---" || trimmed.starts_with("--- ") {
-            docs.push(String::new());
-            continue;
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            docs.push(&text[start..pos]);
+            start = pos + line.len();
         }
-        if trimmed == "..." {
-            continue;
-        }
-        if let Some(last) = docs.last_mut() {
-            last.push_str(line);
-            last.push('\n');
-        }
+        pos += line.len();
     }
+    docs.push(&text[start..]);
     docs
 }
 
@@ -79,6 +78,8 @@ pub fn parse_documents(path: &Path, text: &str) -> Vec<Document> {
             })?;
             let mut out = Vec::new();
             value_objects(path, index, value, &mut out)?;
+            // Most documents hold one object; don't keep room for four.
+            out.shrink_to_fit();
             Ok(out)
         })
         .collect()
@@ -131,30 +132,34 @@ fn value_objects(
     }
     let ns = DEFAULT_NAMESPACE;
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => out.push(Object::Service(
+        ("v1", "Service") => out.push(Object::Service(Arc::new(
             convert::service(&parse!(core::Service), ns).map_err(invalid)?,
-        )),
+        ))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(s) = convert::endpoint_slice(&parse!(discovery::EndpointSlice), ns).map_err(invalid)? {
-                out.push(Object::EndpointSlice(s));
+                out.push(Object::EndpointSlice(Arc::new(s)));
             }
         }
-        ("networking.k8s.io/v1", "Ingress") => out.push(Object::Ingress(
+        ("networking.k8s.io/v1", "Ingress") => out.push(Object::Ingress(Arc::new(
             convert::ingress(&parse!(networking::Ingress), ns).map_err(invalid)?,
-        )),
-        ("networking.k8s.io/v1", "IngressClass") => out.push(Object::IngressClass(
+        ))),
+        ("networking.k8s.io/v1", "IngressClass") => out.push(Object::IngressClass(Arc::new(
             convert::ingress_class(&parse!(networking::IngressClass)).map_err(invalid)?,
-        )),
+        ))),
         ("v1", "Secret") => {
             if let Some(s) = convert::tls_secret(&parse!(core::Secret), ns).map_err(invalid)? {
-                out.push(Object::Secret(s));
+                out.push(Object::Secret(Arc::new(s)));
             }
         }
-        ("v1", "Pod") => out.push(Object::Pod(convert::pod(&parse!(core::Pod), ns).map_err(invalid)?)),
-        ("v1", "Node") => out.push(Object::Node(convert::node(&parse!(core::Node)).map_err(invalid)?)),
-        ("v1", "Namespace") => out.push(Object::Namespace(
+        ("v1", "Pod") => out.push(Object::Pod(Arc::new(
+            convert::pod(&parse!(core::Pod), ns).map_err(invalid)?,
+        ))),
+        ("v1", "Node") => out.push(Object::Node(Arc::new(
+            convert::node(&parse!(core::Node)).map_err(invalid)?,
+        ))),
+        ("v1", "Namespace") => out.push(Object::Namespace(Arc::new(
             convert::namespace(&parse!(core::Namespace)).map_err(invalid)?,
-        )),
+        ))),
         // Deployments, ConfigMaps, StatefulSets... are legal in a manifest
         // directory but carry nothing a dataplane reads.
         _ => tracing::debug!(path = %path.display(), index, %kind, %api_version, "ignoring kind"),
@@ -202,7 +207,9 @@ fn walk(dir: &Path, out: &mut BTreeSet<PathBuf>) -> Result<(), SourceError> {
 
 #[derive(Default)]
 struct FileState {
-    text: String,
+    /// Hash and length of the last text read, to skip re-parsing unchanged
+    /// files without keeping their text in memory.
+    fingerprint: (u64, usize),
     /// Per document index, the objects of its last good parse.
     documents: Vec<Option<Vec<Object>>>,
 }
@@ -282,11 +289,15 @@ impl FileSource {
                 out.push(o.clone());
             }
         }
-        for name in namespaces {
-            let exists = out.iter().any(|o| matches!(o, Object::Namespace(n) if n.name == name));
-            if !exists {
-                out.push(Object::Namespace(Namespace { name }));
-            }
+        let explicit: BTreeSet<String> = out
+            .iter()
+            .filter_map(|o| match o {
+                Object::Namespace(n) => Some(n.name.clone()),
+                _ => None,
+            })
+            .collect();
+        for name in namespaces.difference(&explicit) {
+            out.push(Object::Namespace(Arc::new(Namespace { name: name.clone() })));
         }
         out
     }
@@ -356,7 +367,8 @@ impl FileSource {
 }
 
 fn update_file(path: &Path, state: &mut FileState, text: String, errors: &mut Vec<SourceError>) {
-    if state.text == text && !state.documents.is_empty() {
+    let fingerprint = fingerprint(&text);
+    if state.fingerprint == fingerprint && !state.documents.is_empty() {
         // Unchanged: re-report nothing, keep the parsed objects.
         return;
     }
@@ -371,8 +383,15 @@ fn update_file(path: &Path, state: &mut FileState, text: String, errors: &mut Ve
             }
         }
     }
-    state.text = text;
+    state.fingerprint = fingerprint;
     state.documents = documents;
+}
+
+fn fingerprint(text: &str) -> (u64, usize) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    (h.finish(), text.len())
 }
 
 /// Loads paths once: the objects and the errors (for `render` and `--oneshot`).

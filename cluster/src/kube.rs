@@ -6,6 +6,7 @@
 
 use std::fmt::Debug;
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
@@ -111,7 +112,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| { convert::service(o, no_ns).map(|s| Some(Object::Service(s))) }
+                |o| { convert::service(o, no_ns).map(|s| Some(Object::Service(Arc::new(s)))) }
             ),
             watch(
                 Api::<discovery::EndpointSlice>::all(c.clone()),
@@ -120,7 +121,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| convert::endpoint_slice(o, no_ns).map(|s| s.map(Object::EndpointSlice)),
+                |o| convert::endpoint_slice(o, no_ns).map(|s| s.map(|s| Object::EndpointSlice(Arc::new(s)))),
             ),
             watch(
                 Api::<networking::Ingress>::all(c.clone()),
@@ -129,7 +130,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| { convert::ingress(o, no_ns).map(|s| Some(Object::Ingress(s))) }
+                |o| { convert::ingress(o, no_ns).map(|s| Some(Object::Ingress(Arc::new(s)))) }
             ),
             watch(
                 Api::<networking::IngressClass>::all(c.clone()),
@@ -138,7 +139,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| convert::ingress_class(o).map(|s| Some(Object::IngressClass(s))),
+                |o| convert::ingress_class(o).map(|s| Some(Object::IngressClass(Arc::new(s)))),
             ),
             watch(
                 Api::<core::Secret>::all(c.clone()),
@@ -147,7 +148,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| convert::tls_secret(o, no_ns).map(|s| s.map(Object::Secret)),
+                |o| convert::tls_secret(o, no_ns).map(|s| s.map(|s| Object::Secret(Arc::new(s)))),
             ),
             watch(
                 Api::<core::Pod>::all(c.clone()),
@@ -158,7 +159,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| { convert::pod(o, no_ns).map(|s| Some(Object::Pod(s))) }
+                |o| { convert::pod(o, no_ns).map(|s| Some(Object::Pod(Arc::new(s)))) }
             ),
             watch(
                 Api::<core::Node>::all(c.clone()),
@@ -167,7 +168,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| { convert::node(o).map(|s| Some(Object::Node(s))) }
+                |o| { convert::node(o).map(|s| Some(Object::Node(Arc::new(s)))) }
             ),
             watch(
                 Api::<core::Namespace>::all(c.clone()),
@@ -176,7 +177,7 @@ impl KubeSource {
                 m,
                 &tx,
                 &cancel,
-                |o| { convert::namespace(o).map(|s| Some(Object::Namespace(s))) }
+                |o| { convert::namespace(o).map(|s| Some(Object::Namespace(Arc::new(s)))) }
             ),
         );
     }

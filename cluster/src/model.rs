@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// `namespace/name`; cluster-scoped objects have an empty namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -405,17 +406,19 @@ pub struct Namespace {
     pub name: String,
 }
 
-/// One object of any kind, as sources deliver them.
+/// One object of any kind, as sources deliver them. Shared (`Arc`), so the
+/// file source's last-good copy, the store and every snapshot hold one
+/// allocation per object, not one each.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Ingress(Ingress),
-    IngressClass(IngressClass),
-    Secret(TlsSecret),
-    Pod(Pod),
-    Node(Node),
-    Namespace(Namespace),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Ingress(Arc<Ingress>),
+    IngressClass(Arc<IngressClass>),
+    Secret(Arc<TlsSecret>),
+    Pod(Arc<Pod>),
+    Node(Arc<Node>),
+    Namespace(Arc<Namespace>),
 }
 
 impl Object {

@@ -58,11 +58,11 @@ impl Store {
 
     /// Inserts or replaces one object; returns whether it differed.
     pub fn apply(&mut self, o: Object) -> bool {
-        fn put<K: Ord, V: PartialEq>(m: &mut BTreeMap<K, Arc<V>>, k: K, v: V) -> bool {
-            if m.get(&k).is_some_and(|old| **old == v) {
+        fn put<K: Ord, V: PartialEq>(m: &mut BTreeMap<K, Arc<V>>, k: K, v: Arc<V>) -> bool {
+            if m.get(&k).is_some_and(|old| Arc::ptr_eq(old, &v) || **old == *v) {
                 return false;
             }
-            m.insert(k, Arc::new(v));
+            m.insert(k, v);
             true
         }
         match o {

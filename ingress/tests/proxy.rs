@@ -424,11 +424,11 @@ async fn http2_clients_and_h2c_upstream() {
 
 fn tls_secret(name: &str, host: &str) -> (Object, rcgen::CertifiedKey<rcgen::KeyPair>) {
     let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
-    let obj = Object::Secret(TlsSecret {
+    let obj = Object::Secret(std::sync::Arc::new(TlsSecret {
         key: ObjectKey::new("default", name),
         cert_pem: ck.cert.pem().into_bytes(),
         key_pem: ck.signing_key.serialize_pem().into_bytes(),
-    });
+    }));
     (obj, ck)
 }
 
