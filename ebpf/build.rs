@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["sock"];
+const PROGRAMS: &[&str] = &["sock", "tc"];
 
 fn main() {
     if let Err(e) = build() {
@@ -20,6 +20,7 @@ fn build() -> Result<(), String> {
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     println!("cargo:rerun-if-env-changed=CLANG");
     println!("cargo:rerun-if-changed=src/ferry_maps.h");
+    println!("cargo:rerun-if-changed=src/shared_maps.bpf.h");
     println!("cargo:rerun-if-changed=src/layout.c");
 
     match Command::new(&clang).arg("--version").output() {

@@ -169,12 +169,15 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
             tracing::info!(backend = backend.as_str(), "iptables dataplane");
             Ok(Box::new(IptablesDataplane::new(backend)))
         }
-        ProxyMode::Ebpf => Ok(Box::new(ferry_proxy::ebpf::EbpfDataplane::new(
-            opts.bpffs
-                .clone()
-                .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
-            opts.cgroup.clone(),
-        ))),
+        ProxyMode::Ebpf => Ok(Box::new(
+            ferry_proxy::ebpf::EbpfDataplane::new(
+                opts.bpffs
+                    .clone()
+                    .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
+                opts.cgroup.clone(),
+            )
+            .with_devices(opts.devices.clone()),
+        )),
     }
 }
 
@@ -446,7 +449,7 @@ impl SyncLoop {
         .await
         .context("sync task panicked")?;
         self.dataplane = Some(dp);
-        let table = replanner.table().health_checks.clone();
+        let health_checks = replanner.table().health_checks.clone();
         self.replanner = Some(replanner);
         let report = result?;
         let secs = started.elapsed().as_secs_f64();
@@ -473,7 +476,7 @@ impl SyncLoop {
             sync_seconds = secs,
             "proxy synced"
         );
-        self.health_servers.update(&table).await;
+        self.health_servers.update(&health_checks).await;
         Ok(())
     }
 }

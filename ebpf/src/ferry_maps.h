@@ -20,6 +20,12 @@ typedef uint64_t __u64;
 
 /* ferry_svc_val.flags */
 #define FERRY_SVC_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+#define FERRY_SVC_EXT_LOCAL 0x2 /* externalTrafficPolicy: Local (TC: no SNAT) */
+#define FERRY_SVC_DROP 0x4 /* count == 0 and remote endpoints exist: drop, not reject */
+
+/* ferry_svc_key.scope */
+#define FERRY_SCOPE_SOCKET 0 /* read by the socket LB (connects on this node) */
+#define FERRY_SCOPE_EXTERNAL 1 /* read by the TC program (packets from outside) */
 
 /* A frontend: service IP (ClusterIP, node IP for NodePort, externalIP, LB IP),
  * port and L4 protocol (IPPROTO_TCP / IPPROTO_UDP). */
@@ -27,7 +33,7 @@ struct ferry_svc_key {
 	__u32 addr;
 	__u16 port;
 	__u8 proto;
-	__u8 pad;
+	__u8 scope; /* FERRY_SCOPE_* */
 };
 
 /* What a frontend maps to: its backend set `id` with `count` slots
@@ -80,5 +86,27 @@ struct ferry_revnat_val {
 	__u16 port;
 	__u16 pad;
 };
+
+/* TC conntrack: a packet's 4-tuple + protocol as seen on the wire → the
+ * 4-tuple to rewrite it to. One entry per direction of a translated flow. */
+struct ferry_ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct ferry_ct_val {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u32 flags; /* FERRY_CT_* */
+	__u64 last_seen_ns;
+};
+
+#define FERRY_CT_REPLY 0x1 /* a reply-direction entry (reverse translation) */
 
 #endif

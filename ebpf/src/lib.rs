@@ -20,6 +20,18 @@ pub fn sock_object() -> &'static [u8] {
     &SOCK_OBJ.0
 }
 
+static TC_OBJ: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/tc.bpf.o")));
+
+/// The TC object (`src/tc.bpf.c`): `ferry_tc_ingress` / `ferry_tc_egress`
+/// for traffic from outside the node; shares the services, backends and
+/// affinity maps with the sock object through their pins.
+pub fn tc_object() -> &'static [u8] {
+    &TC_OBJ.0
+}
+
+pub const PROG_TC_INGRESS: &str = "ferry_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "ferry_tc_egress";
+
 /// Program names in the sock object, with the cgroup hook each attaches to.
 pub const PROG_CONNECT4: &str = "ferry_connect4";
 pub const PROG_SENDMSG4: &str = "ferry_sendmsg4";
@@ -32,10 +44,29 @@ pub const MAP_SERVICES: &str = "ferry_services";
 pub const MAP_BACKENDS: &str = "ferry_backends";
 pub const MAP_AFFINITY: &str = "ferry_affinity";
 pub const MAP_REVNAT: &str = "ferry_revnat";
-pub const MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_AFFINITY, MAP_REVNAT];
+/// TC conntrack (LRU) and the TC program's config (`[0]` = SNAT address).
+pub const MAP_CT: &str = "ferry_ct";
+pub const MAP_TC_CONFIG: &str = "ferry_tc_config";
+pub const MAPS: [&str; 6] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_AFFINITY,
+    MAP_REVNAT,
+    MAP_CT,
+    MAP_TC_CONFIG,
+];
 
 /// `SvcVal::flags`: sessionAffinity ClientIP.
 pub const SVC_AFFINITY: u16 = 0x1;
+/// `SvcVal::flags`: externalTrafficPolicy Local (the TC program keeps the client address).
+pub const SVC_EXT_LOCAL: u16 = 0x2;
+/// `SvcVal::flags`: no backend here but remote ones exist: the TC program drops.
+pub const SVC_DROP: u16 = 0x4;
+
+/// `SvcKey::scope`: entries the socket LB reads.
+pub const SCOPE_SOCKET: u8 = 0;
+/// `SvcKey::scope`: entries the TC program reads.
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// IANA protocol numbers as the kernel reports `sk_protocol`.
 pub const IPPROTO_TCP: u8 = 6;
@@ -49,16 +80,26 @@ pub struct SvcKey {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    pub pad: u8,
+    /// `SCOPE_SOCKET` or `SCOPE_EXTERNAL`.
+    pub scope: u8,
 }
 
 impl SvcKey {
+    /// A frontend as the socket LB looks it up (connects made on this node).
     pub fn new(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
         Self {
             addr: u32::from(addr).to_be(),
             port: port.to_be(),
             proto,
-            pad: 0,
+            scope: SCOPE_SOCKET,
+        }
+    }
+
+    /// A frontend as the TC program looks it up (packets from outside).
+    pub fn external(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            scope: SCOPE_EXTERNAL,
+            ..Self::new(addr, port, proto)
         }
     }
 

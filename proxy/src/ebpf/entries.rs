@@ -20,9 +20,12 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ferry_cluster::Protocol;
-use ferry_ebpf::{Backend, BackendKey, SvcKey, SvcVal, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SVC_AFFINITY};
+use ferry_ebpf::{
+    Backend, BackendKey, SvcKey, SvcVal, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_AFFINITY,
+    SVC_DROP, SVC_EXT_LOCAL,
+};
 
-use crate::table::{FrontendKind, ServicePortName, ServiceTable};
+use crate::table::{EmptyAction, FrontendKind, ServiceEntry, ServicePortName, ServiceTable};
 
 /// The contents of the services and backends maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,15 +61,18 @@ pub struct Skipped {
     pub ipv6_backends: usize,
 }
 
-/// Which backend list of a service port a frontend uses. A socket-level LB
-/// only sees connections made on this node (by the node or its pods), so
+/// Which backend list of a service port a frontend uses. The socket LB
+/// only sees connections made on this node (by the node or its pods), so its
 /// external frontends use every usable backend — kube-proxy's short-circuit
 /// for in-cluster clients of `externalTrafficPolicy: Local` services — and
-/// ClusterIPs honour `internalTrafficPolicy`.
+/// ClusterIPs honour `internalTrafficPolicy`. The TC program's entries
+/// (`SvcKey::external`, traffic from outside) honour
+/// `externalTrafficPolicy`: `ExternalLocal` for Local, else `All`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum SetKind {
     Internal,
     All,
+    ExternalLocal,
 }
 
 pub fn proto_number(p: Protocol) -> u8 {
@@ -93,9 +99,13 @@ struct Group {
     affinity_timeout: u32,
 }
 
-fn groups(table: &ServiceTable, skipped: &mut Skipped) -> Vec<(ServicePortName, SetKind, Group)> {
+fn groups<'a>(
+    services: impl Iterator<Item = &'a ServiceEntry>,
+    skipped: &mut Skipped,
+) -> Vec<(ServicePortName, SetKind, Group)> {
     let mut out = Vec::new();
-    for (name, entry) in &table.services {
+    for entry in services {
+        let name = &entry.name;
         let proto = proto_number(entry.protocol);
         let (flags, affinity_timeout) = match entry.affinity_timeout {
             Some(t) => (SVC_AFFINITY, t),
@@ -112,28 +122,22 @@ fn groups(table: &ServiceTable, skipped: &mut Skipped) -> Vec<(ServicePortName, 
             } else {
                 SetKind::All
             };
-            let g = by_kind.entry(kind).or_insert_with(|| {
-                let list = match kind {
-                    SetKind::Internal => &entry.local_backends,
-                    SetKind::All => &entry.backends,
+            let mut keys = vec![(kind, SvcKey::new(ip, fe.port, proto))];
+            if fe.kind.is_external() {
+                let kind = if entry.external_local {
+                    SetKind::ExternalLocal
+                } else {
+                    SetKind::All
                 };
-                let mut backends: Vec<Backend> = Vec::with_capacity(list.len());
-                for b in list {
-                    match b.ip {
-                        IpAddr::V4(v4) => backends.push(Backend::new(v4, b.port)),
-                        IpAddr::V6(_) => skipped.ipv6_backends += 1,
-                    }
-                }
-                backends.sort();
-                backends.dedup();
-                Group {
-                    frontends: Vec::new(),
-                    backends,
-                    flags,
-                    affinity_timeout,
-                }
-            });
-            g.frontends.push(SvcKey::new(ip, fe.port, proto));
+                keys.push((kind, SvcKey::external(ip, fe.port, proto)));
+            }
+            for (kind, key) in keys {
+                by_kind
+                    .entry(kind)
+                    .or_insert_with(|| group(entry, kind, flags, affinity_timeout, skipped))
+                    .frontends
+                    .push(key);
+            }
         }
         for (kind, g) in by_kind {
             out.push((name.clone(), kind, g));
@@ -142,11 +146,54 @@ fn groups(table: &ServiceTable, skipped: &mut Skipped) -> Vec<(ServicePortName, 
     out
 }
 
+fn group(entry: &ServiceEntry, kind: SetKind, mut flags: u16, affinity_timeout: u32, skipped: &mut Skipped) -> Group {
+    let list = match kind {
+        SetKind::Internal | SetKind::ExternalLocal => &entry.local_backends,
+        SetKind::All => &entry.backends,
+    };
+    let mut backends: Vec<Backend> = Vec::with_capacity(list.len());
+    for b in list {
+        match b.ip {
+            IpAddr::V4(v4) => backends.push(Backend::new(v4, b.port)),
+            IpAddr::V6(_) => skipped.ipv6_backends += 1,
+        }
+    }
+    backends.sort();
+    backends.dedup();
+    if kind == SetKind::ExternalLocal {
+        flags |= SVC_EXT_LOCAL;
+        if backends.is_empty() && entry.empty_action(FrontendKind::NodePort) == Some(EmptyAction::Drop) {
+            flags |= SVC_DROP;
+        }
+    }
+    Group {
+        frontends: Vec::new(),
+        backends,
+        flags,
+        affinity_timeout,
+    }
+}
+
 /// The map entries `table` needs, reusing ids and slots from `prev` (the
 /// entries currently in the maps) wherever they still fit.
 pub fn compile(table: &ServiceTable, prev: &MapEntries) -> (MapEntries, Skipped) {
+    compile_above(table, prev, 0)
+}
+
+/// `compile`, with fresh ids above `floor` as well as above every id in
+/// `prev` (an incremental compile passes only the changed services' part of
+/// the maps as `prev`, and the largest id in use anywhere as `floor`).
+fn compile_above(table: &ServiceTable, prev: &MapEntries, floor: u32) -> (MapEntries, Skipped) {
+    compile_entries(table.services.values(), prev, floor)
+}
+
+fn compile_entries<'a>(
+    services: impl Iterator<Item = &'a ServiceEntry>,
+    prev: &MapEntries,
+    floor: u32,
+) -> (MapEntries, Skipped) {
     let mut skipped = Skipped::default();
-    let groups = groups(table, &mut skipped);
+    let groups = groups(services, &mut skipped);
     let mut next = MapEntries::default();
 
     // Ids: keep the one the first frontend had, unless another set took it.
@@ -171,6 +218,7 @@ pub fn compile(table: &ServiceTable, prev: &MapEntries) -> (MapEntries, Skipped)
         .map(|v| v.id)
         .chain(prev.backends.keys().map(|k| k.id))
         .chain(claimed.iter().copied())
+        .chain(std::iter::once(floor))
         .max()
         .map_or(1, |m| m.wrapping_add(1).max(1));
 
@@ -278,6 +326,224 @@ pub fn apply_in_memory(entries: &mut MapEntries, ops: &[Op]) {
     }
 }
 
+/// What one service port put into the maps: its frontend keys and the ids
+/// of its backend sets.
+#[derive(Debug, Clone)]
+struct Owned {
+    entry: ServiceEntry,
+    keys: Vec<SvcKey>,
+    ids: Vec<u32>,
+}
+
+/// The map contents plus, per service port, the `ServiceEntry` they were
+/// compiled from and the keys it owns, so that a sync touches only service
+/// ports whose entry changed: unchanged ones cost one comparison in a merge
+/// walk of two sorted maps, changed ones are compiled against their own part
+/// of the maps. The result is what `compile` would keep from the same
+/// previous entries (ids and slots preserved), so `diff` ordering and the
+/// no-window guarantee are the same as for a full compile.
+#[derive(Debug, Clone, Default)]
+pub struct Incremental {
+    entries: MapEntries,
+    owned: BTreeMap<ServicePortName, Owned>,
+    /// Largest backend-set id present in the maps.
+    max_id: u32,
+    /// Some frontend key is claimed by two service ports (a misconfigured
+    /// cluster); ownership is then ambiguous and every sync compiles whole.
+    ambiguous: bool,
+}
+
+/// What `Incremental::full` / `update` decided.
+#[derive(Debug, Clone, Default)]
+pub struct Update {
+    /// The writes, in `diff` order.
+    pub ops: Vec<Op>,
+    pub skipped: Skipped,
+    /// Service ports compiled (all on a full compile).
+    pub compiled: usize,
+    pub full: bool,
+}
+
+impl Incremental {
+    pub fn entries(&self) -> &MapEntries {
+        &self.entries
+    }
+
+    /// Compiles all of `table` against `prev` (the maps' contents).
+    pub fn full(table: &ServiceTable, prev: MapEntries) -> (Incremental, Update) {
+        let (next, skipped) = compile(table, &prev);
+        let ops = diff(&prev, &next);
+        let inc = Incremental::index(table, next);
+        let update = Update {
+            ops,
+            skipped,
+            compiled: table.services.len(),
+            full: true,
+        };
+        (inc, update)
+    }
+
+    fn index(table: &ServiceTable, entries: MapEntries) -> Incremental {
+        let mut owned = BTreeMap::new();
+        let mut claimed: BTreeSet<SvcKey> = BTreeSet::new();
+        let mut ambiguous = false;
+        for (name, entry) in &table.services {
+            let o = owned_by(entry, &entries);
+            for k in &o.keys {
+                ambiguous |= !claimed.insert(*k);
+            }
+            owned.insert(name.clone(), o);
+        }
+        let max_id = max_id(&entries);
+        Incremental {
+            entries,
+            owned,
+            max_id,
+            ambiguous,
+        }
+    }
+
+    /// Brings the maps from what they hold to what `table` needs, compiling
+    /// only the service ports whose entry differs from the last one.
+    pub fn update(&mut self, table: &ServiceTable) -> Update {
+        if self.ambiguous {
+            let prev = std::mem::take(&mut self.entries);
+            let (inc, update) = Incremental::full(table, prev);
+            *self = inc;
+            return update;
+        }
+        // Merge walk: both maps are sorted by ServicePortName.
+        let mut changed: Vec<&ServicePortName> = Vec::new();
+        let mut removed: Vec<ServicePortName> = Vec::new();
+        let mut new_it = table.services.iter().peekable();
+        let mut old_it = self.owned.iter().peekable();
+        loop {
+            match (new_it.peek(), old_it.peek()) {
+                (None, None) => break,
+                (Some((n, _)), None) => {
+                    changed.push(n);
+                    new_it.next();
+                }
+                (None, Some((o, _))) => {
+                    removed.push((*o).clone());
+                    old_it.next();
+                }
+                (Some((n, e)), Some((o, owned))) => match n.cmp(o) {
+                    std::cmp::Ordering::Less => {
+                        changed.push(n);
+                        new_it.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        removed.push((*o).clone());
+                        old_it.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if *e != &owned.entry {
+                            changed.push(n);
+                        }
+                        new_it.next();
+                        old_it.next();
+                    }
+                },
+            }
+        }
+        if changed.is_empty() && removed.is_empty() {
+            return Update::default();
+        }
+        // The changed service ports' part of the maps.
+        let mut sub_prev = MapEntries::default();
+        for name in changed.iter().copied().chain(removed.iter()) {
+            let Some(o) = self.owned.get(name) else {
+                continue;
+            };
+            for k in &o.keys {
+                if let Some(v) = self.entries.services.get(k) {
+                    sub_prev.services.insert(*k, *v);
+                }
+            }
+            for &id in &o.ids {
+                for (k, b) in self
+                    .entries
+                    .backends
+                    .range(BackendKey { id, slot: 0 }..=BackendKey { id, slot: u32::MAX })
+                {
+                    sub_prev.backends.insert(*k, *b);
+                }
+            }
+        }
+        let (sub_next, skipped) = compile_entries(
+            changed.iter().filter_map(|n| table.services.get(*n)),
+            &sub_prev,
+            self.max_id,
+        );
+        // A changed service port taking a frontend key that an unchanged
+        // one owns: compile whole, as that is what decides the winner.
+        let conflict = sub_next
+            .services
+            .keys()
+            .any(|k| self.entries.services.contains_key(k) && !sub_prev.services.contains_key(k));
+        if conflict {
+            let prev = std::mem::take(&mut self.entries);
+            let (inc, update) = Incremental::full(table, prev);
+            *self = inc;
+            return update;
+        }
+        let ops = diff(&sub_prev, &sub_next);
+        apply_in_memory(&mut self.entries, &ops);
+        for name in &removed {
+            self.owned.remove(name);
+        }
+        for name in &changed {
+            if let Some(entry) = table.services.get(*name) {
+                self.owned.insert((*name).clone(), owned_by(entry, &sub_next));
+            }
+        }
+        self.max_id = self.max_id.max(max_id(&sub_next));
+        Update {
+            ops,
+            skipped,
+            compiled: changed.len(),
+            full: false,
+        }
+    }
+}
+
+fn owned_by(entry: &ServiceEntry, entries: &MapEntries) -> Owned {
+    let mut keys = Vec::new();
+    let mut ids = Vec::new();
+    for fe in &entry.frontends {
+        let IpAddr::V4(ip) = fe.ip else { continue };
+        let proto = proto_number(entry.protocol);
+        let mut mine = vec![SvcKey::new(ip, fe.port, proto)];
+        if fe.kind.is_external() {
+            mine.push(SvcKey::external(ip, fe.port, proto));
+        }
+        for k in mine {
+            if let Some(v) = entries.services.get(&k) {
+                if !ids.contains(&v.id) {
+                    ids.push(v.id);
+                }
+            }
+            keys.push(k);
+        }
+    }
+    Owned {
+        entry: entry.clone(),
+        keys,
+        ids,
+    }
+}
+
+fn max_id(entries: &MapEntries) -> u32 {
+    entries
+        .services
+        .values()
+        .map(|v| v.id)
+        .chain(entries.backends.keys().next_back().map(|k| k.id))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Human-readable map contents for `ferry render --what ebpf`, each service
 /// line annotated with the service port it belongs to.
 pub fn render(table: &ServiceTable, entries: &MapEntries, skipped: &Skipped) -> String {
@@ -285,10 +551,9 @@ pub fn render(table: &ServiceTable, entries: &MapEntries, skipped: &Skipped) -> 
     for (name, e) in &table.services {
         for fe in &e.frontends {
             if let IpAddr::V4(ip) = fe.ip {
-                owner.insert(
-                    SvcKey::new(ip, fe.port, proto_number(e.protocol)),
-                    (name.to_string(), fe.kind),
-                );
+                let proto = proto_number(e.protocol);
+                owner.insert(SvcKey::new(ip, fe.port, proto), (name.to_string(), fe.kind));
+                owner.insert(SvcKey::external(ip, fe.port, proto), (name.to_string(), fe.kind));
             }
         }
     }
@@ -300,7 +565,7 @@ pub fn render(table: &ServiceTable, entries: &MapEntries, skipped: &Skipped) -> 
         entries.backends.len()
     );
     let mut services: Vec<(&SvcKey, &SvcVal)> = entries.services.iter().collect();
-    services.sort_by_key(|(k, _)| (k.ip(), k.port(), k.proto));
+    services.sort_by_key(|(k, _)| (k.ip(), k.port(), k.proto, k.scope));
     for (k, v) in services {
         let (name, kind) = owner
             .get(k)
@@ -311,13 +576,27 @@ pub fn render(table: &ServiceTable, entries: &MapEntries, skipped: &Skipped) -> 
         } else {
             String::new()
         };
-        let action = if v.count == 0 { " reject" } else { "" };
+        let action = match (v.count, v.flags & SVC_DROP != 0) {
+            (0, true) => " drop",
+            (0, false) => " reject",
+            _ => "",
+        };
+        let scope = if k.scope == SCOPE_EXTERNAL {
+            if v.flags & SVC_EXT_LOCAL != 0 {
+                " tc(local, no snat)"
+            } else {
+                " tc(snat)"
+            }
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "service {}:{}/{} id={} count={}{}{}  # {} {}",
+            "service {}:{}/{}{} id={} count={}{}{}  # {} {}",
             k.ip(),
             k.port(),
             proto_name(k.proto),
+            scope,
             v.id,
             v.count,
             affinity,
@@ -416,9 +695,12 @@ mod tests {
     /// frontend present before and after ever points at a missing slot or
     /// at a backend that is in neither the old nor the new set.
     fn check_transition(prev: &MapEntries, next: &MapEntries) -> usize {
-        let ops = diff(prev, next);
+        check_ops(prev, &diff(prev, next), next)
+    }
+
+    fn check_ops(prev: &MapEntries, ops: &[Op], next: &MapEntries) -> usize {
         let mut cur = prev.clone();
-        for op in &ops {
+        for op in ops {
             apply_in_memory(&mut cur, std::slice::from_ref(op));
             for k in cur.services.keys() {
                 let now = reachable(&cur, k).unwrap();
@@ -609,5 +891,124 @@ mod tests {
         let c = m2.services[&key([10, 96, 0, 3], 80, IPPROTO_TCP)];
         assert!(!old_ids.contains(&c.id));
         check_transition(&m, &m2);
+    }
+
+    #[test]
+    fn incremental_updates_match_a_full_compile_and_touch_only_changes() {
+        // A small deterministic generator (no external crates): each step
+        // edits a few of 40 service ports — new backends, removal, re-add,
+        // iTP flips, a NodePort — and the incremental result must be a
+        // fixpoint of the full compile, reach exactly the planned backends,
+        // and its ops must never open a window.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut services: BTreeMap<u8, ServiceEntry> = BTreeMap::new();
+        for i in 0..40u8 {
+            services.insert(
+                i,
+                entry(&format!("s{i}"), [10, 96, 1, i], vec![be(i, false), be(i + 1, true)]),
+            );
+        }
+        let t0 = table(services.values().cloned().collect());
+        let (mut inc, first) = Incremental::full(&t0, MapEntries::default());
+        assert!(first.full);
+        assert_eq!(first.compiled, 40);
+        for step in 0..60 {
+            let prev = inc.entries().clone();
+            let edits = 1 + rnd(3);
+            for _ in 0..edits {
+                let i = rnd(40) as u8;
+                match rnd(5) {
+                    0 => {
+                        services.remove(&i);
+                    }
+                    1 => {
+                        let n = rnd(5) as u8;
+                        let e = entry(
+                            &format!("s{i}"),
+                            [10, 96, 1, i],
+                            (0..n).map(|k| be(i.wrapping_add(k * 3), k % 2 == 0)).collect(),
+                        );
+                        services.insert(i, e);
+                    }
+                    2 => {
+                        if let Some(e) = services.get_mut(&i) {
+                            e.internal_local = !e.internal_local;
+                        }
+                    }
+                    3 => {
+                        if let Some(e) = services.get_mut(&i) {
+                            e.frontends.push(Frontend {
+                                ip: IpAddr::from([192, 0, 2, 1]),
+                                port: 30000 + u16::from(i),
+                                kind: FrontendKind::NodePort,
+                            });
+                            e.frontends.dedup();
+                        }
+                    }
+                    _ => {
+                        if let Some(e) = services.get_mut(&i) {
+                            e.backends.push(be(200 + step as u8 % 50, false));
+                        }
+                    }
+                }
+            }
+            let t = table(services.values().cloned().collect());
+            let u = inc.update(&t);
+            assert!(!u.full, "step {step}: no conflicts, so never a full compile");
+            assert!(
+                u.compiled <= edits as usize,
+                "step {step}: compiled {} for {edits} edits",
+                u.compiled
+            );
+            check_ops(&prev, &u.ops, inc.entries());
+            let (fixpoint, _) = compile(&t, inc.entries());
+            assert_eq!(&fixpoint, inc.entries(), "step {step}: differs from a full compile");
+            for e in t.services.values() {
+                for fe in &e.frontends {
+                    let IpAddr::V4(ip) = fe.ip else { continue };
+                    // The socket LB serves external frontends from every backend.
+                    let list = if fe.kind == FrontendKind::ClusterIp {
+                        e.internal_backends()
+                    } else {
+                        &e.backends
+                    };
+                    let want: BTreeSet<Backend> = list
+                        .iter()
+                        .filter_map(|b| match b.ip {
+                            IpAddr::V4(v4) => Some(Backend::new(v4, b.port)),
+                            IpAddr::V6(_) => None,
+                        })
+                        .collect();
+                    let k = SvcKey::new(ip, fe.port, IPPROTO_TCP);
+                    assert_eq!(reachable(inc.entries(), &k).unwrap(), want, "step {step} {k:?}");
+                }
+            }
+        }
+        // Nothing changed: no ops, nothing compiled.
+        let t = table(services.values().cloned().collect());
+        let u = inc.update(&t);
+        assert!(u.ops.is_empty() && u.compiled == 0);
+    }
+
+    #[test]
+    fn incremental_conflicting_frontend_compiles_whole() {
+        let a = entry("a", [10, 96, 0, 1], vec![be(1, false)]);
+        let (mut inc, _) = Incremental::full(&table(vec![a.clone()]), MapEntries::default());
+        // b claims a's frontend: the full compile decides (b sorts after a and wins).
+        let b = entry("b", [10, 96, 0, 1], vec![be(2, false)]);
+        let t = table(vec![a, b]);
+        let u = inc.update(&t);
+        assert!(u.full);
+        let k = key([10, 96, 0, 1], 80, IPPROTO_TCP);
+        assert_eq!(
+            reachable(inc.entries(), &k).unwrap(),
+            [Backend::new(Ipv4Addr::new(10, 244, 0, 2), 8080)].into_iter().collect()
+        );
+        // Ambiguous ownership now: the next sync compiles whole as well.
+        assert!(inc.update(&t).full);
     }
 }

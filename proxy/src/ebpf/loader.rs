@@ -14,9 +14,12 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use std::net::Ipv4Addr;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::EbpfLoader;
 use ferry_ebpf::{Backend, BackendKey, SvcKey, SvcVal};
 
@@ -291,6 +294,103 @@ impl SockLb {
     }
 }
 
+fn tc_link_pin(dir: &Path, ingress: bool, device: &str) -> PathBuf {
+    dir.join(format!("link_tc_{}_{device}", if ingress { "in" } else { "out" }))
+}
+
+/// Attaches the TC programs (tcx ingress and egress) to each of `devices`
+/// unless their link pins are already there (a restart adopts them), pins
+/// the links, and writes the SNAT address the program uses for
+/// `externalTrafficPolicy: Cluster` flows. Needs the shared maps pinned in
+/// `dir` first (`SockLb::open`). Returns how many links were created.
+pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Result<usize, EbpfError> {
+    let missing: Vec<(&String, bool)> = devices
+        .iter()
+        .flat_map(|d| [(d, true), (d, false)])
+        .filter(|(d, ingress)| !tc_link_pin(dir, *ingress, d).exists())
+        .collect();
+    let mut created = 0;
+    if !missing.is_empty() {
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(ferry_ebpf::tc_object())
+            .map_err(EbpfError::Load)?;
+        for name in [ferry_ebpf::PROG_TC_INGRESS, ferry_ebpf::PROG_TC_EGRESS] {
+            let perr = |source| EbpfError::Program { name, source };
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+                .and_then(|p| p.try_into())
+                .map_err(perr)?;
+            prog.load().map_err(perr)?;
+            let ingress = name == ferry_ebpf::PROG_TC_INGRESS;
+            for (dev, _) in missing.iter().filter(|(_, i)| *i == ingress) {
+                let attach_type = if ingress {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                let link_id = prog
+                    .attach_with_options(dev, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(perr)?;
+                let link = prog.take_link(link_id).map_err(perr)?;
+                let fd_link: FdLink = link.try_into().map_err(|source| EbpfError::Link { name, source })?;
+                let path = tc_link_pin(dir, ingress, dev);
+                fd_link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+                created += 1;
+            }
+        }
+    }
+    let name = ferry_ebpf::MAP_TC_CONFIG;
+    let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    let map = Map::from_map_data(md).map_err(map_err(name))?;
+    let mut config: Array<MapData, u32> = Array::try_from(map).map_err(map_err(name))?;
+    let addr = snat.map_or(0, |ip| u32::from(ip).to_be());
+    config.set(0, addr, 0).map_err(map_err(name))?;
+    Ok(created)
+}
+
+/// The network devices holding any of `ips` (the default for `--devices`).
+pub fn devices_with(ips: &[Ipv4Addr]) -> Result<Vec<String>, EbpfError> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(EbpfError::Io {
+            path: PathBuf::from("getifaddrs"),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: non-null address of the family it says.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: AF_INET addresses are sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        if ips.contains(&ip) {
+            // SAFETY: a NUL-terminated interface name.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -327,6 +427,19 @@ pub fn cleanup(dir: &Path) -> Result<usize, EbpfError> {
             unpin_link(&path)?;
             removed += 1;
         }
+    }
+    let tc_links: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("link_tc_"))
+        })
+        .collect();
+    for path in tc_links {
+        unpin_link(&path)?;
+        removed += 1;
     }
     for m in ferry_ebpf::MAPS {
         let path = dir.join(m);

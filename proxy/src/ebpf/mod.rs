@@ -10,5 +10,5 @@ pub mod entries;
 pub mod loader;
 
 pub use dataplane::EbpfDataplane;
-pub use entries::{compile, diff, render, MapEntries, Op, Skipped};
+pub use entries::{compile, diff, render, Incremental, MapEntries, Op, Skipped, Update};
 pub use loader::{cgroup2_root, cleanup, EbpfError, SockLb, DEFAULT_BPFFS_DIR};

@@ -1,0 +1,258 @@
+//! Incremental planning: keeps the last `ServiceTable` and, given the next
+//! snapshot, re-plans only the Services whose Service object or
+//! EndpointSlices changed, so an endpoint change at 10k services costs a
+//! walk over the snapshot (pointer or value comparisons) instead of a full
+//! `plan`.
+//!
+//! Each changed Service is planned by `plan` itself over a one-service
+//! snapshot (the Service, its slices and this node's Node object), so the
+//! per-service rules live in one place. What a one-service plan cannot see
+//! is the cross-service `healthCheckNodePort` conflict check: a changed
+//! Service gets its port when it is free; the periodic full sync re-plans
+//! whole and settles conflicts in `plan`'s order.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ferry_cluster::{EndpointSlice, Object, ObjectKey, Protocol, Snapshot};
+
+use crate::table::{plan, NodeConfig, PlanWarning, ServicePortName, ServiceTable};
+
+#[derive(Debug, Default)]
+pub struct Replanner {
+    prev: Option<Arc<Snapshot>>,
+    table: ServiceTable,
+}
+
+/// What `Replanner::update` did.
+#[derive(Debug, Default)]
+pub struct Replanned {
+    pub warnings: Vec<PlanWarning>,
+    /// Planned the whole snapshot (else only `services` changed Services).
+    pub whole: bool,
+    pub services: usize,
+}
+
+fn same_slices(a: &[Arc<EndpointSlice>], b: &[Arc<EndpointSlice>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+}
+
+impl Replanner {
+    /// The table as of the last `update`.
+    pub fn table(&self) -> &ServiceTable {
+        &self.table
+    }
+
+    /// Brings the table up to `snap`; `whole` forces a full `plan`.
+    pub fn update(&mut self, snap: &Arc<Snapshot>, node: &NodeConfig, whole: bool) -> Replanned {
+        let prev = match (&self.prev, whole) {
+            (Some(p), false) => p.clone(),
+            _ => return self.plan_whole(snap, node),
+        };
+        // The Node object feeds NodePort addresses to every Service.
+        let node_changed = match (prev.node(&node.node_name), snap.node(&node.node_name)) {
+            (None, None) => false,
+            (Some(a), Some(b)) => !(Arc::ptr_eq(a, b) || a == b),
+            _ => true,
+        };
+        if node_changed {
+            return self.plan_whole(snap, node);
+        }
+        let changed = changed_services(&prev, snap);
+        let mut out = Replanned {
+            services: changed.len(),
+            ..Replanned::default()
+        };
+        for key in &changed {
+            let lower = ServicePortName {
+                service: key.clone(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            };
+            let stale: Vec<ServicePortName> = self
+                .table
+                .services
+                .range(lower..)
+                .take_while(|(n, _)| &n.service == key)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in stale {
+                self.table.services.remove(&n);
+            }
+            self.table.health_checks.retain(|_, hc| &hc.service != key);
+        }
+        for key in &changed {
+            let Some(svc) = snap.service(&key.namespace, &key.name) else {
+                continue;
+            };
+            let mut objects = vec![Object::Service(svc.clone())];
+            objects.extend(snap.slices(key).iter().map(|s| Object::EndpointSlice(s.clone())));
+            if let Some(n) = snap.node(&node.node_name) {
+                objects.push(Object::Node(n.clone()));
+            }
+            let one = Snapshot::from_objects(snap.generation, objects);
+            let (part, warnings) = plan(&one, node);
+            out.warnings.extend(warnings);
+            self.table.services.extend(part.services);
+            for (port, hc) in part.health_checks {
+                if let Some(other) = self.table.health_checks.get(&port) {
+                    out.warnings.push(PlanWarning {
+                        object: format!("Service {key}"),
+                        field: "spec.healthCheckNodePort".into(),
+                        message: format!("port {port} is already used by {}; skipped", other.service),
+                    });
+                } else {
+                    self.table.health_checks.insert(port, hc);
+                }
+            }
+        }
+        self.prev = Some(snap.clone());
+        out
+    }
+
+    fn plan_whole(&mut self, snap: &Arc<Snapshot>, node: &NodeConfig) -> Replanned {
+        let (table, warnings) = plan(snap, node);
+        self.table = table;
+        self.prev = Some(snap.clone());
+        Replanned {
+            warnings,
+            whole: true,
+            services: snap.service_count(),
+        }
+    }
+}
+
+/// Services added, removed, or whose object or slices differ (by pointer,
+/// then by value: the file source re-parses a whole file on a change).
+fn changed_services(prev: &Snapshot, next: &Snapshot) -> BTreeSet<ObjectKey> {
+    let mut changed = BTreeSet::new();
+    let mut a = prev.services().peekable();
+    let mut b = next.services().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(x), None) => {
+                changed.insert(x.key.clone());
+                a.next();
+            }
+            (None, Some(y)) => {
+                changed.insert(y.key.clone());
+                b.next();
+            }
+            (Some(x), Some(y)) => match x.key.cmp(&y.key) {
+                std::cmp::Ordering::Less => {
+                    changed.insert(x.key.clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed.insert(y.key.clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    let same = (Arc::ptr_eq(x, y) || x == y) && same_slices(prev.slices(&x.key), next.slices(&y.key));
+                    if !same {
+                        changed.insert(x.key.clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn snapshot(generation: u64, yaml: &str) -> Arc<Snapshot> {
+        let mut objects = Vec::new();
+        for d in ferry_cluster::files::parse_documents(Path::new("test.yaml"), yaml) {
+            objects.extend(d.unwrap());
+        }
+        Arc::new(Snapshot::from_objects(generation, objects))
+    }
+
+    fn service(name: &str, ip: &str, etp_local: bool, hc: u16, endpoints: &[&str]) -> String {
+        let mut y = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  type: LoadBalancer\n  clusterIP: {ip}\n  externalTrafficPolicy: {}\n  healthCheckNodePort: {hc}\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
+            if etp_local { "Local" } else { "Cluster" },
+            30000 + hc % 1000,
+        );
+        for e in endpoints {
+            y.push_str(&format!("- addresses: [{e}]\n  nodeName: node-a\n"));
+        }
+        y.push_str("---\n");
+        y
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            node_name: "node-a".into(),
+            node_ips: vec!["192.0.2.10".parse().unwrap()],
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn replans_only_changed_services_and_matches_a_full_plan() {
+        let steps = [
+            vec![
+                service("a", "10.96.0.1", false, 0, &["10.244.0.1", "10.244.0.2"]),
+                service("b", "10.96.0.2", true, 32001, &["10.244.0.3"]),
+                service("c", "10.96.0.3", false, 0, &[]),
+            ],
+            // An endpoint of a changes.
+            vec![
+                service("a", "10.96.0.1", false, 0, &["10.244.0.1", "10.244.0.9"]),
+                service("b", "10.96.0.2", true, 32001, &["10.244.0.3"]),
+                service("c", "10.96.0.3", false, 0, &[]),
+            ],
+            // b is removed, d added with b's health-check port.
+            vec![
+                service("a", "10.96.0.1", false, 0, &["10.244.0.1", "10.244.0.9"]),
+                service("c", "10.96.0.3", false, 0, &["10.244.0.4"]),
+                service("d", "10.96.0.4", true, 32001, &["10.244.0.5"]),
+            ],
+        ];
+        let mut rp = Replanner::default();
+        for (i, step) in steps.iter().enumerate() {
+            let snap = snapshot(i as u64 + 1, &step.concat());
+            let r = rp.update(&snap, &node(), false);
+            assert_eq!(r.whole, i == 0);
+            if i == 1 {
+                assert_eq!(r.services, 1, "only a changed");
+            }
+            if i == 2 {
+                assert_eq!(r.services, 3, "b, c and d changed");
+            }
+            let (full, _) = plan(&snap, &node());
+            assert_eq!(rp.table(), &full, "step {i}");
+        }
+        // A forced full plan gives the same table.
+        let snap = snapshot(9, &steps[2].concat());
+        let r = rp.update(&snap, &node(), true);
+        assert!(r.whole);
+        assert_eq!(rp.table(), &plan(&snap, &node()).0);
+    }
+
+    #[test]
+    fn node_object_change_replans_whole() {
+        let node_yaml = |ip: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node-a}}\nstatus:\n  addresses: [{{type: InternalIP, address: {ip}}}]\n---\n")
+        };
+        let cfg = NodeConfig {
+            node_name: "node-a".into(),
+            ..NodeConfig::default()
+        };
+        let svc = service("a", "10.96.0.1", false, 0, &["10.244.0.1"]);
+        let mut rp = Replanner::default();
+        rp.update(&snapshot(1, &(node_yaml("192.0.2.10") + &svc)), &cfg, false);
+        let snap = snapshot(2, &(node_yaml("192.0.2.11") + &svc));
+        let r = rp.update(&snap, &cfg, false);
+        assert!(r.whole);
+        assert_eq!(rp.table(), &plan(&snap, &cfg).0);
+    }
+}
