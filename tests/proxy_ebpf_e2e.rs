@@ -5,10 +5,18 @@
 //! moved into it; the node namespace has no route for the service range —
 //! the connect is rewritten before routing.
 //!
-//! Runs the scenarios whose clients are on the node or in pods (socket-level
-//! LB): endpoint removal, immediate refusal, restart keeping a connection,
-//! cleanup. Not the ones that need traffic from *outside* the node (NodePort
-//! from the client namespace, eTP Local): that is the TC program, not built.
+//! Runs the shared scenarios whose clients are on the node or in pods
+//! (socket-level LB): endpoint removal, immediate refusal, restart keeping a
+//! connection, cleanup. "cluster IP and node port" and "affinity and local
+//! policy" also send traffic from the client namespace, i.e. from *outside*
+//! the node, which the TC program serves; a client outside the node is not
+//! in the node's cgroup, so those two run here as eBPF variants whose
+//! outside clients are curl processes that first move themselves to the
+//! cgroup root (the shared versions run them as threads of this process,
+//! which sits in the test cgroup). The TC program is attached to ext0 (the
+//! node IP's device) and br0: pod1 and pod2 are declared on node-b, so
+//! their SNATed replies stand for traffic from the other node, and here
+//! they arrive on br0.
 //! Skipped with a message when not root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
@@ -18,8 +26,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use common::netns::is_root;
-use common::proxy_scenarios::{self as scenarios, Mode};
+use std::net::SocketAddr;
+
+use anyhow::ensure;
+use common::netns::{http_get, in_netns, is_root, tcp_names, udp_names, Topology};
+use common::proxy_scenarios::{
+    self as scenarios, addr, all_pods, cluster_yaml, distinct, Ferry, Manifests, Mode, ADMIN,
+};
 
 /// The test cgroup and pin directory, per test process. `ip netns exec`
 /// remounts /sys, hiding the cgroup2 and bpffs mounts there from ferry, so
@@ -90,9 +103,21 @@ impl Drop for InCgroup {
     }
 }
 
-fn ebpf_leftovers(_node_ns: &str) -> Vec<String> {
+fn ebpf_leftovers(node_ns: &str) -> Vec<String> {
     let p = place();
     let mut out = Vec::new();
+    // tcx links of the TC program on the node's devices.
+    if let Ok(o) = Command::new("ip")
+        .args(["netns", "exec", node_ns, "bpftool", "net", "show"])
+        .output()
+    {
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains("ferry_tc"))
+                .map(|l| format!("tc: {l}")),
+        );
+    }
     if p.pins.exists() {
         out.push(format!("pin directory {} still exists", p.pins.display()));
     }
@@ -118,6 +143,8 @@ fn mode() -> Mode {
             p.cgroup.display().to_string(),
             "--bpffs".into(),
             p.pins.display().to_string(),
+            "--devices".into(),
+            "ext0,br0".into(),
         ],
         leftovers: ebpf_leftovers,
     }
@@ -148,4 +175,122 @@ fn ebpf_reject_and_endpoint_removal() {
 #[test]
 fn ebpf_restart_and_cleanup() {
     run("restart_and_cleanup", scenarios::restart_and_cleanup);
+}
+
+/// `n` HTTP GETs to `to` from the client namespace by curl processes that
+/// leave the test cgroup first (they stand for hosts outside the node);
+/// each line is the name of the pod that answered, or `ERR`.
+fn outside_names(client_ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<String>> {
+    let root = place().base.join("cg");
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && for i in $(seq {n}); do curl -s --max-time 5 http://{to}/ || echo ERR; done",
+        root.display()
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", client_ns, "sh", "-c", &script])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "outside client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// The shared "cluster IP and node port" scenario, NodePort from outside via TC.
+fn cluster_ip_and_node_port_ebpf(mode: &Mode) -> anyhow::Result<()> {
+    let topo = Topology::new("feA")?;
+    let m = Manifests::new(&cluster_yaml(&[0, 1, 2]))?;
+    let _ferry = Ferry::start(&topo, mode, &m.dir)?;
+    let web = addr(scenarios::WEB_VIP, 80);
+    let dns = addr(scenarios::WEB_VIP, 53);
+    let from_node = in_netns(&topo.node, move || tcp_names(web, 40))?;
+    ensure!(distinct(&from_node) == all_pods(), "TCP from node: {from_node:?}");
+    let udp_from_node = in_netns(&topo.node, move || udp_names(dns, 40))?;
+    ensure!(
+        distinct(&udp_from_node) == all_pods(),
+        "UDP from node: {udp_from_node:?}"
+    );
+    let from_pod = in_netns(&topo.pods[0].ns, move || tcp_names(web, 40))?;
+    ensure!(
+        distinct(&from_pod) == all_pods(),
+        "TCP from pod0 (incl. itself): {from_pod:?}"
+    );
+    let udp_from_pod = in_netns(&topo.pods[0].ns, move || udp_names(dns, 40))?;
+    ensure!(distinct(&udp_from_pod) == all_pods(), "UDP from pod0: {udp_from_pod:?}");
+    // From outside the node: the TC program (DNAT + SNAT, eTP Cluster).
+    let from_client = outside_names(&topo.client, addr("192.0.2.1", 30080), 40)?;
+    ensure!(
+        distinct(&from_client) == all_pods(),
+        "NodePort from client: {from_client:?}"
+    );
+    // The node itself reaching its NodePort: socket LB.
+    let np = addr("192.0.2.1", 30080);
+    let from_node_np = in_netns(&topo.node, move || tcp_names(np, 20))?;
+    ensure!(
+        distinct(&from_node_np) == all_pods(),
+        "NodePort from the node: {from_node_np:?}"
+    );
+    let admin: SocketAddr = ADMIN.parse()?;
+    let (status, metrics) = in_netns(&topo.node, move || http_get(admin, "/metrics"))??;
+    ensure!(status.contains(" 200"), "/metrics: {status}");
+    for name in [
+        "ferry_proxy_sync_full_duration_seconds_count 1",
+        "ferry_proxy_sync_failures_total 0",
+    ] {
+        ensure!(metrics.contains(name), "/metrics lacks {name:?}:\n{metrics}");
+    }
+    Ok(())
+}
+
+/// The shared "affinity and local policy" scenario, outside clients via TC.
+fn affinity_and_local_policy_ebpf(mode: &Mode) -> anyhow::Result<()> {
+    let topo = Topology::new("feB")?;
+    let m = Manifests::new(&cluster_yaml(&[0, 1, 2]))?;
+    let _ferry = Ferry::start(&topo, mode, &m.dir)?;
+    let names = outside_names(&topo.client, addr("192.0.2.1", 30081), 15)?;
+    ensure!(
+        names.len() == 15 && distinct(&names).len() == 1 && names[0].starts_with("pod"),
+        "affinity via NodePort from outside: {names:?}"
+    );
+    let sticky = addr("10.96.0.11", 80);
+    let names = in_netns(&topo.pods[0].ns, move || tcp_names(sticky, 15))?;
+    ensure!(
+        distinct(&names).len() == 1 && !names[0].starts_with("ERR"),
+        "affinity via ClusterIP: {names:?}"
+    );
+    // eTP Local from outside: only the local endpoint, client address kept.
+    let names = outside_names(&topo.client, addr("192.0.2.1", 30082), 30)?;
+    ensure!(
+        distinct(&names) == ["pod0".to_string()].into_iter().collect(),
+        "eTP Local via NodePort from outside: {names:?}"
+    );
+    let local_vip = addr("10.96.0.12", 80);
+    let names = in_netns(&topo.pods[0].ns, move || tcp_names(local_vip, 40))?;
+    ensure!(
+        distinct(&names) == all_pods(),
+        "eTP Local service's ClusterIP: {names:?}"
+    );
+    let hc = addr("192.0.2.1", 30300);
+    let (status, body) = in_netns(&topo.client, move || http_get(hc, "/healthz"))??;
+    ensure!(status.contains(" 200"), "health check status: {status}");
+    ensure!(body.contains("\"localEndpoints\":1"), "health check body: {body}");
+    Ok(())
+}
+
+#[test]
+fn ebpf_cluster_ip_and_node_port() {
+    run("cluster_ip_and_node_port (ebpf variant)", cluster_ip_and_node_port_ebpf);
+}
+
+#[test]
+fn ebpf_affinity_and_local_policy() {
+    run(
+        "affinity_and_local_policy (ebpf variant)",
+        affinity_and_local_policy_ebpf,
+    );
 }

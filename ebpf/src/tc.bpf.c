@@ -156,7 +156,7 @@ static __always_inline int redirect_routed(struct __sk_buff *skb, const struct f
 		.l4_protocol = proto,
 		.sport = to->sport,
 		.dport = to->dport,
-		.tot_len = bpf_htons((__u16)(skb->len - ETH_HLEN)),
+		.tot_len = (__u16)(skb->len - ETH_HLEN), /* host order */
 		.ipv4_src = to->saddr,
 		.ipv4_dst = to->daddr,
 		.ifindex = skb->ingress_ifindex,
