@@ -7,6 +7,7 @@
 //! task that rebuilds the zone on each snapshot; `metrics` what they count.
 
 pub mod error;
+pub mod fast;
 pub mod forward;
 pub mod metrics;
 pub mod resolv;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::DnsError;
 use crate::forward::{Forwarder, ForwarderConfig};
 use crate::metrics::DnsMetrics;
-use crate::wire::{self, Context, Outcome, Request, Transport};
+use crate::wire::{self, Buffers, Context, Handled, Outcome, Request, Transport};
 use crate::zone::{name_key, Zone, ZoneConfig};
 
 /// How long a TCP connection may sit idle between queries.
@@ -188,6 +188,26 @@ impl DnsServer {
         out
     }
 
+    /// `answer` with buffers reused across requests; a reply is left in
+    /// `bufs.reply`.
+    pub fn answer_into(&self, packet: &[u8], transport: Transport, bufs: &mut Buffers) -> Handled {
+        let zone = self.state.zone.load();
+        let ctx = Context {
+            cluster_key: &self.state.cluster_key,
+            transport,
+            recursion: self.state.forwarder.is_some(),
+        };
+        let out = wire::handle_into(packet, zone.as_deref(), ctx, bufs);
+        match &out {
+            Handled::Reply { qtype, rcode } => self.state.metrics.query(*qtype, *rcode),
+            Handled::Drop => {
+                self.state.metrics.dropped.inc();
+            }
+            Handled::Forward(_) => {}
+        }
+        out
+    }
+
     /// Forwards a request that is not ours and returns the reply bytes.
     pub async fn forward(&self, req: Request) -> Vec<u8> {
         let qtype = Some(req.query.query_type());
@@ -292,6 +312,7 @@ impl DnsServer {
 
     fn udp_loop(&self, sock: Arc<UdpSocket>, handle: tokio::runtime::Handle, cancel: CancellationToken) {
         let mut buf = vec![0u8; 65535];
+        let mut bufs = Buffers::default();
         while !cancel.is_cancelled() {
             let (n, peer) = match sock.recv_from(&mut buf) {
                 Ok(r) => r,
@@ -302,11 +323,11 @@ impl DnsServer {
                 }
             };
             let packet = buf.get(..n).unwrap_or_default();
-            match self.answer(packet, Transport::Udp) {
-                Outcome::Reply { bytes, .. } => {
-                    let _ = sock.send_to(&bytes, peer);
+            match self.answer_into(packet, Transport::Udp, &mut bufs) {
+                Handled::Reply { .. } => {
+                    let _ = sock.send_to(&bufs.reply, peer);
                 }
-                Outcome::Forward(req) => {
+                Handled::Forward(req) => {
                     let server = self.clone();
                     let sock = sock.clone();
                     handle.spawn(async move {
@@ -314,7 +335,7 @@ impl DnsServer {
                         let _ = sock.send_to(&bytes, peer);
                     });
                 }
-                Outcome::Drop => {}
+                Handled::Drop => {}
             }
         }
     }

@@ -6,10 +6,15 @@
 //! a header can be read), responses and non-queries are never answered as
 //! queries, EDNS payload size honoured and capped, additionals shed and then
 //! TC set so that an answer never exceeds the client's limit.
+//!
+//! Two paths: `crate::fast` answers the common plain query for a zone name
+//! by hand; everything else (and anything the fast path declines) is
+//! decoded and encoded with hickory here. Both give the same bytes.
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 
+use crate::fast::{self, Scratch};
 use crate::zone::{name_key, Lookup, Zone};
 
 /// The largest UDP payload we send or advertise (the DNS flag day 2020
@@ -67,8 +72,62 @@ pub struct Context<'a> {
     pub recursion: bool,
 }
 
+/// What `handle_into` did; a reply is in `Buffers::reply`.
+#[derive(Debug)]
+pub enum Handled {
+    Reply {
+        qtype: Option<RecordType>,
+        rcode: ResponseCode,
+    },
+    Forward(Request),
+    Drop,
+}
+
+/// Buffers that one socket loop reuses from request to request.
+#[derive(Debug, Default)]
+pub struct Buffers {
+    scratch: Scratch,
+    /// The reply bytes after `Handled::Reply`.
+    pub reply: Vec<u8>,
+}
+
 /// Handles one request packet.
 pub fn handle(packet: &[u8], zone: Option<&Zone>, ctx: Context<'_>) -> Outcome {
+    let mut bufs = Buffers::default();
+    match handle_into(packet, zone, ctx, &mut bufs) {
+        Handled::Reply { qtype, rcode } => Outcome::Reply {
+            bytes: bufs.reply,
+            qtype,
+            rcode,
+        },
+        Handled::Forward(req) => Outcome::Forward(req),
+        Handled::Drop => Outcome::Drop,
+    }
+}
+
+/// `handle` with reused buffers: the fast path first, then the general one.
+pub fn handle_into(packet: &[u8], zone: Option<&Zone>, ctx: Context<'_>, bufs: &mut Buffers) -> Handled {
+    if let Some(z) = zone {
+        if let Some(a) = fast::answer(packet, z, ctx, &mut bufs.scratch, &mut bufs.reply) {
+            return Handled::Reply {
+                qtype: Some(a.qtype),
+                rcode: a.rcode,
+            };
+        }
+    }
+    match handle_general(packet, zone, ctx) {
+        Outcome::Reply { bytes, qtype, rcode } => {
+            bufs.reply = bytes;
+            Handled::Reply { qtype, rcode }
+        }
+        Outcome::Forward(req) => Handled::Forward(req),
+        Outcome::Drop => Handled::Drop,
+    }
+}
+
+/// The general path alone: every request decoded and every reply encoded
+/// with hickory. (The fast path must give the same bytes; tests compare.)
+pub fn handle_general(packet: &[u8], zone: Option<&Zone>, ctx: Context<'_>) -> Outcome {
     if packet.len() < HEADER_LEN {
         return Outcome::Drop;
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use ferry_cluster::files::parse_documents;
 use ferry_cluster::Snapshot;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RecordType};
 
 use super::*;
 use crate::zone::{Zone, ZoneConfig};
@@ -30,6 +30,18 @@ pub(crate) fn big_zone(n: usize) -> Zone {
         .flat_map(|d| d.unwrap())
         .collect();
     Zone::build(&Snapshot::from_objects(1, objects), &ZoneConfig::default()).unwrap()
+}
+
+/// The zone of the shared fixture (every record kind).
+fn fixture_zone() -> Zone {
+    let objects: Vec<_> = parse_documents(
+        Path::new("cluster.yaml"),
+        include_str!("../tests/fixtures/cluster.yaml"),
+    )
+    .into_iter()
+    .flat_map(|d| d.unwrap())
+    .collect();
+    Zone::build(&Snapshot::from_objects(7, objects), &ZoneConfig::default()).unwrap()
 }
 
 const CLUSTER: &[u8] = b"cluster.local";
@@ -61,6 +73,124 @@ fn reply_of(out: Outcome) -> (Vec<u8>, Message) {
             (bytes, m)
         }
         other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+/// The fast path's reply to `packet`, if it takes it.
+fn fast_reply(packet: &[u8], zone: &Zone, ctx: Context<'_>) -> Option<Vec<u8>> {
+    let mut scratch = crate::fast::Scratch::default();
+    let mut out = Vec::new();
+    crate::fast::answer(packet, zone, ctx, &mut scratch, &mut out).map(|_| out)
+}
+
+fn general_reply(packet: &[u8], zone: &Zone, ctx: Context<'_>) -> Vec<u8> {
+    match handle_general(packet, Some(zone), ctx) {
+        Outcome::Reply { bytes, .. } => bytes,
+        other => panic!("general path did not reply: {other:?}"),
+    }
+}
+
+/// Every record kind through the fast path gives exactly the bytes of the
+/// general (hickory) path; queries the fast path must leave alone are
+/// declined and still answered by `handle`.
+#[test]
+fn fast_path_replies_equal_the_general_path() {
+    use RecordType::*;
+    let fixture = fixture_zone();
+    let big = big_zone(8);
+    let fast_cases: Vec<(&Zone, &str, RecordType)> = vec![
+        (&fixture, "ngx-svc.default.svc.cluster.local.", A),
+        (&fixture, "NGX-Svc.Default.SVC.cluster.LOCAL.", A),
+        (&fixture, "ngx-svc.default.svc.cluster.local.", AAAA),
+        (&fixture, "web.apps.svc.cluster.local.", AAAA),
+        (&fixture, "web.apps.svc.cluster.local.", ANY),
+        (&fixture, "_http._tcp.web.apps.svc.cluster.local.", SRV),
+        (&fixture, "_Http._TCP.web.apps.svc.cluster.local.", SRV),
+        (&fixture, "_dns._udp.web.apps.svc.cluster.local.", SRV),
+        (&fixture, "_tcp.web.apps.svc.cluster.local.", SRV),
+        (&fixture, "redis-svc.default.svc.cluster.local.", A),
+        (&fixture, "redis-sts-0.redis-svc.default.svc.cluster.local.", A),
+        (&fixture, "_redis._tcp.redis-svc.default.svc.cluster.local.", SRV),
+        (&fixture, "idle-svc.default.svc.cluster.local.", A),
+        (&fixture, "_http._tcp.plain.default.svc.cluster.local.", SRV),
+        (&fixture, "db-0.v6db.apps.svc.cluster.local.", AAAA),
+        (&fixture, "90.0.96.10.in-addr.arpa.", PTR),
+        (&fixture, "10.0.244.10.in-addr.arpa.", PTR),
+        (
+            &fixture,
+            "0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
+            PTR,
+        ),
+        (&fixture, "ext.default.svc.cluster.local.", A),
+        (&fixture, "ext.default.svc.cluster.local.", CNAME),
+        (&fixture, "alias.apps.svc.cluster.local.", A),
+        (&fixture, "dns-version.cluster.local.", TXT),
+        (&fixture, "dns-version.cluster.local.", A),
+        (&fixture, "cluster.local.", SOA),
+        (&fixture, "cluster.local.", ANY),
+        (&fixture, "Cluster.Local.", NS),
+        (&fixture, "default.svc.cluster.local.", A),
+        (&fixture, "nope.svc.cluster.local.", A),
+        (&fixture, "a.b.missing.default.svc.cluster.local.", MX),
+        (&fixture, "10-244-3-4.apps.pod.cluster.local.", A),
+        (&fixture, "1-2-3-4.default.pod.cluster.local.", AAAA),
+        (&fixture, "fd00--7.default.pod.cluster.local.", AAAA),
+        (&fixture, "1-2-3-4.nons.pod.cluster.local.", A),
+        (
+            &fixture,
+            "ngx-svc.default.svc.cluster.local.",
+            RecordType::Unknown(65280),
+        ),
+        (&big, "_http._tcp.big.default.svc.cluster.local.", SRV),
+        (&big, "big.default.svc.cluster.local.", A),
+        (&big, "small.default.svc.cluster.local.", A),
+    ];
+    for (zone, name, qtype) in &fast_cases {
+        for payload in [None, Some(512), Some(1232), Some(4096)] {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let mut p = query(name, *qtype, payload);
+                for flags in [(0x01, 0x00), (0x00, 0x10), (0x01, 0x30)] {
+                    p[2] = (p[2] & !0x01) | flags.0;
+                    p[3] = flags.1;
+                    let what = format!("{name} {qtype} payload {payload:?} {transport:?} flags {flags:?}");
+                    let general = general_reply(&p, zone, ctx(transport));
+                    let fits = transport == Transport::Tcp || payload.is_some_and(|p| p >= 1232);
+                    match fast_reply(&p, zone, ctx(transport)) {
+                        Some(fast) => assert_eq!(fast, general, "{what}"),
+                        // Only an answer over the limit may leave the fast path.
+                        None => assert!(!fits, "fast path declined {what}"),
+                    }
+                    let (bytes, _) = reply_of(handle(&p, Some(zone), ctx(transport)));
+                    assert_eq!(bytes, general, "{what}");
+                }
+            }
+        }
+    }
+    // Left to the general path: names we forward, other classes, zone
+    // transfers, several questions, EDNS options, other opcodes.
+    let mut declined: Vec<Vec<u8>> = vec![
+        query("example.com.", A, None),
+        query("1.1.168.192.in-addr.arpa.", PTR, None),
+        query("cluster.local.", AXFR, None),
+    ];
+    let mut chaos = Message::new(3, MessageType::Query, OpCode::Query);
+    let mut q = Query::query(Name::from_ascii("cluster.local.").unwrap(), SOA);
+    q.set_query_class(DNSClass::CH);
+    chaos.add_query(q);
+    declined.push(chaos.to_vec().unwrap());
+    let mut cookie = Message::new(4, MessageType::Query, OpCode::Query);
+    cookie.add_query(Query::query(Name::from_ascii("cluster.local.").unwrap(), SOA));
+    let mut e = Edns::new();
+    e.options_mut()
+        .insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(
+            10,
+            vec![1, 2, 3, 4, 5, 6, 7, 8],
+        ));
+    cookie.set_edns(e);
+    declined.push(cookie.to_vec().unwrap());
+    for p in &declined {
+        assert!(fast_reply(p, &fixture, ctx(Transport::Udp)).is_none(), "{p:?}");
+        assert!(!matches!(handle(p, Some(&fixture), ctx(Transport::Udp)), Outcome::Drop));
     }
 }
 
@@ -247,6 +377,7 @@ fn no_input_panics_or_overflows() {
     ];
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     let mut replies = 0;
+    let mut fast_replies = 0;
     for i in 0..60_000 {
         let mut p = if i % 10 == 0 {
             let len = rng.usize(0..300);
@@ -267,6 +398,14 @@ fn no_input_panics_or_overflows() {
             }
         }
         for transport in [Transport::Udp, Transport::Tcp] {
+            if let Some(fast) = fast_reply(&p, &z, ctx(transport)) {
+                fast_replies += 1;
+                assert_eq!(
+                    fast,
+                    general_reply(&p, &z, ctx(transport)),
+                    "fast and general differ for {p:?}"
+                );
+            }
             if let Outcome::Reply { bytes, .. } = handle(&p, Some(&z), ctx(transport)) {
                 replies += 1;
                 let limit = if transport == Transport::Udp { 1232 } else { 65535 };
@@ -281,6 +420,10 @@ fn no_input_panics_or_overflows() {
         }
     }
     assert!(replies > 10_000, "the run must exercise the reply path ({replies})");
+    assert!(
+        fast_replies > 5_000,
+        "the run must exercise the fast path ({fast_replies})"
+    );
 }
 
 /// Whether a request packet decodes with an OPT record (EDNS).

@@ -6,10 +6,20 @@
 //! Why our own index and not hickory's in-memory authority: that authority
 //! decides NXDOMAIN versus NODATA by scanning every name; here every name,
 //! including the empty non-terminals (`<ns>.svc.<zone>`, `_tcp.<svc>…`), is a
-//! key of one `HashMap`, so a lookup is O(1) in the size of the cluster.
+//! key of one hash index, so a lookup is O(1) in the size of the cluster.
+//!
+//! Why not hickory `Record`s in the index: a `Record` with its `Name` costs
+//! kilobytes and several heap allocations; a cluster of 10k services then
+//! needs tens of megabytes. Here every name is its lookup key in one byte
+//! arena, every record a small `Data` value (addresses inline, names as ids
+//! into the name table), all in a few flat vectors. Records are turned into
+//! hickory `Record`s (`lookup`) or written straight as wire bytes
+//! (`crate::wire`'s fast path) only when a query asks for them.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
@@ -95,6 +105,93 @@ pub enum Lookup {
     NotOurs,
 }
 
+/// The kind of a lookup's result, with the records left in an `Answer`
+/// buffer (the allocation-free form of `Lookup` that the wire path uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Answer,
+    NoData,
+    NxDomain,
+    NotOurs,
+}
+
+/// Identifies a name in the zone's name table.
+pub type NameId = u32;
+
+/// The typed data of one record. Every record of the zone has the zone's
+/// TTL and class IN; names are ids into the name table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Data {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    /// Priority is always 0.
+    Srv {
+        weight: u16,
+        port: u16,
+        target: NameId,
+    },
+    Cname(NameId),
+    Ptr(NameId),
+    /// `dns-version`'s TXT (`SCHEMA_VERSION`), the zone's only TXT.
+    Txt,
+    /// The zone's SOA (see `Zone::soa_fields`).
+    Soa,
+}
+
+impl Data {
+    pub fn record_type(&self) -> RecordType {
+        match self {
+            Data::A(_) => RecordType::A,
+            Data::Aaaa(_) => RecordType::AAAA,
+            Data::Srv { .. } => RecordType::SRV,
+            Data::Cname(_) => RecordType::CNAME,
+            Data::Ptr(_) => RecordType::PTR,
+            Data::Txt => RecordType::TXT,
+            Data::Soa => RecordType::SOA,
+        }
+    }
+}
+
+/// Whose name a record of a lookup carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The queried name, in the query's spelling.
+    Query,
+    Name(NameId),
+}
+
+/// One record of a lookup's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rr {
+    pub owner: Owner,
+    pub data: Data,
+}
+
+/// Reusable buffers for a lookup's records, so that answering a query
+/// allocates nothing once they have grown.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub answers: Vec<Rr>,
+    pub additionals: Vec<Rr>,
+}
+
+impl Answer {
+    pub fn clear(&mut self) {
+        self.answers.clear();
+        self.additionals.clear();
+    }
+}
+
+/// The SOA's numbers (names: `ns.dns.<zone>` and `hostmaster.<zone>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoaFields {
+    pub serial: u32,
+    pub refresh: i32,
+    pub retry: i32,
+    pub expire: i32,
+    pub minimum: u32,
+}
+
 /// A lookup key: the name's labels, ASCII-lowercased, joined with `.`,
 /// without the root. A `.` or `\` inside a label is escaped so that no query
 /// can alias a differently split name.
@@ -104,14 +201,47 @@ pub fn name_key(name: &Name) -> Vec<u8> {
         if i > 0 {
             key.push(b'.');
         }
-        for &b in label {
-            if b == b'.' || b == b'\\' {
-                key.push(b'\\');
-            }
-            key.push(b.to_ascii_lowercase());
-        }
+        push_key_label(&mut key, label);
     }
     key
+}
+
+/// Appends one label to a key, lowercased and escaped as `name_key` does.
+pub fn push_key_label(key: &mut Vec<u8>, label: &[u8]) {
+    for &b in label {
+        if b == b'.' || b == b'\\' {
+            key.push(b'\\');
+        }
+        key.push(b.to_ascii_lowercase());
+    }
+}
+
+/// Calls `f` with each label of `key` (unescaped, as on the wire), from the
+/// leftmost; the empty key (the root) has none. `buf` holds one label.
+pub fn for_each_key_label(key: &[u8], mut f: impl FnMut(&[u8])) {
+    if key.is_empty() {
+        return;
+    }
+    let mut label = [0u8; 256];
+    let mut len = 0;
+    let mut escaped = false;
+    for &b in key {
+        if escaped {
+            escaped = false;
+        } else if b == b'\\' {
+            escaped = true;
+            continue;
+        } else if b == b'.' {
+            f(&label[..len]);
+            len = 0;
+            continue;
+        }
+        if let Some(slot) = label.get_mut(len) {
+            *slot = b;
+            len += 1;
+        }
+    }
+    f(&label[..len]);
 }
 
 /// `true` when `key` is `suffix` or ends with `.suffix`.
@@ -119,9 +249,102 @@ pub fn key_is_under(key: &[u8], suffix: &[u8]) -> bool {
     key == suffix || (key.len() > suffix.len() && key.ends_with(suffix) && key[key.len() - suffix.len() - 1] == b'.')
 }
 
-#[derive(Debug, Default, Clone)]
-struct Node {
-    records: Vec<Record>,
+/// One name of the table: its key in the arena and its records.
+#[derive(Debug, Clone, Copy)]
+struct NameEntry {
+    key_start: u32,
+    key_len: u32,
+    records_start: u32,
+    records_len: u32,
+    /// `false` for names that are only targets (an ExternalName's CNAME
+    /// target, say): they are interned for their id, but do not exist.
+    exists: bool,
+}
+
+/// The name table and its hash index: keys in one arena, no allocation per
+/// name.
+#[derive(Debug, Clone, Default)]
+struct Names {
+    arena: Vec<u8>,
+    entries: Vec<NameEntry>,
+    /// Open addressing, linear probing: (low 32 bits of the hash, id + 1);
+    /// id 0 marks a free slot. At most half full.
+    slots: Vec<(u32, u32)>,
+    hasher: RandomState,
+}
+
+impl Names {
+    fn key(&self, id: NameId) -> &[u8] {
+        match self.entries.get(id as usize) {
+            Some(e) => self
+                .arena
+                .get(e.key_start as usize..(e.key_start + e.key_len) as usize)
+                .unwrap_or_default(),
+            None => &[],
+        }
+    }
+
+    fn hash(&self, key: &[u8]) -> u32 {
+        self.hasher.hash_one(key) as u32
+    }
+
+    fn find(&self, key: &[u8]) -> Option<NameId> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let h = self.hash(key);
+        let mut i = h as usize & mask;
+        for _ in 0..self.slots.len() {
+            let (sh, id1) = self.slots[i];
+            if id1 == 0 {
+                return None;
+            }
+            if sh == h && self.key(id1 - 1) == key {
+                return Some(id1 - 1);
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+
+    fn place(slots: &mut [(u32, u32)], h: u32, id1: u32) {
+        let mask = slots.len() - 1;
+        let mut i = h as usize & mask;
+        for _ in 0..slots.len() {
+            if slots[i].1 == 0 {
+                slots[i] = (h, id1);
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The id of `key`, added (not existing) when new.
+    fn intern(&mut self, key: &[u8]) -> NameId {
+        if let Some(id) = self.find(key) {
+            return id;
+        }
+        if (self.entries.len() + 1) * 2 > self.slots.len() {
+            let mut slots = vec![(0u32, 0u32); (self.slots.len() * 2).max(64)];
+            for &(h, id1) in self.slots.iter().filter(|s| s.1 != 0) {
+                Self::place(&mut slots, h, id1);
+            }
+            self.slots = slots;
+        }
+        let id = self.entries.len() as NameId;
+        self.entries.push(NameEntry {
+            key_start: self.arena.len() as u32,
+            key_len: key.len() as u32,
+            records_start: 0,
+            records_len: 0,
+            exists: false,
+        });
+        self.arena.extend_from_slice(key);
+        let h = self.hash(key);
+        Self::place(&mut self.slots, h, id + 1);
+        id
+    }
 }
 
 /// The compiled cluster zone. Immutable once built; the server swaps a new
@@ -134,11 +357,17 @@ pub struct Zone {
     ttl: u32,
     pods: PodMode,
     soa: Record,
-    nodes: HashMap<Box<[u8]>, Node>,
+    soa_fields: SoaFields,
+    soa_mname: NameId,
+    soa_rname: NameId,
+    origin_id: NameId,
+    names: Names,
+    /// Every record, grouped by owner (`NameEntry::records_*`).
+    records: Vec<Data>,
     /// Namespaces, for synthesized (insecure) pod records.
     namespaces: HashSet<Box<str>>,
     generation: u64,
-    record_count: usize,
+    existing_names: usize,
     /// Objects or fields skipped while building (already logged).
     skipped: usize,
 }
@@ -161,61 +390,71 @@ impl Zone {
                 reason: "empty".into(),
             });
         }
+        let mname = child(&origin, "ns.dns")?;
+        let rname = child(&origin, "hostmaster")?;
+        let soa_fields = SoaFields {
+            // The generation changes with every snapshot, as a serial should.
+            serial: (snap.generation & u64::from(u32::MAX)) as u32,
+            refresh: 7200,
+            retry: 1800,
+            expire: 86400,
+            minimum: cfg.ttl,
+        };
         let soa = Record::from_rdata(
             origin.clone(),
             cfg.ttl,
             RData::SOA(SOA::new(
-                child(&origin, "ns.dns")?,
-                child(&origin, "hostmaster")?,
-                // The generation changes with every snapshot, as a serial should.
-                (snap.generation & u64::from(u32::MAX)) as u32,
-                7200,
-                1800,
-                86400,
-                cfg.ttl,
+                mname.clone(),
+                rname.clone(),
+                soa_fields.serial,
+                soa_fields.refresh,
+                soa_fields.retry,
+                soa_fields.expire,
+                soa_fields.minimum,
             )),
         );
+        let mut names = Names::default();
+        let origin_key = name_key(&origin);
+        let origin_id = names.intern(&origin_key);
+        let soa_mname = names.intern(&name_key(&mname));
+        let soa_rname = names.intern(&name_key(&rname));
         let mut b = Builder {
             zone: Zone {
-                origin_key: name_key(&origin),
+                origin_key,
                 pod_suffix: format!("pod.{domain}").into_bytes(),
                 origin: origin.clone(),
                 ttl: cfg.ttl,
                 pods: cfg.pods,
-                soa: soa.clone(),
-                nodes: HashMap::new(),
+                soa,
+                soa_fields,
+                soa_mname,
+                soa_rname,
+                origin_id,
+                names,
+                records: Vec::new(),
                 namespaces: HashSet::new(),
                 generation: snap.generation,
-                record_count: 0,
+                existing_names: 0,
                 skipped: 0,
             },
+            pending: Vec::new(),
         };
-        b.add(soa);
-        b.add_record(
-            &format!("dns-version.{domain}"),
-            RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
-        );
-        b.ensure(&format!("svc.{domain}"));
+        let origin_key = b.zone.origin_key.clone();
+        b.push(&origin_key, Data::Soa);
+        b.add(&format!("dns-version.{domain}"), Data::Txt);
+        b.ensure(format!("svc.{domain}").as_bytes());
         for ns in snap.namespaces() {
-            b.ensure(&format!("{}.svc.{domain}", ns.name));
-            if cfg.pods != PodMode::Disabled {
-                b.ensure(&format!("{}.pod.{domain}", ns.name));
-            }
-            b.zone.namespaces.insert(ns.name.to_ascii_lowercase().into());
+            b.namespace(&ns.name, &domain, cfg.pods);
         }
         // A namespace that holds objects exists, whether or not the source
         // delivered its Namespace object.
         let object_namespaces = snap
             .services()
-            .map(|s| s.key.namespace.clone())
-            .chain(snap.pods().map(|p| p.key.namespace.clone()))
+            .map(|s| s.key.namespace.as_str())
+            .chain(snap.pods().map(|p| p.key.namespace.as_str()))
             .collect::<BTreeSet<_>>();
         for ns in object_namespaces {
-            b.ensure(&format!("{ns}.svc.{domain}"));
-            if cfg.pods != PodMode::Disabled {
-                b.ensure(&format!("{ns}.pod.{domain}"));
-            }
-            b.zone.namespaces.insert(ns.to_ascii_lowercase().into());
+            b.namespace(ns, &domain, cfg.pods);
         }
         for svc in snap.services() {
             b.service(snap, svc, &domain);
@@ -228,7 +467,7 @@ impl Zone {
                 }
             }
         }
-        Ok(b.zone)
+        Ok(b.finish())
     }
 
     pub fn origin(&self) -> &Name {
@@ -238,6 +477,11 @@ impl Zone {
     /// The SOA for the authority section of NODATA and NXDOMAIN answers.
     pub fn soa(&self) -> &Record {
         &self.soa
+    }
+
+    /// The SOA as parts: owner, mname, rname and numbers (for the wire path).
+    pub fn soa_parts(&self) -> (NameId, NameId, NameId, SoaFields) {
+        (self.origin_id, self.soa_mname, self.soa_rname, self.soa_fields)
     }
 
     pub fn ttl(&self) -> u32 {
@@ -250,11 +494,11 @@ impl Zone {
 
     /// Names in the index (including empty non-terminals).
     pub fn name_count(&self) -> usize {
-        self.nodes.len()
+        self.existing_names
     }
 
     pub fn record_count(&self) -> usize {
-        self.record_count
+        self.records.len()
     }
 
     /// Objects or fields skipped while building (each was logged).
@@ -267,6 +511,19 @@ impl Zone {
         key_is_under(key, &self.origin_key)
     }
 
+    /// The lookup key of a name of the table.
+    pub fn key_of(&self, id: NameId) -> &[u8] {
+        self.names.key(id)
+    }
+
+    /// The name `id` as a hickory `Name`.
+    pub fn name_of(&self, id: NameId) -> Name {
+        let mut labels: Vec<Vec<u8>> = Vec::new();
+        for_each_key_label(self.names.key(id), |l| labels.push(l.to_vec()));
+        // Every key was made from a valid `Name` while building.
+        Name::from_labels(labels).unwrap_or_else(|_| Name::root())
+    }
+
     /// Answers `qtype` for `qname`. Answer records owned by the queried name
     /// carry the query's spelling (so 0x20-randomizing resolvers accept them).
     pub fn lookup(&self, qname: &Name, qtype: RecordType) -> Lookup {
@@ -276,120 +533,179 @@ impl Zone {
 
     /// `lookup` with the key already computed.
     pub fn lookup_key(&self, key: &[u8], qname: &Name, qtype: RecordType) -> Lookup {
+        let mut out = Answer::default();
+        match self.resolve(key, qtype, &mut out) {
+            Status::Answer => Lookup::Answer {
+                answers: out.answers.iter().map(|rr| self.record(rr, qname)).collect(),
+                additionals: out.additionals.iter().map(|rr| self.record(rr, qname)).collect(),
+            },
+            Status::NoData => Lookup::NoData,
+            Status::NxDomain => Lookup::NxDomain,
+            Status::NotOurs => Lookup::NotOurs,
+        }
+    }
+
+    /// The hickory form of one record of a lookup's result.
+    pub fn record(&self, rr: &Rr, qname: &Name) -> Record {
+        let owner = match rr.owner {
+            Owner::Query => qname.clone(),
+            Owner::Name(id) => self.name_of(id),
+        };
+        Record::from_rdata(owner, self.ttl, self.rdata(&rr.data))
+    }
+
+    fn rdata(&self, data: &Data) -> RData {
+        match *data {
+            Data::A(v4) => RData::A(A(v4)),
+            Data::Aaaa(v6) => RData::AAAA(AAAA(v6)),
+            Data::Srv { weight, port, target } => RData::SRV(SRV::new(0, weight, port, self.name_of(target))),
+            Data::Cname(t) => RData::CNAME(CNAME(self.name_of(t))),
+            Data::Ptr(t) => RData::PTR(PTR(self.name_of(t))),
+            Data::Txt => RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
+            Data::Soa => self.soa.data.clone(),
+        }
+    }
+
+    /// The existing name `key`, if any.
+    fn existing(&self, key: &[u8]) -> Option<&NameEntry> {
+        self.names
+            .find(key)
+            .and_then(|id| self.names.entries.get(id as usize))
+            .filter(|e| e.exists)
+    }
+
+    fn records_of(&self, e: &NameEntry) -> &[Data] {
+        self.records
+            .get(e.records_start as usize..(e.records_start + e.records_len) as usize)
+            .unwrap_or_default()
+    }
+
+    /// The lookup itself: decides the outcome for `key` and leaves the
+    /// records in `out` (cleared first). Allocation-free once `out` has grown.
+    pub fn resolve(&self, key: &[u8], qtype: RecordType, out: &mut Answer) -> Status {
+        out.clear();
         let ours = key_is_under(key, &self.origin_key);
         let reverse = key_is_under(key, IN_ADDR) || key_is_under(key, IP6);
         if !ours && !reverse {
-            return Lookup::NotOurs;
+            return Status::NotOurs;
         }
-        let node = match self.nodes.get(key) {
+        let node = match self.existing(key) {
             Some(n) => n,
-            None if reverse => return Lookup::NotOurs,
-            None => return self.synthesized_pod(key, qname, qtype),
+            None if reverse => return Status::NotOurs,
+            None => return self.synthesized_pod(key, qtype, out),
         };
-        let mut answers: Vec<Record> = Vec::new();
-        let mut cname_target: Option<Name> = None;
-        for r in &node.records {
-            let t = r.record_type();
+        let mut cname_target: Option<NameId> = None;
+        for d in self.records_of(node) {
+            let t = d.record_type();
             if t == qtype || qtype == RecordType::ANY || (t == RecordType::CNAME && qtype != RecordType::CNAME) {
-                let mut r = r.clone();
-                r.name = qname.clone();
-                if let RData::CNAME(c) = &r.data {
-                    cname_target = Some(c.0.clone());
+                if let Data::Cname(target) = d {
+                    cname_target = Some(*target);
                 }
-                answers.push(r);
+                out.answers.push(Rr {
+                    owner: Owner::Query,
+                    data: *d,
+                });
             }
         }
-        if answers.is_empty() {
-            return Lookup::NoData;
+        if out.answers.is_empty() {
+            return Status::NoData;
         }
         // ExternalName pointing into the zone: append the target's records,
         // following at most a few hops so a CNAME loop cannot spin.
         let mut hops = 0;
         while let (Some(target), true) = (cname_target.take(), qtype != RecordType::ANY) {
             hops += 1;
-            let tkey = name_key(&target);
-            if hops > 8 || !key_is_under(&tkey, &self.origin_key) {
+            if hops > 8 || !key_is_under(self.names.key(target), &self.origin_key) {
                 break;
             }
-            if let Some(tnode) = self.nodes.get(tkey.as_slice()) {
-                for r in &tnode.records {
-                    let t = r.record_type();
-                    if t == qtype || t == RecordType::CNAME {
-                        if let RData::CNAME(c) = &r.data {
-                            cname_target = Some(c.0.clone());
-                        }
-                        answers.push(r.clone());
+            let Some(tnode) = self.names.entries.get(target as usize).filter(|e| e.exists) else {
+                continue;
+            };
+            for d in self.records_of(tnode) {
+                let t = d.record_type();
+                if t == qtype || t == RecordType::CNAME {
+                    if let Data::Cname(next) = d {
+                        cname_target = Some(*next);
+                    }
+                    out.answers.push(Rr {
+                        owner: Owner::Name(target),
+                        data: *d,
+                    });
+                }
+            }
+        }
+        for i in 0..out.answers.len() {
+            let Data::Srv { target, .. } = out.answers[i].data else {
+                continue;
+            };
+            if let Some(tnode) = self.names.entries.get(target as usize).filter(|e| e.exists) {
+                for d in self.records_of(tnode) {
+                    if matches!(d, Data::A(_) | Data::Aaaa(_)) {
+                        out.additionals.push(Rr {
+                            owner: Owner::Name(target),
+                            data: *d,
+                        });
                     }
                 }
             }
         }
-        let mut additionals = Vec::new();
-        for r in &answers {
-            if let RData::SRV(srv) = &r.data {
-                if let Some(tnode) = self.nodes.get(name_key(&srv.target).as_slice()) {
-                    additionals.extend(
-                        tnode
-                            .records
-                            .iter()
-                            .filter(|r| matches!(r.record_type(), RecordType::A | RecordType::AAAA))
-                            .cloned(),
-                    );
-                }
-            }
-        }
-        Lookup::Answer { answers, additionals }
+        Status::Answer
     }
 
     /// Insecure pod mode: `a-b-c-d.<ns>.pod.<zone>` for any existing namespace.
-    fn synthesized_pod(&self, key: &[u8], qname: &Name, qtype: RecordType) -> Lookup {
+    fn synthesized_pod(&self, key: &[u8], qtype: RecordType, out: &mut Answer) -> Status {
         if self.pods != PodMode::Insecure || !key_is_under(key, &self.pod_suffix) || key.len() <= self.pod_suffix.len()
         {
-            return Lookup::NxDomain;
+            return Status::NxDomain;
         }
         let prefix = &key[..key.len() - self.pod_suffix.len() - 1];
         let mut parts = prefix.split(|&b| b == b'.');
         let (Some(ip_label), Some(ns), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Lookup::NxDomain;
+            return Status::NxDomain;
         };
         let Ok(ns) = std::str::from_utf8(ns) else {
-            return Lookup::NxDomain;
+            return Status::NxDomain;
         };
         if !self.namespaces.contains(ns) {
-            return Lookup::NxDomain;
+            return Status::NxDomain;
         }
         let Some(ip) = undashed(ip_label) else {
-            return Lookup::NxDomain;
+            return Status::NxDomain;
         };
-        let rdata = match ip {
-            IpAddr::V4(v4) => RData::A(A(v4)),
-            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        let data = match ip {
+            IpAddr::V4(v4) => Data::A(v4),
+            IpAddr::V6(v6) => Data::Aaaa(v6),
         };
-        if rdata.record_type() != qtype && qtype != RecordType::ANY {
-            return Lookup::NoData;
+        if data.record_type() != qtype && qtype != RecordType::ANY {
+            return Status::NoData;
         }
-        Lookup::Answer {
-            answers: vec![Record::from_rdata(qname.clone(), self.ttl, rdata)],
-            additionals: Vec::new(),
-        }
+        out.answers.push(Rr {
+            owner: Owner::Query,
+            data,
+        });
+        Status::Answer
     }
 
     /// Every record, sorted by owner name then type, for `render --what zone`.
-    pub fn records(&self) -> Vec<&Record> {
-        let mut keys: Vec<&Box<[u8]>> = self.nodes.keys().collect();
-        keys.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-        let mut out = Vec::with_capacity(self.record_count);
+    pub fn records(&self) -> Vec<Record> {
+        let mut ids: Vec<NameId> = (0..self.names.entries.len() as NameId)
+            .filter(|&id| self.names.entries[id as usize].records_len > 0)
+            .collect();
+        ids.sort_by(|a, b| sort_key(self.names.key(*a)).cmp(&sort_key(self.names.key(*b))));
+        let mut out = Vec::with_capacity(self.records.len());
         // SOA first, as master files expect.
-        out.push(&self.soa);
-        for k in keys {
-            if let Some(node) = self.nodes.get(k) {
-                let mut recs: Vec<&Record> = node
-                    .records
-                    .iter()
-                    .filter(|r| r.record_type() != RecordType::SOA)
-                    .collect();
-                recs.sort_by_key(|r| (u16::from(r.record_type()), r.data.to_string()));
-                out.extend(recs);
-            }
+        out.push(self.soa.clone());
+        for id in ids {
+            let owner = self.name_of(id);
+            let e = self.names.entries[id as usize];
+            let mut recs: Vec<Record> = self
+                .records_of(&e)
+                .iter()
+                .filter(|d| **d != Data::Soa)
+                .map(|d| Record::from_rdata(owner.clone(), self.ttl, self.rdata(d)))
+                .collect();
+            recs.sort_by_key(|r| (u16::from(r.record_type()), r.data.to_string()));
+            out.extend(recs);
         }
         out
     }
@@ -467,12 +783,16 @@ fn proto_label(p: ferry_cluster::Protocol) -> &'static str {
 
 struct Builder {
     zone: Zone,
+    /// Records in the order they were added, grouped by owner in `finish`.
+    pending: Vec<(NameId, Data)>,
 }
 
 impl Builder {
-    fn parse(&mut self, name: &str) -> Option<Name> {
+    /// The key of `name` (without the trailing dot), or `None` (logged and
+    /// counted) when it is not a valid domain name.
+    fn key(&mut self, name: &str) -> Option<Vec<u8>> {
         match Name::from_ascii(format!("{name}.")) {
-            Ok(n) => Some(n),
+            Ok(n) => Some(name_key(&n)),
             Err(e) => {
                 tracing::warn!(name, error = %e, "dns: skipping a name that is not a valid domain name");
                 self.zone.skipped += 1;
@@ -481,15 +801,16 @@ impl Builder {
         }
     }
 
-    /// Adds `name` and its ancestors up to the origin as existing names.
-    fn ensure(&mut self, name: &str) {
-        let key = name.to_ascii_lowercase().into_bytes();
-        let mut k: &[u8] = &key;
+    /// Marks `key` and its ancestors up to the origin as existing names.
+    fn ensure(&mut self, key: &[u8]) {
+        let mut k: &[u8] = key;
         loop {
-            if self.zone.nodes.contains_key(k) {
+            let id = self.zone.names.intern(k);
+            let entry = &mut self.zone.names.entries[id as usize];
+            if entry.exists {
                 break;
             }
-            self.zone.nodes.insert(k.into(), Node::default());
+            entry.exists = true;
             if k == self.zone.origin_key.as_slice() || !key_is_under(k, &self.zone.origin_key) {
                 break;
             }
@@ -500,66 +821,67 @@ impl Builder {
         }
     }
 
-    fn add(&mut self, record: Record) {
-        let key = name_key(&record.name);
-        if let Ok(s) = std::str::from_utf8(&key) {
-            let s = s.to_string();
-            self.ensure(&s);
+    fn namespace(&mut self, ns: &str, domain: &str, pods: PodMode) {
+        let ns = ns.to_ascii_lowercase();
+        self.ensure(format!("{ns}.svc.{domain}").as_bytes());
+        if pods != PodMode::Disabled {
+            self.ensure(format!("{ns}.pod.{domain}").as_bytes());
         }
-        let node = self.zone.nodes.entry(key.into_boxed_slice()).or_default();
-        if !node.records.contains(&record) {
-            node.records.push(record);
-            self.zone.record_count += 1;
+        self.zone.namespaces.insert(ns.into());
+    }
+
+    /// Adds a record owned by `key` (which, with its ancestors, exists).
+    fn push(&mut self, key: &[u8], data: Data) {
+        self.ensure(key);
+        let id = self.zone.names.intern(key);
+        self.pending.push((id, data));
+    }
+
+    fn add(&mut self, name: &str, data: Data) {
+        if let Some(key) = self.key(name) {
+            self.push(&key, data);
         }
     }
 
-    fn add_record(&mut self, name: &str, rdata: RData) {
-        if let Some(n) = self.parse(name) {
-            let ttl = self.zone.ttl;
-            self.add(Record::from_rdata(n, ttl, rdata));
-        }
+    /// The id of a name that records point to (it need not exist).
+    fn target(&mut self, name: &str) -> Option<NameId> {
+        self.key(name).map(|k| self.zone.names.intern(&k))
     }
 
     fn address(&mut self, name: &str, ip: IpAddr) {
-        let rdata = match ip {
-            IpAddr::V4(v4) => RData::A(A(v4)),
-            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        let data = match ip {
+            IpAddr::V4(v4) => Data::A(v4),
+            IpAddr::V6(v6) => Data::Aaaa(v6),
         };
-        self.add_record(name, rdata);
+        self.add(name, data);
     }
 
+    /// A PTR; reverse names exist on their own (no ancestors).
     fn ptr(&mut self, ip: IpAddr, target: &str) {
-        if let Some(t) = self.parse(target) {
-            let name = reverse_name(ip);
-            if let Ok(n) = Name::from_ascii(format!("{name}.")) {
-                let ttl = self.zone.ttl;
-                let key = name_key(&n).into_boxed_slice();
-                let node = self.zone.nodes.entry(key).or_default();
-                let rec = Record::from_rdata(n, ttl, RData::PTR(PTR(t)));
-                if !node.records.contains(&rec) {
-                    node.records.push(rec);
-                    self.zone.record_count += 1;
-                }
-            }
+        if let Some(t) = self.target(target) {
+            let key = reverse_name(ip).into_bytes();
+            let id = self.zone.names.intern(&key);
+            self.zone.names.entries[id as usize].exists = true;
+            self.pending.push((id, Data::Ptr(t)));
         }
     }
 
     fn service(&mut self, snap: &Snapshot, svc: &Service, domain: &str) {
         let ns = &svc.key.namespace;
         let fqdn = crate::service_fqdn(&svc.key.name, ns, domain).to_ascii_lowercase();
-        if self.parse(&fqdn).is_none() {
+        let Some(fqdn_key) = self.key(&fqdn) else {
             tracing::warn!(object = %svc.key, field = "metadata.name", "dns: skipping Service");
             return;
-        }
-        self.ensure(&format!("{ns}.svc.{domain}"));
+        };
+        self.ensure(format!("{}.svc.{domain}", ns.to_ascii_lowercase()).as_bytes());
         if svc.type_ == ServiceType::ExternalName {
             let Some(target) = svc.external_name.as_deref().map(|t| t.trim_end_matches('.')) else {
                 tracing::warn!(object = %svc.key, field = "spec.externalName", "dns: ExternalName Service without a target, skipped");
                 self.zone.skipped += 1;
                 return;
             };
-            match self.parse(target) {
-                Some(t) => self.add_record(&fqdn, RData::CNAME(CNAME(t))),
+            match self.target(target) {
+                Some(t) => self.push(&fqdn_key, Data::Cname(t)),
                 None => tracing::warn!(object = %svc.key, field = "spec.externalName", "dns: skipping Service"),
             }
             return;
@@ -571,8 +893,13 @@ impl Builder {
         if svc.cluster_ips.is_empty() {
             return;
         }
+        let fqdn_id = self.zone.names.intern(&fqdn_key);
         for ip in &svc.cluster_ips {
-            self.address(&fqdn, *ip);
+            let data = match ip {
+                IpAddr::V4(v4) => Data::A(*v4),
+                IpAddr::V6(v6) => Data::Aaaa(*v6),
+            };
+            self.push(&fqdn_key, data);
             self.ptr(*ip, &fqdn);
         }
         for port in svc.ports.iter().filter(|p| !p.name.is_empty()) {
@@ -581,9 +908,14 @@ impl Builder {
                 port.name.to_ascii_lowercase(),
                 proto_label(port.protocol)
             );
-            if let Some(target) = self.parse(&fqdn) {
-                self.add_record(&srv_name, RData::SRV(SRV::new(0, 100, port.port, target)));
-            }
+            self.add(
+                &srv_name,
+                Data::Srv {
+                    weight: 100,
+                    port: port.port,
+                    target: fqdn_id,
+                },
+            );
         }
     }
 
@@ -633,11 +965,55 @@ impl Builder {
                     Some(h) => h.to_ascii_lowercase(),
                     None => dashed(b.ip),
                 };
-                if let Some(target) = self.parse(&format!("{host}.{fqdn}")) {
-                    self.add_record(&srv_name, RData::SRV(SRV::new(0, weight, b.port, target)));
+                if let Some(target) = self.target(&format!("{host}.{fqdn}")) {
+                    self.add(
+                        &srv_name,
+                        Data::Srv {
+                            weight,
+                            port: b.port,
+                            target,
+                        },
+                    );
                 }
             }
         }
+    }
+
+    /// Groups the records by owner (keeping their order, without
+    /// duplicates) into the flat record table, and trims every buffer.
+    fn finish(mut self) -> Zone {
+        // Stable: records of one owner keep the order they were added in.
+        self.pending.sort_by_key(|&(id, _)| id);
+        let mut records = Vec::with_capacity(self.pending.len());
+        let mut seen: HashSet<Data> = HashSet::new();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let id = self.pending[i].0;
+            let run_end = self.pending[i..]
+                .iter()
+                .position(|&(other, _)| other != id)
+                .map_or(self.pending.len(), |n| i + n);
+            let start = records.len();
+            seen.clear();
+            for &(_, d) in &self.pending[i..run_end] {
+                if seen.insert(d) {
+                    records.push(d);
+                }
+            }
+            if let Some(e) = self.zone.names.entries.get_mut(id as usize) {
+                e.records_start = start as u32;
+                e.records_len = (records.len() - start) as u32;
+            }
+            i = run_end;
+        }
+        records.shrink_to_fit();
+        let mut zone = self.zone;
+        zone.records = records;
+        zone.existing_names = zone.names.entries.iter().filter(|e| e.exists).count();
+        zone.names.arena.shrink_to_fit();
+        zone.names.entries.shrink_to_fit();
+        zone.namespaces.shrink_to_fit();
+        zone
     }
 }
 
