@@ -1011,4 +1011,47 @@ mod tests {
         // Ambiguous ownership now: the next sync compiles whole as well.
         assert!(inc.update(&t).full);
     }
+
+    #[test]
+    fn external_entries_for_the_tc_program_honour_external_traffic_policy() {
+        let np = |e: &mut ServiceEntry, port: u16| {
+            e.frontends.push(Frontend {
+                ip: IpAddr::from([192, 0, 2, 1]),
+                port,
+                kind: FrontendKind::NodePort,
+            })
+        };
+        let mut cluster = entry("c", [10, 96, 0, 1], vec![be(1, true), be(2, false)]);
+        np(&mut cluster, 30001);
+        let mut local = entry("l", [10, 96, 0, 2], vec![be(1, true), be(2, false)]);
+        local.external_local = true;
+        np(&mut local, 30002);
+        let mut remote_only = entry("r", [10, 96, 0, 3], vec![be(2, false)]);
+        remote_only.external_local = true;
+        np(&mut remote_only, 30003);
+        let t = table(vec![cluster, local, remote_only]);
+        let (m, _) = compile(&t, &MapEntries::default());
+        let ext = |port| SvcKey::external(Ipv4Addr::new(192, 0, 2, 1), port, IPPROTO_TCP);
+        let sock = |port| key([192, 0, 2, 1], port, IPPROTO_TCP);
+        // eTP Cluster: the TC entry shares the socket LB's set (all endpoints, SNAT).
+        assert_eq!(m.services[&ext(30001)].id, m.services[&sock(30001)].id);
+        assert_eq!(m.services[&ext(30001)].flags & SVC_EXT_LOCAL, 0);
+        // eTP Local: local endpoints only, no SNAT; the node's own connects use all.
+        let l = m.services[&ext(30002)];
+        assert_eq!((l.count, l.flags & SVC_EXT_LOCAL), (1, SVC_EXT_LOCAL));
+        assert_eq!(m.services[&sock(30002)].count, 2);
+        // eTP Local without a local endpoint: drop (remote ones exist).
+        let r = m.services[&ext(30003)];
+        assert_eq!((r.count, r.flags & SVC_DROP), (0, SVC_DROP));
+        // ClusterIPs get no TC entry.
+        assert!(!m
+            .services
+            .contains_key(&SvcKey::external(Ipv4Addr::new(10, 96, 0, 1), 80, IPPROTO_TCP)));
+        let text = render(&t, &m, &Skipped::default());
+        assert!(
+            text.contains("service 192.0.2.1:30002/TCP tc(local, no snat)"),
+            "{text}"
+        );
+        assert!(text.contains("count=0 drop"), "{text}");
+    }
 }
