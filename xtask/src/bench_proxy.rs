@@ -406,6 +406,22 @@ fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
             .unwrap_or("?")
             .to_string();
         drop(ns);
+        // The same pair on the legacy back end (for nodes that use it).
+        let ns = Netns::new("kleg")?;
+        let kube_legacy = timed_with_input(&ns, "iptables-legacy-restore", &[], &ipt_file, opts.cap)?;
+        drop(ns);
+        let ns = Netns::new("fleg")?;
+        let mut args = vec!["netns", "exec", &ns.0, bin.to_str().context("binary path")?];
+        let mut fa = ferry_args(&dir_s);
+        if let Some(b) = fa.iter().position(|a| *a == "nft") {
+            fa[b] = "legacy";
+        }
+        args.extend(fa);
+        args.push("--oneshot");
+        let started = Instant::now();
+        sh("ip", &args)?;
+        let wall_legacy = started.elapsed().as_secs_f64();
+        drop(ns);
         let fmt = |v: Option<f64>| {
             v.map(|s| format!("{s:.3} s"))
                 .unwrap_or_else(|| format!("> {:?} (killed at cap)", opts.cap))
@@ -420,6 +436,13 @@ fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
             fmt(kube_nft),
             ratio(kube_ipt),
             ratio(kube_nft)
+        );
+        println!(
+            "| {n} (legacy back end) | {} (iptables-legacy-restore) | | {wall_legacy:.3} s wall | {} | |",
+            fmt(kube_legacy),
+            kube_legacy
+                .map(|k| format!("{:.2}× ({:.3} of its time)", k / wall_legacy, wall_legacy / k))
+                .unwrap_or_else(|| "n/a".into())
         );
     }
     if let Some(&n) = opts.sizes.iter().max() {
