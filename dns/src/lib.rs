@@ -12,6 +12,7 @@ pub mod forward;
 pub mod metrics;
 pub mod resolv;
 pub mod server;
+pub mod udp;
 pub mod wire;
 pub mod zone;
 

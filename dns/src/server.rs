@@ -3,8 +3,8 @@
 //!
 //! UDP is served by one blocking thread per SO_REUSEPORT socket (one per
 //! core by default): the kernel spreads clients over the sockets and a
-//! thread answers a zone query with one recv and one send, no executor in
-//! between. Forwarded queries leave the thread as tokio tasks, so a slow
+//! thread takes every queued request with one `recvmmsg` and sends the
+//! replies with one `sendmmsg` (`crate::udp`), no executor in between. Forwarded queries leave the thread as tokio tasks, so a slow
 //! upstream never stalls cluster answers. TCP is served by tokio, one task
 //! per connection.
 
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::DnsError;
 use crate::forward::{Forwarder, ForwarderConfig};
 use crate::metrics::DnsMetrics;
+use crate::udp::Batch;
 use crate::wire::{self, Buffers, Context, Handled, Outcome, Request, Transport};
 use crate::zone::{name_key, Zone, ZoneConfig};
 
@@ -290,6 +291,10 @@ impl DnsServer {
                             "dns: zone rebuilt"
                         );
                         self.set_zone(zone);
+                        // Building freed far more than the zone keeps (the
+                        // old zone, strings of the build); give those pages
+                        // back rather than keep them resident until reused.
+                        let _ = tokio::task::spawn_blocking(release_free_memory).await;
                     }
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "dns: zone build failed; the last good zone keeps serving")
@@ -311,32 +316,38 @@ impl DnsServer {
     }
 
     fn udp_loop(&self, sock: Arc<UdpSocket>, handle: tokio::runtime::Handle, cancel: CancellationToken) {
-        let mut buf = vec![0u8; 65535];
+        let mut batch = Batch::default();
         let mut bufs = Buffers::default();
         while !cancel.is_cancelled() {
-            let (n, peer) = match sock.recv_from(&mut buf) {
-                Ok(r) => r,
+            let n = match batch.recv(&sock) {
+                Ok(n) => n,
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
                 Err(e) => {
                     tracing::debug!(error = %e, "dns: udp recv");
                     continue;
                 }
             };
-            let packet = buf.get(..n).unwrap_or_default();
-            match self.answer_into(packet, Transport::Udp, &mut bufs) {
-                Handled::Reply { .. } => {
-                    let _ = sock.send_to(&bufs.reply, peer);
+            for i in 0..n {
+                let Some(packet) = batch.request(i) else {
+                    // Larger than any query: dropped like other garbage.
+                    self.state.metrics.dropped.inc();
+                    continue;
+                };
+                match self.answer_into(packet, Transport::Udp, &mut bufs) {
+                    Handled::Reply { .. } => batch.reply(i, &bufs.reply),
+                    Handled::Forward(req) => {
+                        let Some(peer) = batch.peer(i) else { continue };
+                        let server = self.clone();
+                        let sock = sock.clone();
+                        handle.spawn(async move {
+                            let bytes = server.forward(req).await;
+                            let _ = sock.send_to(&bytes, peer);
+                        });
+                    }
+                    Handled::Drop => {}
                 }
-                Handled::Forward(req) => {
-                    let server = self.clone();
-                    let sock = sock.clone();
-                    handle.spawn(async move {
-                        let bytes = server.forward(req).await;
-                        let _ = sock.send_to(&bytes, peer);
-                    });
-                }
-                Handled::Drop => {}
             }
+            batch.send(&sock);
         }
     }
 
@@ -402,5 +413,15 @@ impl DnsServer {
                 return;
             }
         }
+    }
+}
+
+/// Returns freed heap pages of every malloc arena to the kernel (glibc keeps
+/// them otherwise, and a zone rebuild frees tens of megabytes at once).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -1,5 +1,7 @@
 //! Fuzz target for the DNS request path: any packet, over UDP and TCP,
-//! against a zone with every record kind. Run: `cargo +nightly fuzz run request`.
+//! against a zone with every record kind; whenever the fast path answers,
+//! its bytes must equal the general (hickory) path's. Run:
+//! `cargo +nightly fuzz run request`.
 //! The same property runs in plain `cargo test` (dns/src/wire_tests.rs,
 //! `no_input_panics_or_overflows`) on machines without cargo-fuzz.
 
@@ -8,7 +10,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ferry_dns::wire::{handle, Context, Outcome, Transport};
+use ferry_dns::fast::{self, Scratch};
+use ferry_dns::wire::{handle, handle_general, Context, Outcome, Transport};
 use ferry_dns::{Zone, ZoneConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -33,6 +36,14 @@ fuzz_target!(|data: &[u8]| {
             transport,
             recursion: true,
         };
+        let mut scratch = Scratch::default();
+        let mut out = Vec::new();
+        if fast::answer(data, zone(), ctx, &mut scratch, &mut out).is_some() {
+            match handle_general(data, Some(zone()), ctx) {
+                Outcome::Reply { bytes, .. } => assert_eq!(bytes, out),
+                other => panic!("fast path answered, general path did {other:?}"),
+            }
+        }
         for z in [Some(zone()), None] {
             if let Outcome::Reply { bytes, .. } = handle(data, z, ctx) {
                 assert!(bytes.len() <= limit);

@@ -1,8 +1,11 @@
 //! `cargo xtask bench dns`: nsd, knot and `ferry dns` serve an equivalent
 //! 10k-service zone on 127.0.0.1 high ports from a temp dir; dnsperf runs
 //! against each in the same run (bounded in time), and the ratios against
-//! nsd and knot are printed. Then the RSS of `ferry dns` with 10k services
-//! and 50k pods.
+//! nsd and knot are printed. Every server gets the same number of UDP
+//! workers (`--workers`, default 1: nsd `server-count`, knot `udp-workers`,
+//! ferry `--dns-workers`), all on 127.0.0.1; with `--rounds N` the servers
+//! take turns N times and the ratios use each server's mean. Then the RSS of
+//! `ferry dns` with 10k services and 50k pods.
 //!
 //! Every server is a child process killed at the end of its round; all
 //! traffic stays on 127.0.0.1.
@@ -20,24 +23,30 @@ const NAMESPACES: usize = 10;
 
 struct Opts {
     seconds: u32,
-    ferry_workers: usize,
+    /// UDP workers of every server.
+    workers: usize,
+    rounds: usize,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
     let mut o = Opts {
         seconds: 10,
-        ferry_workers: 1,
+        workers: 1,
+        rounds: 1,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().context("missing value");
         match a.as_str() {
             "--seconds" => o.seconds = val()?.parse()?,
-            "--ferry-workers" => o.ferry_workers = val()?.parse()?,
-            other => bail!("unknown argument {other} (--seconds N, --ferry-workers N)"),
+            "--workers" => o.workers = val()?.parse()?,
+            "--rounds" => o.rounds = val()?.parse()?,
+            other => bail!("unknown argument {other} (--seconds N, --workers N, --rounds N)"),
         }
     }
     o.seconds = o.seconds.clamp(1, 120);
+    o.workers = o.workers.clamp(1, 64);
+    o.rounds = o.rounds.clamp(1, 10);
     Ok(o)
 }
 
@@ -191,10 +200,10 @@ fn dnsperf(port: u16, queries: &Path, seconds: u32) -> anyhow::Result<PerfResult
     })
 }
 
-fn start_nsd(dir: &Path, zone: &Path, port: u16) -> anyhow::Result<Server> {
+fn start_nsd(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Result<Server> {
     let d = dir.display();
     let conf = format!(
-        "server:\n  ip-address: 127.0.0.1@{port}\n  server-count: 1\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 0\nremote-control:\n  control-enable: no\nzone:\n  name: cluster.local\n  zonefile: \"{}\"\n",
+        "server:\n  ip-address: 127.0.0.1@{port}\n  server-count: {workers}\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 0\nremote-control:\n  control-enable: no\nzone:\n  name: cluster.local\n  zonefile: \"{}\"\n",
         zone.display()
     );
     let path = dir.join("nsd.conf");
@@ -210,10 +219,10 @@ fn start_nsd(dir: &Path, zone: &Path, port: u16) -> anyhow::Result<Server> {
     Ok(Server { name: "nsd", child })
 }
 
-fn start_knot(dir: &Path, zone: &Path, port: u16) -> anyhow::Result<Server> {
+fn start_knot(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Result<Server> {
     let d = dir.display();
     let conf = format!(
-        "server:\n    rundir: \"{d}\"\n    user: root:root\n    listen: 127.0.0.1@{port}\n    udp-workers: 1\n    tcp-workers: 1\n    background-workers: 1\nlog:\n  - target: stderr\n    any: error\ndatabase:\n    storage: \"{d}\"\nzone:\n  - domain: cluster.local\n    storage: \"{d}\"\n    file: \"{}\"\n",
+        "server:\n    rundir: \"{d}\"\n    user: root:root\n    listen: 127.0.0.1@{port}\n    udp-workers: {workers}\n    tcp-workers: 1\n    background-workers: 1\nlog:\n  - target: stderr\n    any: error\ndatabase:\n    storage: \"{d}\"\nzone:\n  - domain: cluster.local\n    storage: \"{d}\"\n    file: \"{}\"\n",
         zone.display()
     );
     let path = dir.join("knot.conf");
@@ -293,44 +302,64 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
     let probe = "svc-1.ns-1.svc.cluster.local";
 
     println!(
-        "bench dns: {SERVICES} services, dnsperf {}s per server, -c 4 -q 200, cluster names (A)",
-        opts.seconds
+        "bench dns: {SERVICES} services, {} UDP worker(s) each, dnsperf {}s per server and round, -c 4 -q 200, cluster names (A), {} round(s)",
+        opts.workers, opts.seconds, opts.rounds
     );
     let mut results: Vec<(&'static str, PerfResult)> = Vec::new();
-    for which in ["nsd", "knot", "ferry"] {
-        let port = free_port()?;
-        let dir = tmp.join(which);
-        std::fs::create_dir_all(&dir)?;
-        let server = match which {
-            "nsd" => start_nsd(&dir, &zone, port)?,
-            "knot" => start_knot(&dir, &zone, port)?,
-            _ => start_ferry(ferry, &manifests, port, opts.ferry_workers)?,
-        };
-        if let Err(e) = wait_ready(port, probe) {
-            eprintln!("bench dns: {} did not come up: {e:#}", server.name);
-            continue;
+    for round in 1..=opts.rounds {
+        for which in ["nsd", "knot", "ferry"] {
+            let port = free_port()?;
+            let dir = tmp.join(format!("{which}-{round}"));
+            std::fs::create_dir_all(&dir)?;
+            let server = match which {
+                "nsd" => start_nsd(&dir, &zone, port, opts.workers)?,
+                "knot" => start_knot(&dir, &zone, port, opts.workers)?,
+                _ => start_ferry(ferry, &manifests, port, opts.workers)?,
+            };
+            if let Err(e) = wait_ready(port, probe) {
+                eprintln!("bench dns: {} did not come up: {e:#}", server.name);
+                continue;
+            }
+            let r = dnsperf(port, &queries, opts.seconds)?;
+            println!(
+                "  round {round}  {:<6} {:>10.0} qps   sent {:>9}  lost {}",
+                server.name, r.qps, r.sent, r.lost
+            );
+            results.push((server.name, r));
+            drop(server);
         }
-        let r = dnsperf(port, &queries, opts.seconds)?;
-        println!(
-            "  {:<6} {:>10.0} qps   sent {:>9}  lost {}",
-            server.name, r.qps, r.sent, r.lost
-        );
-        results.push((server.name, r));
-        drop(server);
     }
-    let get = |n: &str| results.iter().find(|(name, _)| *name == n).map(|(_, r)| r.qps);
-    if let Some(f) = get("ferry") {
+    let mean = |n: &str| {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|(name, _)| *name == n)
+            .map(|(_, r)| r.qps)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let lost = |n: &str| {
+        results
+            .iter()
+            .filter(|(name, _)| *name == n)
+            .map(|(_, r)| r.lost)
+            .sum::<u64>()
+    };
+    if let Some(f) = mean("ferry") {
         for anchor in ["nsd", "knot"] {
-            if let Some(a) = get(anchor) {
-                println!("  ferry / {anchor:<4} = {:.2}x", f / a);
+            if let Some(a) = mean(anchor) {
+                println!(
+                    "  ferry / {anchor:<4} = {:.2}x  (mean {f:.0} vs {a:.0} qps; target >= 1.00x vs nsd)",
+                    f / a
+                );
             }
         }
+        println!("  ferry lost queries: {} (target 0)", lost("ferry"));
     }
 
     // RSS with 10k services + 50k pods.
     write_manifests(&manifests, true)?;
     let port = free_port()?;
-    let server = start_ferry(ferry, &manifests, port, opts.ferry_workers)?;
+    let server = start_ferry(ferry, &manifests, port, opts.workers)?;
     wait_ready(port, probe)?;
     wait_ready(port, "10-244-1-1.ns-1.pod.cluster.local")?;
     let rss = rss_kib(server.child.id())?;
