@@ -20,6 +20,7 @@ pub async fn start(
     metrics: ClusterMetrics,
     cancel: CancellationToken,
 ) -> anyhow::Result<(SnapshotRx, Option<kube::Client>)> {
+    check_paths(args)?;
     let (publisher, tx, rx) = Publisher::new(Duration::from_millis(args.debounce_ms), metrics.clone());
     let mut client = None;
     if !args.files.is_empty() {
@@ -46,6 +47,7 @@ pub async fn start(
 /// Loads the source once and returns its first complete snapshot. File
 /// errors are printed and the rest still loads, as in the long-running mode.
 pub async fn load_once(args: &SourceArgs) -> anyhow::Result<Arc<Snapshot>> {
+    check_paths(args)?;
     if !args.files.is_empty() {
         let (objects, errors) = ferry_cluster::files::load(&args.files);
         for e in &errors {
@@ -65,4 +67,13 @@ pub async fn load_once(args: &SourceArgs) -> anyhow::Result<Arc<Snapshot>> {
         .clone();
     cancel.cancel();
     snap.context("no snapshot")
+}
+
+/// A path given with `-f` that does not exist is a mistake in the command
+/// line, not a file to wait for: fail at once with its name.
+fn check_paths(args: &SourceArgs) -> anyhow::Result<()> {
+    for p in &args.files {
+        std::fs::metadata(p).with_context(|| format!("-f {}", p.display()))?;
+    }
+    Ok(())
 }
