@@ -93,10 +93,10 @@ impl HealthCheckServers {
                     let key = svc.lock().map(|k| k.clone()).unwrap_or_else(|_| ObjectKey::new("", ""));
                     let n = count.load(Ordering::Relaxed);
                     tokio::spawn(async move {
-                        // Read (some of) the request; any path gets the answer.
-                        let mut buf = [0u8; 1024];
-                        let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await;
-                        if matches!(read, Ok(Ok(_))) {
+                        // Read the request head (bounded); any path gets the answer.
+                        let read =
+                            tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut stream)).await;
+                        if matches!(read, Ok(Ok(()))) {
                             let _ = stream.write_all(response(&key, n).as_bytes()).await;
                             let _ = stream.shutdown().await;
                         }
@@ -118,6 +118,21 @@ impl HealthCheckServers {
     pub fn ports(&self) -> Vec<u16> {
         self.servers.keys().copied().collect()
     }
+}
+
+/// Reads until the blank line ending an HTTP request head (at most 8 KiB),
+/// so the answer is not sent (and the socket closed) mid-request.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

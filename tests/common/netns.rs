@@ -275,7 +275,7 @@ pub fn udp_name(addr: SocketAddr) -> std::io::Result<String> {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let status = text.lines().next().unwrap_or_default().to_string();
