@@ -317,7 +317,7 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {d
     std::fs::write(
         &haproxy_cfg,
         format!(
-            "global\n  nbthread 2\n  maxconn 10000\n\
+            "global\n  nbthread 2\n  maxconn 4000\n\
 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  option forwardfor\n\
 frontend fe\n  bind 127.0.0.1:{haproxy_http}\n  default_backend be\n\
 backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"

@@ -15,7 +15,12 @@ fn main() -> anyhow::Result<()> {
         Some("ci") => ci(),
         Some("bench") if args.get(1).map(String::as_str) == Some("dns") => bench_dns::run(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("ingress") => bench_ingress::run(&args[2..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("proxy") && args.windows(2).any(|w| w[0] == "--mode" && w[1] == "ebpf") => bench_proxy_ebpf::run(&args[2..]),
+        Some("bench")
+            if args.get(1).map(String::as_str) == Some("proxy")
+                && args.windows(2).any(|w| w[0] == "--mode" && w[1] == "ebpf") =>
+        {
+            bench_proxy_ebpf::run(&args[2..])
+        }
         Some("bench") if args.get(1).map(String::as_str) == Some("proxy") => bench_proxy::run(&args[2..]),
         Some("lint") => lint(),
         Some("test") => test(),
