@@ -25,10 +25,11 @@ fn main() -> anyhow::Result<()> {
         Some("lint") => lint(),
         Some("test") => test(),
         _ => {
-            eprintln!("usage: cargo xtask <ci|lint|test>");
+            eprintln!("usage: cargo xtask <ci|lint|test|bench>");
             eprintln!("  ci    fmt check, clippy -D warnings, then every test");
             eprintln!("  lint  fmt check and clippy only");
             eprintln!("  test  every test (unit, integration, privileged e2e when root)");
+            eprintln!("  bench dns|ingress|proxy [--mode ebpf|nftables] ...  load benchmarks against nsd/knot, nginx/haproxy, kube-proxy layouts");
             bail!("unknown task")
         }
     }
