@@ -9,6 +9,7 @@ pub mod ebpf;
 pub mod error;
 pub mod health;
 pub mod iptables;
+pub mod nftables;
 pub mod replan;
 pub mod table;
 

@@ -207,32 +207,7 @@ impl IptablesDataplane {
     /// for frontends that just got their first endpoint (their old entries
     /// were made while the traffic went nowhere).
     fn clear_udp_conntrack(&self, prev: &ServiceTable, next: &ServiceTable) {
-        for (name, old) in &prev.services {
-            if old.protocol != Protocol::Udp {
-                continue;
-            }
-            let new = next.services.get(name);
-            for b in &old.backends {
-                let still = new.is_some_and(|n| n.backends.iter().any(|nb| nb.ip == b.ip && nb.port == b.port));
-                if still {
-                    continue;
-                }
-                for f in old.frontends.iter().filter(|f| f.ip.is_ipv4() == b.ip.is_ipv4()) {
-                    conntrack_delete(f.ip, f.port, f.kind, Some(b.ip));
-                }
-            }
-        }
-        for (name, new) in &next.services {
-            if new.protocol != Protocol::Udp || new.backends.is_empty() {
-                continue;
-            }
-            let had = prev.services.get(name).is_some_and(|o| !o.backends.is_empty());
-            if !had {
-                for f in &new.frontends {
-                    conntrack_delete(f.ip, f.port, f.kind, None);
-                }
-            }
-        }
+        clear_udp_conntrack(prev, next);
     }
 
     fn remove_hooks_and_chains(backend: IptablesBackend, family: Family) -> Result<(), ProxyError> {
@@ -342,6 +317,39 @@ fn insert_before_commit(text: &str, table: &str, line: &str) -> String {
     };
     let at = start + rel;
     format!("{}{line}\n{}", &text[..at], &text[at..])
+}
+
+/// Deletes UDP conntrack entries that would keep sending datagrams to
+/// endpoints that are gone (UDP has no connection to break), and entries
+/// for frontends that just got their first endpoint. Shared with the
+/// nftables dataplane.
+pub(crate) fn clear_udp_conntrack(prev: &ServiceTable, next: &ServiceTable) {
+    for (name, old) in &prev.services {
+        if old.protocol != Protocol::Udp {
+            continue;
+        }
+        let new = next.services.get(name);
+        for b in &old.backends {
+            let still = new.is_some_and(|n| n.backends.iter().any(|nb| nb.ip == b.ip && nb.port == b.port));
+            if still {
+                continue;
+            }
+            for f in old.frontends.iter().filter(|f| f.ip.is_ipv4() == b.ip.is_ipv4()) {
+                conntrack_delete(f.ip, f.port, f.kind, Some(b.ip));
+            }
+        }
+    }
+    for (name, new) in &next.services {
+        if new.protocol != Protocol::Udp || new.backends.is_empty() {
+            continue;
+        }
+        let had = prev.services.get(name).is_some_and(|o| !o.backends.is_empty());
+        if !had {
+            for f in &new.frontends {
+                conntrack_delete(f.ip, f.port, f.kind, None);
+            }
+        }
+    }
 }
 
 fn conntrack_delete(frontend: IpAddr, port: u16, kind: FrontendKind, endpoint: Option<IpAddr>) {
@@ -464,7 +472,7 @@ impl Dataplane for IptablesDataplane {
 
 /// Localhost NodePorts need the kernel to route packets with a 127/8
 /// source off the loopback device (see `NodeConfig::localhost_nodeports`).
-fn enable_route_localnet() {
+pub(crate) fn enable_route_localnet() {
     let path = "/proc/sys/net/ipv4/conf/all/route_localnet";
     if std::fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
         return;

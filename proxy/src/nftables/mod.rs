@@ -1,0 +1,208 @@
+//! The nftables dataplane (`--mode nftables`): ferry's own tables
+//! (`table ip ferry`, and `table ip6 ferry` when IPv6 frontends exist),
+//! written by `nft -f -` in one transaction per family and sync.
+//!
+//! It owns remembering what it applied (so that a partial sync writes only
+//! changed service ports), the canary (our dispatch rule must still be in
+//! `nat-prerouting`), deleting UDP conntrack entries of removed endpoints
+//! (the iptables dataplane's code) and `--cleanup` (delete our tables).
+//! It never reads or touches any other table, so no cache of the whole
+//! ruleset is loaded.
+
+pub mod render;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::dataplane::{Dataplane, SyncReport};
+use crate::error::ProxyError;
+use crate::iptables::render::Family;
+use crate::table::ServiceTable;
+use render::Rendered;
+
+/// Runs `nft` with `args`, feeding `stdin` when given.
+pub fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
+    let program = "nft";
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ProxyError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(|source| ProxyError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    }
+    let out = child.wait_with_output().map_err(|source| ProxyError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // nft echoes the failing line; keep the message short.
+        let stderr: String = stderr.lines().take(6).collect::<Vec<_>>().join("\n");
+        return Err(ProxyError::Command {
+            program: format!("{program} {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn has_family(table: &ServiceTable, family: Family) -> bool {
+    table
+        .services
+        .values()
+        .any(|e| e.frontends.iter().any(|f| Family::of(f.ip) == family))
+}
+
+#[derive(Default)]
+pub struct NftablesDataplane {
+    prev_table: Option<ServiceTable>,
+    applied_v4: Option<Rendered>,
+    applied_v6: Option<Rendered>,
+}
+
+impl NftablesDataplane {
+    pub fn new() -> NftablesDataplane {
+        NftablesDataplane::default()
+    }
+
+    fn applied(&mut self, family: Family) -> &mut Option<Rendered> {
+        match family {
+            Family::V4 => &mut self.applied_v4,
+            Family::V6 => &mut self.applied_v6,
+        }
+    }
+
+    /// Returns (objects, written, removed).
+    fn sync_family(
+        &mut self,
+        table: &ServiceTable,
+        family: Family,
+        full: bool,
+    ) -> Result<(usize, usize, usize), ProxyError> {
+        let next = render::render(table, family);
+        let count = next.object_count();
+        let prev = self.applied(family).take();
+        let (script, written, removed) = match (&prev, full) {
+            (Some(prev), false) => render::script_partial(prev, &next),
+            (prev, _) => {
+                let removed = prev
+                    .as_ref()
+                    .map(|p| p.services.keys().filter(|k| !next.services.contains_key(*k)).count())
+                    .unwrap_or(0);
+                (render::script_full(&next, prev.as_ref()), next.services.len(), removed)
+            }
+        };
+        if !script.is_empty() {
+            nft(&["-f", "-"], Some(&script))?;
+        }
+        *self.applied(family) = Some(next);
+        Ok((count, written, removed))
+    }
+
+    fn forget(&mut self) {
+        self.prev_table = None;
+        self.applied_v4 = None;
+        self.applied_v6 = None;
+    }
+}
+
+impl Dataplane for NftablesDataplane {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn sync(&mut self, table: &ServiceTable, full: bool) -> Result<SyncReport, ProxyError> {
+        let full = full || self.prev_table.is_none();
+        if table.node_ips.iter().any(|ip| ip.is_loopback() && ip.is_ipv4()) {
+            crate::iptables::enable_route_localnet();
+        }
+        let result = (|| {
+            let (mut objects, written, removed) = self.sync_family(table, Family::V4, full)?;
+            if has_family(table, Family::V6) || self.applied_v6.is_some() {
+                let (o6, _, _) = self.sync_family(table, Family::V6, full)?;
+                objects += o6;
+            }
+            Ok::<_, ProxyError>((objects, written, removed))
+        })();
+        match result {
+            Ok((rules, written, removed)) => {
+                if let Some(prev) = &self.prev_table {
+                    crate::iptables::clear_udp_conntrack(prev, table);
+                }
+                self.prev_table = Some(table.clone());
+                Ok(SyncReport {
+                    full,
+                    rules,
+                    services_written: written,
+                    services_removed: removed,
+                })
+            }
+            Err(e) => {
+                // The kernel may hold anything now: the next sync recreates the table.
+                self.forget();
+                Err(e)
+            }
+        }
+    }
+
+    /// Our dispatch rule must still be in `nat-prerouting` of every family
+    /// we programmed; anything else (table deleted, ruleset flushed) asks
+    /// for a full sync that recreates the table.
+    fn check(&mut self) -> Result<bool, ProxyError> {
+        if self.prev_table.is_none() {
+            return Ok(false);
+        }
+        let mut families = vec![Family::V4];
+        if self.applied_v6.is_some() {
+            families.push(Family::V6);
+        }
+        for family in families {
+            let t = render::table_name(family);
+            let mut args: Vec<&str> = vec!["list", "chain"];
+            args.extend(t.split(' '));
+            args.push(render::CANARY_CHAIN);
+            let intact = nft(&args, None)
+                .map(|out| out.contains(&render::dispatch_rule(family)))
+                .unwrap_or(false);
+            if !intact {
+                // Not ours any more: rebuild from scratch.
+                self.forget();
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deletes our tables (both families); nothing else is touched.
+    fn cleanup(&mut self) -> Result<(), ProxyError> {
+        self.forget();
+        let tables = nft(&["list", "tables"], None)?;
+        for family in [Family::V4, Family::V6] {
+            let t = render::table_name(family);
+            if tables.lines().any(|l| l.trim() == format!("table {t}")) {
+                nft(&["delete", "table", fam_word(family), render::TABLE], None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fam_word(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
