@@ -20,6 +20,7 @@ use ferry_cluster::{Snapshot, SnapshotRx};
 use ferry_proxy::health::HealthCheckServers;
 use ferry_proxy::iptables::render::Family;
 use ferry_proxy::iptables::{IptablesBackend, IptablesDataplane};
+use ferry_proxy::nftables::NftablesDataplane;
 use ferry_proxy::replan::Replanner;
 use ferry_proxy::{Dataplane, NodeConfig, ServiceTable};
 use ipnet::IpNet;
@@ -36,6 +37,8 @@ pub enum ProxyMode {
     #[default]
     Iptables,
     Ebpf,
+    /// ferry's own nftables table (`table ip ferry`), written with `nft -f`.
+    Nftables,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -168,6 +171,10 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
             let backend = opts.iptables_backend();
             tracing::info!(backend = backend.as_str(), "iptables dataplane");
             Ok(Box::new(IptablesDataplane::new(backend)))
+        }
+        ProxyMode::Nftables => {
+            tracing::info!("nftables dataplane (table ip ferry)");
+            Ok(Box::new(NftablesDataplane::new()))
         }
         ProxyMode::Ebpf => Ok(Box::new(
             ferry_proxy::ebpf::EbpfDataplane::new(
@@ -316,7 +323,7 @@ pub async fn spawn(
         health_servers: HealthCheckServers::default(),
         cancel: rt.cancel.clone(),
         replanner: Some(Replanner::default()),
-        incremental_plan: opts.mode == ProxyMode::Ebpf,
+        incremental_plan: matches!(opts.mode, ProxyMode::Ebpf | ProxyMode::Nftables),
     };
     Ok(tokio::spawn(sync_loop.run()))
 }
@@ -331,8 +338,9 @@ struct SyncLoop {
     health: Arc<Mutex<SyncHealth>>,
     health_servers: HealthCheckServers,
     cancel: CancellationToken,
-    /// Keeps the last table; in eBPF mode partial syncs re-plan only the
-    /// Services that changed (the iptables dataplane plans whole each time).
+    /// Keeps the last table; in eBPF and nftables modes partial syncs
+    /// re-plan only the Services that changed (the iptables dataplane plans
+    /// whole each time).
     replanner: Option<Replanner>,
     incremental_plan: bool,
 }
@@ -483,11 +491,26 @@ impl SyncLoop {
 
 /// `ferry render --what iptables`: the iptables-restore input for IPv4 (and
 /// IPv6 when the cluster has IPv6 services), with planner warnings as comments.
+/// With `--mode nftables`, the `nft -f` script of ferry's own table instead.
 pub fn render_iptables(snap: &Snapshot, opts: &ProxyOpts) -> anyhow::Result<String> {
     let (table, warnings) = ferry_proxy::plan(snap, &opts.node_config());
     let mut out = String::new();
     for w in &warnings {
         out.push_str(&format!("# warning: {w}\n"));
+    }
+    if opts.mode == ProxyMode::Nftables {
+        use ferry_proxy::nftables::render as nft;
+        out.push_str("# nftables (table ip ferry)\n");
+        out.push_str(&nft::render_text(&table, Family::V4));
+        if table
+            .services
+            .values()
+            .any(|e| e.frontends.iter().any(|f| f.ip.is_ipv6()))
+        {
+            out.push_str("# nftables (table ip6 ferry)\n");
+            out.push_str(&nft::render_text(&table, Family::V6));
+        }
+        return Ok(out);
     }
     out.push_str("# iptables (IPv4)\n");
     out.push_str(&ferry_proxy::iptables::render::render_text(&table, Family::V4));

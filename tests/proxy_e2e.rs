@@ -8,11 +8,14 @@ use common::netns::is_root;
 use common::proxy_scenarios::{self as scenarios, Mode};
 
 fn run(name: &str, f: fn(&Mode) -> anyhow::Result<()>) {
+    run_mode(name, Mode::iptables(), f)
+}
+
+fn run_mode(name: &str, mode: Mode, f: fn(&Mode) -> anyhow::Result<()>) {
     if !is_root() {
         eprintln!("skipping {name}: needs root (network namespaces, iptables)");
         return;
     }
-    let mode = Mode::iptables();
     if let Err(e) = f(&mode) {
         panic!("{name} ({}): {e:#}", mode.name);
     }
@@ -36,6 +39,38 @@ fn iptables_reject_and_endpoint_removal() {
 #[test]
 fn iptables_restart_and_cleanup() {
     run("restart_and_cleanup", scenarios::restart_and_cleanup);
+}
+
+#[test]
+fn nftables_cluster_ip_and_node_port() {
+    run_mode(
+        "cluster_ip_and_node_port",
+        Mode::nftables(),
+        scenarios::cluster_ip_and_node_port,
+    );
+}
+
+#[test]
+fn nftables_affinity_and_local_policy() {
+    run_mode(
+        "affinity_and_local_policy",
+        Mode::nftables(),
+        scenarios::affinity_and_local_policy,
+    );
+}
+
+#[test]
+fn nftables_reject_and_endpoint_removal() {
+    run_mode(
+        "reject_and_endpoint_removal",
+        Mode::nftables(),
+        scenarios::reject_and_endpoint_removal,
+    );
+}
+
+#[test]
+fn nftables_restart_and_cleanup() {
+    run_mode("restart_and_cleanup", Mode::nftables(), scenarios::restart_and_cleanup);
 }
 
 /// iptables only: someone flushing the nat table (a firewall reload) is

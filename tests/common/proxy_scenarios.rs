@@ -44,6 +44,30 @@ impl Mode {
     }
 }
 
+impl Mode {
+    /// ferry's own nftables table (`--mode nftables`).
+    pub fn nftables() -> Mode {
+        Mode {
+            name: "nftables",
+            args: ["--mode", "nftables"].map(String::from).to_vec(),
+            leftovers: nftables_leftovers,
+        }
+    }
+}
+
+/// Our tables (`ip ferry`, `ip6 ferry`) and any iptables chain of ours.
+fn nftables_leftovers(node_ns: &str) -> Vec<String> {
+    let mut out = iptables_leftovers(node_ns);
+    if let Ok(text) = ns_sh(node_ns, "nft", &["list", "tables"]) {
+        out.extend(
+            text.lines()
+                .filter(|l| l.trim().ends_with(" ferry"))
+                .map(|l| format!("nft: {l}")),
+        );
+    }
+    out
+}
+
 fn iptables_leftovers(node_ns: &str) -> Vec<String> {
     let mut out = Vec::new();
     for tool in ["iptables-nft-save", "iptables-legacy-save"] {

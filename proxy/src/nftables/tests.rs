@@ -80,7 +80,7 @@ fn outcomes(t: &trace::Trace) -> Outcomes {
 /// map, then the service chains (the rule forms `render` emits), the
 /// filter map for frontends without endpoints, and postrouting masquerade.
 /// Affinity sets are empty for a first packet.
-fn nft_trace(r: &Rendered, cidrs: &[IpNet], p: &Packet) -> Outcomes {
+fn nft_trace(r: &Rendered, p: &Packet) -> Outcomes {
     let proto = match p.protocol {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
@@ -95,7 +95,7 @@ fn nft_trace(r: &Rendered, cidrs: &[IpNet], p: &Packet) -> Outcomes {
     let mut out = Outcomes::new();
     if let Some(v) = r.elements.get(&(render::SERVICES, key.clone())) {
         let start = v.strip_prefix("goto ").unwrap();
-        walk(&chains, start, p, cidrs, false, 1.0, &mut out);
+        walk(&chains, start, p, false, 1.0, &mut out);
     } else if let Some(v) = r.elements.get(&(render::NO_ENDPOINTS, key)) {
         let verdict = if v == "drop" { Verdict::Drop } else { Verdict::Reject };
         out.insert((verdict, false), 1.0);
@@ -121,15 +121,7 @@ fn src_in(text: &str, src: IpAddr) -> bool {
     })
 }
 
-fn walk(
-    chains: &BTreeMap<&str, &Vec<String>>,
-    chain: &str,
-    p: &Packet,
-    cidrs: &[IpNet],
-    mut masq: bool,
-    prob: f64,
-    out: &mut Outcomes,
-) {
+fn walk(chains: &BTreeMap<&str, &Vec<String>>, chain: &str, p: &Packet, mut masq: bool, prob: f64, out: &mut Outcomes) {
     let rules = chains.get(chain).unwrap_or_else(|| panic!("no chain {chain}"));
     for rule in rules.iter() {
         let mut rest = rule.as_str();
@@ -165,13 +157,13 @@ fn walk(
             }
         }
         if let Some(target) = rest.strip_prefix("goto ") {
-            return walk(chains, target, p, cidrs, masq, prob, out);
+            return walk(chains, target, p, masq, prob, out);
         }
         if let Some(r) = rest.strip_prefix("numgen random mod ") {
             let body = r.split_once("vmap { ").unwrap().1.trim_end_matches(" }");
             let targets: Vec<&str> = body.split(", ").map(|e| e.split_once(" : goto ").unwrap().1).collect();
             for t in &targets {
-                walk(chains, t, p, cidrs, masq, prob / targets.len() as f64, out);
+                walk(chains, t, p, masq, prob / targets.len() as f64, out);
             }
             return;
         }
@@ -253,7 +245,7 @@ fn agree_with_iptables(t: &ServiceTable) {
                 dst_local: dst.to_string() == node_ip,
             };
             let want = outcomes(&ipt.trace(&p));
-            let got = nft_trace(&nft, &t.cluster_cidrs, &p);
+            let got = nft_trace(&nft, &p);
             let close = want.len() == got.len()
                 && want
                     .iter()
