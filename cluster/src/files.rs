@@ -307,7 +307,12 @@ impl FileSource {
         let objects = self.objects();
         Kind::ALL
             .iter()
-            .map(|&k| Change::Relist(k, objects.iter().filter(|o| o.kind() == k).cloned().collect()))
+            .map(|&kind| Change::Relist {
+                kind,
+                objects: objects.iter().filter(|o| o.kind() == kind).cloned().collect(),
+                // Broken documents already contribute their last good objects.
+                keep: Vec::new(),
+            })
             .collect()
     }
 

@@ -201,13 +201,21 @@ async fn watch<K, F>(
 {
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut buffer: Vec<Object> = Vec::new();
-    let to_object = |o: &K| match convert(o) {
-        Ok(obj) => obj,
-        Err(e) => {
-            tracing::warn!(error = %e, "skipping object");
-            metrics.source_error("kube");
-            None
+    // Listed objects that failed conversion: a re-list keeps their last good version.
+    let mut broken: Vec<ObjectKey> = Vec::new();
+    let cluster_scoped = matches!(kind, Kind::IngressClass | Kind::Node | Kind::Namespace);
+    let key = |o: &K| {
+        let mut key = key_of(o);
+        if cluster_scoped {
+            key.namespace.clear();
         }
+        key
+    };
+    let to_object = |o: &K| {
+        convert(o).map_err(|e| {
+            tracing::warn!(error = %e, "skipping object; its last good version (if any) keeps serving");
+            metrics.source_error("kube");
+        })
     };
     loop {
         let ev = tokio::select! {
@@ -223,26 +231,29 @@ async fn watch<K, F>(
             }
             Ok(Event::Init) => {
                 buffer.clear();
+                broken.clear();
                 continue;
             }
             Ok(Event::InitApply(o)) => {
-                buffer.extend(to_object(&o));
+                match to_object(&o) {
+                    Ok(obj) => buffer.extend(obj),
+                    Err(()) => broken.push(key(&o)),
+                }
                 continue;
             }
-            Ok(Event::InitDone) => Change::Relist(kind, std::mem::take(&mut buffer)),
+            Ok(Event::InitDone) => Change::Relist {
+                kind,
+                objects: std::mem::take(&mut buffer),
+                keep: std::mem::take(&mut broken),
+            },
             // An update that fails conversion keeps the previous version in
             // the store: the last good state keeps serving.
             Ok(Event::Apply(o)) => match to_object(&o) {
-                Some(obj) => Change::Apply(obj),
-                None => continue,
+                Ok(Some(obj)) => Change::Apply(obj),
+                Ok(None) => Change::Delete(kind, key(&o)),
+                Err(()) => continue,
             },
-            Ok(Event::Delete(o)) => {
-                let mut key = key_of(&o);
-                if matches!(kind, Kind::IngressClass | Kind::Node | Kind::Namespace) {
-                    key.namespace.clear();
-                }
-                Change::Delete(kind, key)
-            }
+            Ok(Event::Delete(o)) => Change::Delete(kind, key(&o)),
         };
         if tx.send(change).is_err() {
             return;

@@ -13,8 +13,14 @@ use crate::snapshot::Snapshot;
 #[derive(Debug, Clone)]
 pub enum Change {
     /// The complete current set of one kind; replaces what the store holds
-    /// of that kind. Also marks the kind as listed.
-    Relist(Kind, Vec<Object>),
+    /// of that kind, except the `keep` keys: objects the source listed but
+    /// could not convert, whose last good version stays. Also marks the kind
+    /// as listed.
+    Relist {
+        kind: Kind,
+        objects: Vec<Object>,
+        keep: Vec<ObjectKey>,
+    },
     Apply(Object),
     Delete(Kind, ObjectKey),
 }
@@ -46,9 +52,9 @@ impl Store {
     /// Applies one change; returns whether anything changed.
     pub fn change(&mut self, change: Change) -> bool {
         match change {
-            Change::Relist(kind, objects) => {
+            Change::Relist { kind, objects, keep } => {
                 let before = self.listed.insert(kind);
-                let changed = self.relist(kind, objects);
+                let changed = self.relist(kind, objects, &keep);
                 before || changed
             }
             Change::Apply(o) => self.apply(o),
@@ -90,8 +96,9 @@ impl Store {
         }
     }
 
-    fn relist(&mut self, kind: Kind, objects: Vec<Object>) -> bool {
-        let wanted: BTreeSet<ObjectKey> = objects.iter().filter(|o| o.kind() == kind).map(Object::key).collect();
+    fn relist(&mut self, kind: Kind, objects: Vec<Object>, keep: &[ObjectKey]) -> bool {
+        let mut wanted: BTreeSet<ObjectKey> = objects.iter().filter(|o| o.kind() == kind).map(Object::key).collect();
+        wanted.extend(keep.iter().cloned());
         let existing: Vec<ObjectKey> = self.keys(kind);
         let mut changed = false;
         for key in existing {

@@ -104,11 +104,21 @@ async fn nothing_is_published_before_every_kind_is_listed() {
     tokio::spawn(publisher.run(cancel.clone()));
     use ferry_cluster::{Change, Kind};
     for kind in Kind::ALL.iter().filter(|k| **k != Kind::Pod) {
-        tx.send(Change::Relist(*kind, vec![])).unwrap();
+        tx.send(Change::Relist {
+            kind: *kind,
+            objects: vec![],
+            keep: vec![],
+        })
+        .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(rx.borrow().is_none());
-    tx.send(Change::Relist(Kind::Pod, vec![])).unwrap();
+    tx.send(Change::Relist {
+        kind: Kind::Pod,
+        objects: vec![],
+        keep: vec![],
+    })
+    .unwrap();
     let mut rx = rx;
     tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
         .await

@@ -123,6 +123,11 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
     wait_for(&mut rx, "re-list drops a", |s| s.service("default", "a").is_none()).await;
     let snap = rx.borrow().clone().unwrap();
     assert!(snap.service("default", "b").is_some());
+    // c is still broken in the apiserver: the re-list keeps its last good version.
+    assert_eq!(
+        snap.service("default", "c").unwrap().cluster_ips[0].to_string(),
+        "10.96.0.3"
+    );
     let lists = api
         .requests()
         .iter()
