@@ -305,22 +305,22 @@ fn ferry_bin() -> anyhow::Result<PathBuf> {
     Ok(target.join("release").join("ferry"))
 }
 
-fn ferry_args(dir: &str) -> Vec<&str> {
-    vec![
-        "proxy",
-        "-f",
-        dir,
-        "--mode",
-        "iptables",
-        "--iptables-backend",
-        "nft",
+/// `ferry proxy` flags for the bench; `mode` is `iptables` (nft back end)
+/// or `nftables` (ferry's own table).
+fn ferry_args<'a>(dir: &'a str, mode: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["proxy", "-f", dir, "--mode", mode];
+    if mode == "iptables" {
+        args.extend(["--iptables-backend", "nft"]);
+    }
+    args.extend([
         "--node-name",
         "bench-node",
         "--node-ip",
         "192.0.2.10",
         "--cluster-cidr",
         CLUSTER_CIDR,
-    ]
+    ]);
+    args
 }
 
 struct Opts {
@@ -328,6 +328,8 @@ struct Opts {
     endpoints: usize,
     cap: Duration,
     conn: bool,
+    /// ferry's dataplane: `iptables` (default) or `nftables`.
+    mode: String,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -336,6 +338,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         endpoints: 10,
         cap: Duration::from_secs(300),
         conn: true,
+        mode: "iptables".into(),
     };
     let mut i = 0;
     while i < args.len() {
@@ -349,7 +352,8 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                 i += 1;
                 continue;
             }
-            "--mode" => {}
+            "--mode" if val == "iptables" || val == "nftables" => o.mode = val,
+            "--mode" => bail!("bench proxy --mode {val}: iptables or nftables (ebpf has its own bench)"),
             other => bail!("unknown option {other}"),
         }
         i += 2;
@@ -369,8 +373,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
 fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
     println!(
-        "bench proxy: {} endpoints per service; kube-proxy iptables layout capped at {:?}",
-        opts.endpoints, opts.cap
+        "bench proxy: ferry --mode {}; {} endpoints per service; kube-proxy iptables layout capped at {:?}",
+        opts.mode, opts.endpoints, opts.cap
     );
     println!("| services | kube-proxy iptables (iptables-nft-restore) | kube-proxy nftables (nft -f) | ferry --oneshot (sync_seconds / wall) | ferry vs iptables layout | ferry vs nft layout |");
     println!("|---|---|---|---|---|---|");
@@ -390,7 +394,7 @@ fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
         let ns = Netns::new("ferry")?;
         let dir_s = dir.to_string_lossy().into_owned();
         let mut args = vec!["netns", "exec", &ns.0, bin.to_str().context("binary path")?];
-        args.extend(ferry_args(&dir_s));
+        args.extend(ferry_args(&dir_s, &opts.mode));
         args.push("--oneshot");
         let started = Instant::now();
         let out = sh("ip", &args)?;
@@ -406,13 +410,31 @@ fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
             .unwrap_or("?")
             .to_string();
         drop(ns);
+        let fmt = |v: Option<f64>| {
+            v.map(|s| format!("{s:.3} s"))
+                .unwrap_or_else(|| format!("> {:?} (killed at cap)", opts.cap))
+        };
+        let ratio = |v: Option<f64>| {
+            v.map(|k| format!("{:.2}× ({:.3} of its time)", k / wall, wall / k))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        if opts.mode == "nftables" {
+            println!(
+                "| {n} | {} | {} | {sync:.3} s / {wall:.3} s ({rules} rules+elements, --mode nftables) | {} | {} |",
+                fmt(kube_ipt),
+                fmt(kube_nft),
+                ratio(kube_ipt),
+                ratio(kube_nft)
+            );
+            continue;
+        }
         // The same pair on the legacy back end (for nodes that use it).
         let ns = Netns::new("kleg")?;
         let kube_legacy = timed_with_input(&ns, "iptables-legacy-restore", &[], &ipt_file, opts.cap)?;
         drop(ns);
         let ns = Netns::new("fleg")?;
         let mut args = vec!["netns", "exec", &ns.0, bin.to_str().context("binary path")?];
-        let mut fa = ferry_args(&dir_s);
+        let mut fa = ferry_args(&dir_s, &opts.mode);
         if let Some(b) = fa.iter().position(|a| *a == "nft") {
             fa[b] = "legacy";
         }
@@ -422,14 +444,6 @@ fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
         sh("ip", &args)?;
         let wall_legacy = started.elapsed().as_secs_f64();
         drop(ns);
-        let fmt = |v: Option<f64>| {
-            v.map(|s| format!("{s:.3} s"))
-                .unwrap_or_else(|| format!("> {:?} (killed at cap)", opts.cap))
-        };
-        let ratio = |v: Option<f64>| {
-            v.map(|k| format!("{:.2}× ({:.3} of its time)", k / wall, wall / k))
-                .unwrap_or_else(|| "n/a".into())
-        };
         println!(
             "| {n} | {} | {} | {sync:.3} s / {wall:.3} s ({rules} rules) | {} | {} |",
             fmt(kube_ipt),
@@ -449,7 +463,7 @@ fn run_in(opts: &Opts, bin: &Path, work: &Path) -> anyhow::Result<()> {
         partial(opts, bin, work, n)?;
     }
     if opts.conn {
-        connection_rate(bin, work)?;
+        connection_rate(bin, work, &opts.mode)?;
     }
     Ok(())
 }
@@ -469,7 +483,7 @@ fn partial(opts: &Opts, bin: &Path, work: &Path, n: usize) -> anyhow::Result<()>
         "--log-format",
         "json",
     ];
-    args.extend(ferry_args(&dir_s));
+    args.extend(ferry_args(&dir_s, &opts.mode));
     args.extend([
         "--min-sync-interval",
         "50ms",
@@ -533,7 +547,7 @@ fn write_manifests_one(dir: &Path, n: usize, endpoints: usize, moved: Option<usi
 }
 
 /// Connections per second through a ClusterIP vs straight to the pod.
-fn connection_rate(bin: &Path, work: &Path) -> anyhow::Result<()> {
+fn connection_rate(bin: &Path, work: &Path, mode: &str) -> anyhow::Result<()> {
     let node = Netns::new("cnode")?;
     let pod = Netns::new("cpod")?;
     node.exec("ip", &["link", "add", "br0", "type", "bridge"])?;
@@ -578,7 +592,7 @@ fn connection_rate(bin: &Path, work: &Path) -> anyhow::Result<()> {
     )?;
     let m = manifest.to_string_lossy().into_owned();
     let mut args = vec!["netns", "exec", &node.0, bin.to_str().context("binary path")?];
-    args.extend(ferry_args(&m));
+    args.extend(ferry_args(&m, mode));
     args.push("--oneshot");
     sh("ip", &args)?;
     // Wait for nginx (bounded).
