@@ -57,6 +57,11 @@ pub struct IngressOpts {
     /// How long an ejected endpoint gets no new requests.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub upstream_eject_time: Duration,
+    /// Ingress worker threads, each serving its share of the connections
+    /// on its own single-threaded runtime [default: $TOKIO_WORKER_THREADS,
+    /// else one per CPU].
+    #[arg(long, value_name = "N")]
+    pub ingress_workers: Option<usize>,
 }
 
 impl Default for IngressOpts {
@@ -74,6 +79,7 @@ impl Default for IngressOpts {
             upstream_header_timeout: u.header_timeout,
             upstream_max_fails: u.max_fails,
             upstream_eject_time: u.eject_for,
+            ingress_workers: None,
         }
     }
 }
@@ -105,7 +111,21 @@ impl IngressOpts {
                 ..UpstreamConfig::default()
             },
             drain_timeout: self.drain_timeout,
+            workers: self.workers(),
         }
+    }
+
+    /// `--ingress-workers`, else `$TOKIO_WORKER_THREADS` (the knob that
+    /// sizes the rest of the process), else one per CPU.
+    fn workers(&self) -> usize {
+        self.ingress_workers
+            .or_else(|| {
+                std::env::var("TOKIO_WORKER_THREADS")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .filter(|&n| n > 0)
+            .unwrap_or_else(ferry_ingress::proxy::default_workers)
     }
 }
 

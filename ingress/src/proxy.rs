@@ -35,7 +35,7 @@ use crate::error::IngressError;
 use crate::metrics::{IngressMetrics, RequestLabels, UpstreamLabels};
 use crate::routes::{self, normalize_host, ClassSelection, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
-use crate::upstream::{Conn, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
+use crate::upstream::{self, Conn, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
 
 /// Engine settings (from the `ferry ingress`/`serve` flags).
 #[derive(Debug, Clone)]
@@ -46,6 +46,14 @@ pub struct EngineConfig {
     pub upstream: UpstreamConfig,
     /// How long in-flight requests may finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Worker threads serving connections, each with its own
+    /// single-threaded runtime and upstream pools (like nginx workers).
+    pub workers: usize,
+}
+
+/// The default worker count: one per CPU.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for EngineConfig {
@@ -55,6 +63,7 @@ impl Default for EngineConfig {
             default_tls_secret: None,
             upstream: UpstreamConfig::default(),
             drain_timeout: Duration::from_secs(30),
+            workers: default_workers(),
         }
     }
 }
@@ -154,7 +163,7 @@ impl Engine {
             }
             *logged = problems.iter().cloned().collect();
         }
-        let live = LiveTable::build(table.clone(), &s.live.load());
+        let live = LiveTable::build(table.clone(), &s.live.load(), s.config.workers.max(1) + 1);
         s.live.store(Arc::new(live));
         s.certs.swap(certs);
         s.metrics.reloads.inc();
@@ -208,6 +217,13 @@ impl Engine {
 
     /// Serves until `cancel` fires, then stops accepting and drains
     /// in-flight requests for up to the drain timeout.
+    ///
+    /// This task accepts; each connection goes round-robin to one of
+    /// `workers` threads, each running a single-threaded runtime that
+    /// owns the connection, its requests and the upstream connections they
+    /// open (see `upstream::set_pool_slot`). Keeping a request's tasks on
+    /// one thread avoids the cross-thread wake-ups of a work-stealing
+    /// scheduler, which cost more than the proxying itself.
     pub async fn serve(&self, listeners: Listeners, cancel: CancellationToken) -> Result<(), IngressError> {
         let tls = match &listeners.https {
             Some(_) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
@@ -215,7 +231,6 @@ impl Engine {
             )?)),
             None => None,
         };
-        let graceful = GracefulShutdown::new();
         let http_port = listeners.http_addr().map_or(0, |a| a.port());
         let https_port = listeners.https_addr().map_or(0, |a| a.port());
         if let Some(a) = listeners.http_addr() {
@@ -224,90 +239,178 @@ impl Engine {
         if let Some(a) = listeners.https_addr() {
             tracing::info!(addr = %a, "ingress listening (https)");
         }
+        let stop = CancellationToken::new();
+        let mut workers = Vec::new();
+        for index in 0..self.shared.config.workers.max(1) {
+            match Worker::start(index, self.shared.clone(), stop.clone()) {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
+            }
+        }
+        let mut next = 0usize;
         loop {
-            tokio::select! {
+            let accepted = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = accept(listeners.http.as_ref()) => match r {
-                    Ok((stream, peer)) => self.spawn_connection(stream, peer, None, http_port, &graceful),
-                    Err(e) => accept_error(e).await,
-                },
-                r = accept(listeners.https.as_ref()) => match r {
-                    Ok((stream, peer)) => self.spawn_connection(stream, peer, tls.clone(), https_port, &graceful),
-                    Err(e) => accept_error(e).await,
-                },
+                r = accept(listeners.http.as_ref()) => r.map(|(s, p)| (s, p, None, http_port)),
+                r = accept(listeners.https.as_ref()) => r.map(|(s, p)| (s, p, tls.clone(), https_port)),
+            };
+            match accepted {
+                Ok((stream, peer, tls, port)) => {
+                    let _ = stream.set_nodelay(true);
+                    match stream.into_std() {
+                        Ok(stream) => {
+                            next = next.wrapping_add(1);
+                            if let Some(w) = workers.get(next % workers.len()) {
+                                let _ = w.connections.send(Accepted {
+                                    stream,
+                                    peer,
+                                    tls,
+                                    port,
+                                });
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "handing over an accepted connection failed"),
+                    }
+                }
+                Err(e) => accept_error(e).await,
             }
         }
         drop(listeners);
-        let open = graceful.count();
-        tracing::info!(open_connections = open, timeout = ?self.shared.config.drain_timeout, "ingress draining");
-        match tokio::time::timeout(self.shared.config.drain_timeout, graceful.shutdown()).await {
-            Ok(()) => tracing::info!("ingress drained"),
-            Err(_) => tracing::warn!("ingress drain timed out; closing the remaining connections"),
+        tracing::info!(open_connections = self.shared.metrics.open_connections.get(),
+            timeout = ?self.shared.config.drain_timeout, "ingress draining");
+        stop.cancel();
+        let mut drained = true;
+        for w in workers {
+            drained &= w.done.await.unwrap_or(false);
+        }
+        if drained {
+            tracing::info!("ingress drained");
+        } else {
+            tracing::warn!("ingress drain timed out; closing the remaining connections");
         }
         Ok(())
     }
+}
 
-    fn spawn_connection(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-        port: u16,
-        graceful: &GracefulShutdown,
-    ) {
-        let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
-        let shared = self.shared.clone();
-        let span = tracing::debug_span!("conn", %peer, tls = tls.is_some());
-        tokio::spawn(
-            async move {
-                shared.metrics.open_connections.inc();
-                let _open = OpenConnection(shared.metrics.clone());
-                let ctx = Arc::new(ConnContext {
-                    shared,
-                    peer,
-                    https: tls.is_some(),
-                    port,
-                });
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30));
-                builder.http2().timer(TokioTimer::new());
-                let service = hyper::service::service_fn(move |req| {
-                    let ctx = ctx.clone();
-                    async move { Ok::<_, Infallible>(handle(ctx, req).await) }
-                });
-                let result = match tls {
-                    None => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
+/// A connection accepted by `serve`, on its way to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    port: u16,
+}
+
+/// One worker thread: a current-thread runtime serving the connections
+/// sent to it.
+struct Worker {
+    connections: tokio::sync::mpsc::UnboundedSender<Accepted>,
+    /// Resolves when the worker has drained (true) or timed out (false).
+    done: tokio::sync::oneshot::Receiver<bool>,
+}
+
+impl Worker {
+    fn start(index: usize, shared: Arc<Shared>, stop: CancellationToken) -> Result<Worker, IngressError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name(format!("ferry-ingress-{index}"))
+            .spawn(move || {
+                upstream::set_pool_slot(index + 1);
+                let drain_timeout = shared.config.drain_timeout;
+                let drained = runtime.block_on(
+                    async move {
+                        let graceful = GracefulShutdown::new();
+                        loop {
+                            tokio::select! {
+                                _ = stop.cancelled() => break,
+                                c = rx.recv() => match c {
+                                    Some(c) => serve_connection(&shared, c, &graceful),
+                                    None => break,
+                                },
+                            }
+                        }
+                        drop(rx);
+                        tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_ok()
                     }
-                    Some(acceptor) => {
-                        let tls_stream =
-                            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-                        watcher.watch(conn.into_owned()).await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
+                    .instrument(span),
+                );
+                // Dropping the runtime ends what is left (upgraded tunnels).
+                drop(runtime);
+                let _ = done_tx.send(drained);
+            })?;
+        Ok(Worker {
+            connections: tx,
+            done: done_rx,
+        })
     }
+}
+
+/// Serves one connection on the current (worker) runtime.
+fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, graceful: &GracefulShutdown) {
+    let Accepted {
+        stream,
+        peer,
+        tls,
+        port,
+    } = accepted;
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "registering a connection failed");
+            return;
+        }
+    };
+    let watcher = graceful.watcher();
+    let shared = shared.clone();
+    let span = tracing::debug_span!("conn", %peer, tls = tls.is_some());
+    tokio::spawn(
+        async move {
+            shared.metrics.open_connections.inc();
+            let _open = OpenConnection(shared.metrics.clone());
+            let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
+            builder.http2().timer(TokioTimer::new());
+            let service = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+            });
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        .instrument(span),
+    );
 }
 
 async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
@@ -336,9 +439,30 @@ struct ConnContext {
     shared: Arc<Shared>,
     peer: SocketAddr,
     https: bool,
+    /// The client's IP as a header value, for `X-Forwarded-For`.
+    client_ip: HeaderValue,
     /// The listener's port, for `X-Forwarded-Port`.
-    port: u16,
+    port: HeaderValue,
 }
+
+impl ConnContext {
+    /// Formats the per-connection header values once, not per request.
+    fn new(shared: Arc<Shared>, peer: SocketAddr, https: bool, port: u16) -> ConnContext {
+        let client_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
+        ConnContext {
+            shared,
+            peer,
+            https,
+            client_ip,
+            port: HeaderValue::from(port),
+        }
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// The downstream response body: an upstream body (keeping its endpoint
 /// counted as in flight until it is done) or a short local one.
@@ -448,42 +572,60 @@ fn idempotent(m: &Method) -> bool {
 }
 
 /// Rewrites the request for the upstream: target form, Host, version,
-/// hop-by-hop headers, `X-Forwarded-*`.
-fn prepare_upstream_request<B>(req: &mut Request<B>, ctx: &ConnContext, authority: &str, upgrade: bool, h2c: bool) {
-    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+/// hop-by-hop headers, `X-Forwarded-*`. `authority` is the client's Host
+/// (or `:authority`) as a header value.
+fn prepare_upstream_request<B>(
+    req: &mut Request<B>,
+    ctx: &ConnContext,
+    authority: Option<&HeaderValue>,
+    upgrade: bool,
+    h2c: bool,
+) {
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    let client_ip = ctx.peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip,
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", ctx.peer.ip())).unwrap_or_else(|_| ctx.client_ip.clone())
+        }
+        _ => ctx.client_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if ctx.https { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(authority) {
-        headers.insert("x-forwarded-host", v.clone());
+    if let Some(v) = authority {
+        headers.insert(X_FORWARDED_HOST.clone(), v.clone());
         if !h2c {
             // HTTP/2 clients send `:authority` only; HTTP/1.1 needs Host.
-            headers.insert(header::HOST, v);
+            headers.insert(header::HOST, v.clone());
         }
     }
-    headers.insert("x-forwarded-port", HeaderValue::from(ctx.port));
+    headers.insert(X_FORWARDED_PORT.clone(), ctx.port.clone());
     if h2c {
         headers.remove(header::HOST);
         *req.version_mut() = Version::HTTP_2;
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let authority = authority.and_then(|v| v.to_str().ok()).unwrap_or_default();
         let uri = format!("http://{authority}{path_and_query}");
         if let Ok(u) = uri.parse::<Uri>() {
             *req.uri_mut() = u;
         }
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if let Ok(u) = path_and_query.parse::<Uri>() {
-            *req.uri_mut() = u;
+        // Origin form; a request already in it (every HTTP/1.1 one but
+        // absolute-form) is left as is.
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(
+                req.uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            if let Ok(u) = Uri::from_parts(parts) {
+                *req.uri_mut() = u;
+            }
         }
     }
 }
@@ -494,80 +636,98 @@ struct Outcome {
 }
 
 async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let live = ctx.shared.live.load_full();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
     let log_access = tracing::enabled!(target: "ferry::access", tracing::Level::INFO);
-    let method = req.method().clone();
+    let started = log_access.then(Instant::now);
+    let live = ctx.shared.live.load_full();
+    // The client's authority: `:authority` (HTTP/2, absolute form), else Host.
+    let authority: Option<HeaderValue> = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    };
+    let authority_str = authority.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let method = log_access.then(|| req.method().clone());
     let path = if log_access {
         req.uri().path().to_string()
     } else {
         String::new()
     };
 
-    let matched = live
-        .routes
-        .route(&authority, req.uri().path())
-        .map(|m| (m.upstream, m.host.to_string()));
-    let (outcome, host_label, upstream_name) = match matched {
+    let matched = live.routes.route(authority_str, req.uri().path());
+    let (outcome, host_label, upstream) = match matched {
         None => (
             Outcome {
                 response: local(StatusCode::NOT_FOUND),
                 endpoint: None,
             },
-            String::new(),
-            String::new(),
+            "",
+            None,
         ),
-        Some((index, host_label)) => match live.upstreams.get(index) {
+        Some(m) => match live.upstreams.get(m.upstream) {
             None => (
                 Outcome {
                     response: local(StatusCode::SERVICE_UNAVAILABLE),
                     endpoint: None,
                 },
-                host_label,
-                String::new(),
+                m.host,
+                None,
             ),
             Some(upstream) => {
-                let outcome = forward(&ctx, upstream, req, &authority).await;
-                (outcome, host_label, upstream.spec.name.clone())
+                let outcome = forward(&ctx, upstream, req, authority.as_ref()).await;
+                (outcome, m.host, Some(upstream))
             }
         },
     };
     let status = outcome.response.status().as_u16();
-    ctx.shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            host: host_label,
-            status,
-            upstream: upstream_name.clone(),
-        })
-        .inc();
+    count_request(&ctx.shared.metrics, host_label, status, upstream.map(|u| &**u));
     if log_access {
         tracing::info!(
             target: "ferry::access",
             client = %ctx.peer.ip(),
-            %method,
-            host = %normalize_host(&authority),
+            method = %method.unwrap_or_default(),
+            host = %normalize_host(authority_str),
             path = %path,
             status,
-            upstream = %upstream_name,
+            upstream = %upstream.map_or("", |u| u.spec.name.as_str()),
             endpoint = %outcome.endpoint.map(|e| e.to_string()).unwrap_or_default(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0),
             "request"
         );
     }
     outcome.response
+}
+
+/// `requests{host, status, upstream}` += 1, through the upstream's cached
+/// handle for the common case (a 200 on its usual host).
+fn count_request(metrics: &IngressMetrics, host: &str, status: u16, upstream: Option<&LiveUpstream>) {
+    let lookup = |upstream_name: &str| {
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                host: host.to_string(),
+                status,
+                upstream: upstream_name.to_string(),
+            })
+            .inc();
+    };
+    match upstream {
+        Some(u) if status == 200 => {
+            let (cached_host, counter) = u.metrics.ok_requests.get_or_init(|| {
+                let labels = RequestLabels {
+                    host: host.to_string(),
+                    status,
+                    upstream: u.spec.name.clone(),
+                };
+                (labels.host.clone(), metrics.requests.get_or_create(&labels).clone())
+            });
+            if cached_host == host {
+                counter.inc();
+            } else {
+                lookup(&u.spec.name);
+            }
+        }
+        Some(u) => lookup(&u.spec.name),
+        None => lookup(""),
+    }
 }
 
 /// The parts needed to send a body-less request again.
@@ -589,7 +749,12 @@ impl Replay {
     }
 }
 
-async fn forward(ctx: &ConnContext, upstream: &LiveUpstream, mut req: Request<Incoming>, authority: &str) -> Outcome {
+async fn forward(
+    ctx: &ConnContext,
+    upstream: &LiveUpstream,
+    mut req: Request<Incoming>,
+    authority: Option<&HeaderValue>,
+) -> Outcome {
     let s = &ctx.shared;
     let config = &s.config.upstream;
     if upstream.endpoints.is_empty() {
@@ -612,9 +777,6 @@ async fn forward(ctx: &ConnContext, upstream: &LiveUpstream, mut req: Request<In
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts = 0usize;
     let mut last_status = StatusCode::BAD_GATEWAY;
-    let labels = UpstreamLabels {
-        upstream: upstream.spec.name.clone(),
-    };
     // Bounded: every turn either returns or consumes an attempt.
     while attempts < config.max_attempts + 2 {
         attempts += 1;
@@ -624,7 +786,12 @@ async fn forward(ctx: &ConnContext, upstream: &LiveUpstream, mut req: Request<In
         let (conn, fresh) = match ep.connection(config).await {
             Ok(c) => c,
             Err(e) => {
-                s.metrics.upstream_connect_failures.get_or_create(&labels).inc();
+                s.metrics
+                    .upstream_connect_failures
+                    .get_or_create(&UpstreamLabels {
+                        upstream: upstream.spec.name.clone(),
+                    })
+                    .inc();
                 if ep.connect_failed(config) {
                     s.metrics.ejections.inc();
                     tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, eject_for = ?config.eject_for,
@@ -666,9 +833,17 @@ async fn forward(ctx: &ConnContext, upstream: &LiveUpstream, mut req: Request<In
         };
         match result {
             Ok(mut resp) => {
-                s.metrics
-                    .upstream_latency
-                    .get_or_create(&labels)
+                upstream
+                    .metrics
+                    .latency
+                    .get_or_init(|| {
+                        s.metrics
+                            .upstream_latency
+                            .get_or_create(&UpstreamLabels {
+                                upstream: upstream.spec.name.clone(),
+                            })
+                            .clone()
+                    })
                     .observe(sent_at.elapsed().as_secs_f64());
                 let endpoint = Some(ep.addr);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -9,6 +9,7 @@
 //! endpoints that disappear are dropped with their idle connections once
 //! their last in-flight request finishes.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +21,8 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 
 use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
@@ -27,8 +30,24 @@ use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
 /// What is sent upstream: the client's body, or nothing (rebuilt retries).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
-/// Idle HTTP/1.1 connections kept per endpoint.
+/// Idle HTTP/1.1 connections kept per endpoint and pool slot.
 const MAX_IDLE_PER_ENDPOINT: usize = 512;
+
+thread_local! {
+    /// The pool slot of this thread: each ingress worker thread has its
+    /// own (1..), every other thread shares slot 0.
+    static POOL_SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread use pool slot `slot` (ingress worker `slot - 1`).
+///
+/// A pooled HTTP/1.1 connection is driven by a task on the thread that
+/// opened it; handing it to requests on that same thread keeps the
+/// request and the connection task on one scheduler, with no cross-thread
+/// wake-ups and no lock contention.
+pub fn set_pool_slot(slot: usize) {
+    POOL_SLOT.with(|s| s.set(slot));
+}
 
 /// Tunables of the upstream side.
 #[derive(Debug, Clone)]
@@ -74,7 +93,8 @@ pub struct EndpointState {
     consecutive_failures: AtomicU32,
     /// Milliseconds since `epoch()` until which the endpoint is ejected.
     ejected_until_ms: AtomicU64,
-    h1_idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    /// Idle HTTP/1.1 connections, one pool per slot (see `set_pool_slot`).
+    h1_idle: Box<[Mutex<Vec<http1::SendRequest<UpstreamBody>>>]>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
@@ -95,7 +115,8 @@ impl Drop for InFlight {
 }
 
 impl EndpointState {
-    pub fn new(addr: SocketAddr, pod: Option<String>, h2c: bool) -> EndpointState {
+    /// `pool_slots`: ingress workers + 1 (slot 0 is for every other thread).
+    pub fn new(addr: SocketAddr, pod: Option<String>, h2c: bool, pool_slots: usize) -> EndpointState {
         EndpointState {
             addr,
             pod,
@@ -103,7 +124,7 @@ impl EndpointState {
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
-            h1_idle: Mutex::new(Vec::new()),
+            h1_idle: (0..pool_slots.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
         }
     }
@@ -148,16 +169,31 @@ impl EndpointState {
                 _ => None,
             };
         }
-        let mut idle = self.h1_idle.lock().ok()?;
-        idle.retain(|s| !s.is_closed());
-        let i = idle.iter().rposition(|s| s.is_ready())?;
-        Some(Conn::H1(idle.swap_remove(i)))
+        let mut idle = self.idle_pool().lock().ok()?;
+        // Newest first; closed connections met on the way are dropped. A
+        // swap_remove moves an already-checked entry into `i`.
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].is_closed() {
+                idle.swap_remove(i);
+            } else if idle[i].is_ready() {
+                return Some(Conn::H1(idle.swap_remove(i)));
+            }
+        }
+        None
+    }
+
+    /// This thread's pool of idle HTTP/1.1 connections.
+    fn idle_pool(&self) -> &Mutex<Vec<http1::SendRequest<UpstreamBody>>> {
+        let slot = POOL_SLOT.with(Cell::get) % self.h1_idle.len().max(1);
+        &self.h1_idle[slot]
     }
 
     /// Puts an HTTP/1.1 connection back; it is handed out again once its
     /// current response body is done (`is_ready`).
     pub fn give_back(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if let Ok(mut idle) = self.h1_idle.lock() {
+        if let Ok(mut idle) = self.idle_pool().lock() {
             if idle.len() < MAX_IDLE_PER_ENDPOINT && !sender.is_closed() {
                 idle.push(sender);
             }
@@ -225,6 +261,20 @@ pub struct LiveUpstream {
     pub spec: Arc<UpstreamSpec>,
     pub endpoints: Vec<Arc<EndpointState>>,
     rr: Arc<AtomicUsize>,
+    /// Metric handles looked up once per table rather than per request
+    /// (a `Family` lookup hashes the String labels under a lock).
+    pub metrics: UpstreamMetrics,
+}
+
+/// Cached metric series of one upstream; filled on first use so that
+/// unused upstreams export no series.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    /// `upstream_response_seconds{upstream}`.
+    pub latency: OnceLock<Histogram>,
+    /// `requests{host, status="200", upstream}` for the first host that got
+    /// a 200 through this upstream (usually its only one).
+    pub ok_requests: OnceLock<(String, Counter)>,
 }
 
 impl LiveUpstream {
@@ -292,7 +342,8 @@ pub struct LiveTable {
 impl LiveTable {
     /// Builds the live table for `routes`, reusing `previous`'s endpoint
     /// state and round-robin positions where they still apply.
-    pub fn build(routes: Arc<RouteTable>, previous: &LiveTable) -> LiveTable {
+    /// `pool_slots`: see `EndpointState::new`.
+    pub fn build(routes: Arc<RouteTable>, previous: &LiveTable, pool_slots: usize) -> LiveTable {
         let mut old_eps: HashMap<(SocketAddr, bool), Arc<EndpointState>> = HashMap::new();
         let mut old_rr: HashMap<&str, Arc<AtomicUsize>> = HashMap::new();
         for u in &previous.upstreams {
@@ -306,21 +357,21 @@ impl LiveTable {
             .upstreams
             .iter()
             .map(|spec| {
-                let endpoints =
-                    spec.endpoints
-                        .iter()
-                        .map(|e| {
-                            let key = (e.addr, spec.h2c);
-                            new_eps
-                                .entry(key)
-                                .or_insert_with(|| {
-                                    old_eps.get(&key).cloned().unwrap_or_else(|| {
-                                        Arc::new(EndpointState::new(e.addr, e.pod.clone(), spec.h2c))
-                                    })
+                let endpoints = spec
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let key = (e.addr, spec.h2c);
+                        new_eps
+                            .entry(key)
+                            .or_insert_with(|| {
+                                old_eps.get(&key).cloned().unwrap_or_else(|| {
+                                    Arc::new(EndpointState::new(e.addr, e.pod.clone(), spec.h2c, pool_slots))
                                 })
-                                .clone()
-                        })
-                        .collect();
+                            })
+                            .clone()
+                    })
+                    .collect();
                 let rr = old_rr
                     .get(spec.name.as_str())
                     .cloned()
@@ -329,6 +380,7 @@ impl LiveTable {
                     spec: spec.clone(),
                     endpoints,
                     rr,
+                    metrics: UpstreamMetrics::default(),
                 })
             })
             .collect();
@@ -357,10 +409,11 @@ mod tests {
         LiveUpstream {
             endpoints: endpoints
                 .iter()
-                .map(|e| Arc::new(EndpointState::new(e.addr, None, false)))
+                .map(|e| Arc::new(EndpointState::new(e.addr, None, false, 1)))
                 .collect(),
             spec,
             rr: Arc::new(AtomicUsize::new(0)),
+            metrics: UpstreamMetrics::default(),
         }
     }
 
@@ -428,9 +481,9 @@ mod tests {
             })];
             Arc::new(t)
         };
-        let first = LiveTable::build(mk(&[1, 2]), &LiveTable::default());
+        let first = LiveTable::build(mk(&[1, 2]), &LiveTable::default(), 3);
         let _busy = first.upstreams[0].endpoints[1].track();
-        let second = LiveTable::build(mk(&[2, 3]), &first);
+        let second = LiveTable::build(mk(&[2, 3]), &first, 3);
         assert!(Arc::ptr_eq(
             &first.upstreams[0].endpoints[1],
             &second.upstreams[0].endpoints[0]
