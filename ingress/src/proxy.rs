@@ -730,6 +730,53 @@ fn count_request(metrics: &IngressMetrics, host: &str, status: u16, upstream: Op
     }
 }
 
+/// Endpoints one request has tried: inline for the usual few attempts,
+/// so a request costs no allocation for it.
+#[derive(Default)]
+struct Tried {
+    inline: [usize; 8],
+    len: usize,
+    /// All entries once more than `inline` holds.
+    spill: Option<Vec<usize>>,
+}
+
+impl Tried {
+    fn as_slice(&self) -> &[usize] {
+        match &self.spill {
+            Some(v) => v,
+            None => &self.inline[..self.len],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn push(&mut self, i: usize) {
+        match &mut self.spill {
+            Some(v) => v.push(i),
+            None if self.len < self.inline.len() => {
+                self.inline[self.len] = i;
+                self.len += 1;
+            }
+            None => {
+                let mut v = self.inline.to_vec();
+                v.push(i);
+                self.spill = Some(v);
+            }
+        }
+    }
+
+    fn pop(&mut self) {
+        match &mut self.spill {
+            Some(v) => {
+                v.pop();
+            }
+            None => self.len = self.len.saturating_sub(1),
+        }
+    }
+}
+
 /// The parts needed to send a body-less request again.
 struct Replay {
     method: Method,
@@ -774,13 +821,15 @@ async fn forward(
     });
     let (parts, body) = req.into_parts();
     let mut req: Request<UpstreamBody> = Request::from_parts(parts, Either::Left(body));
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut attempts = 0usize;
     let mut last_status = StatusCode::BAD_GATEWAY;
     // Bounded: every turn either returns or consumes an attempt.
     while attempts < config.max_attempts + 2 {
         attempts += 1;
-        let Some(i) = upstream.pick(&tried) else { break };
+        let Some(i) = upstream.pick(tried.as_slice()) else {
+            break;
+        };
         tried.push(i);
         let ep = upstream.endpoints[i].clone();
         let (conn, fresh) = match ep.connection(config).await {
@@ -810,26 +859,23 @@ async fn forward(
         }
         let in_flight = ep.track();
         let sent_at = Instant::now();
+        let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
         let result = match conn {
-            Conn::H1(mut sender) => {
-                match tokio::time::timeout(config.header_timeout, sender.try_send_request(req)).await {
-                    Err(_) => Err(None),
-                    Ok(Ok(resp)) => {
-                        if !upgrade {
-                            ep.give_back(sender);
-                        }
-                        Ok(resp)
+            Conn::H1(mut sender) => match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+                Err(_) => Err(None),
+                Ok(Ok(resp)) => {
+                    if !upgrade {
+                        ep.give_back(sender);
                     }
-                    Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
+                    Ok(resp)
                 }
-            }
-            Conn::H2(mut sender) => {
-                match tokio::time::timeout(config.header_timeout, sender.try_send_request(req)).await {
-                    Err(_) => Err(None),
-                    Ok(Ok(resp)) => Ok(resp),
-                    Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
-                }
-            }
+                Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
+            },
+            Conn::H2(mut sender) => match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+                Err(_) => Err(None),
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
+            },
         };
         match result {
             Ok(mut resp) => {
@@ -931,6 +977,23 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tried_spills_past_its_inline_capacity_and_pops() {
+        let mut t = Tried::default();
+        for i in 0..10 {
+            t.push(i);
+        }
+        assert_eq!(t.as_slice(), (0..10).collect::<Vec<_>>().as_slice());
+        t.pop();
+        t.pop();
+        assert_eq!(t.len(), 8);
+        let mut small = Tried::default();
+        small.push(4);
+        small.push(7);
+        small.pop();
+        assert_eq!(small.as_slice(), &[4]);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed_and_upgrade_kept_when_asked() {
