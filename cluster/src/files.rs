@@ -210,8 +210,23 @@ struct FileState {
     /// Hash and length of the last text read, to skip re-parsing unchanged
     /// files without keeping their text in memory.
     fingerprint: (u64, usize),
-    /// Per document index, the objects of its last good parse.
-    documents: Vec<Option<Vec<Object>>>,
+    /// The objects of every document's last good parse, flat (one
+    /// allocation per file, not per document)...
+    objects: Vec<Object>,
+    /// ...and where document `i` ends in `objects`.
+    document_ends: Vec<usize>,
+}
+
+impl FileState {
+    fn document(&self, i: usize) -> &[Object] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.document_ends.get(i - 1).copied().unwrap_or(0)
+        };
+        let end = self.document_ends.get(i).copied().unwrap_or(start);
+        self.objects.get(start..end).unwrap_or(&[])
+    }
 }
 
 /// The files' parsed state; `reload` re-reads them and reports errors.
@@ -282,7 +297,7 @@ impl FileSource {
         let mut out = Vec::new();
         let mut namespaces = BTreeSet::from([DEFAULT_NAMESPACE.to_string()]);
         for state in self.files.values() {
-            for o in state.documents.iter().flatten().flatten() {
+            for o in &state.objects {
                 if !o.namespace().is_empty() {
                     namespaces.insert(o.namespace().to_string());
                 }
@@ -373,23 +388,27 @@ impl FileSource {
 
 fn update_file(path: &Path, state: &mut FileState, text: String, errors: &mut Vec<SourceError>) {
     let fingerprint = fingerprint(&text);
-    if state.fingerprint == fingerprint && !state.documents.is_empty() {
+    if state.fingerprint == fingerprint && !state.document_ends.is_empty() {
         // Unchanged: re-report nothing, keep the parsed objects.
         return;
     }
     let docs = parse_documents(path, &text);
-    let mut documents = Vec::with_capacity(docs.len());
+    let mut objects = Vec::new();
+    let mut document_ends = Vec::with_capacity(docs.len());
     for (i, doc) in docs.into_iter().enumerate() {
         match doc {
-            Ok(objs) => documents.push(Some(objs)),
+            Ok(objs) => objects.extend(objs),
             Err(e) => {
                 errors.push(e);
-                documents.push(state.documents.get(i).cloned().flatten());
+                objects.extend(state.document(i).iter().cloned());
             }
         }
+        document_ends.push(objects.len());
     }
+    objects.shrink_to_fit();
     state.fingerprint = fingerprint;
-    state.documents = documents;
+    state.objects = objects;
+    state.document_ends = document_ends;
 }
 
 fn fingerprint(text: &str) -> (u64, usize) {

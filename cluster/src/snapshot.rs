@@ -5,11 +5,12 @@
 //! which slices belong to a Service, how a Service port maps to slice ports
 //! (named target ports), and "ready, else serving and terminating".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::*;
+use crate::store::Shared;
 
 /// One dialable endpoint of one Service port, merged across slices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,16 +45,16 @@ pub fn usable(backends: &[Backend]) -> Vec<Backend> {
 pub struct Snapshot {
     /// Increases by one with every publish.
     pub generation: u64,
-    pub(crate) services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub(crate) services: Shared<ObjectKey, Arc<Service>>,
     /// Slices indexed by the Service they belong to (namespace + label).
     pub(crate) slices_by_service: HashMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
     pub(crate) slice_count: usize,
-    pub(crate) ingresses: BTreeMap<ObjectKey, Arc<Ingress>>,
-    pub(crate) ingress_classes: BTreeMap<String, Arc<IngressClass>>,
-    pub(crate) secrets: BTreeMap<ObjectKey, Arc<TlsSecret>>,
-    pub(crate) pods: BTreeMap<ObjectKey, Arc<Pod>>,
-    pub(crate) nodes: BTreeMap<String, Arc<Node>>,
-    pub(crate) namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub(crate) ingresses: Shared<ObjectKey, Arc<Ingress>>,
+    pub(crate) ingress_classes: Shared<String, Arc<IngressClass>>,
+    pub(crate) secrets: Shared<ObjectKey, Arc<TlsSecret>>,
+    pub(crate) pods: Shared<ObjectKey, Arc<Pod>>,
+    pub(crate) nodes: Shared<String, Arc<Node>>,
+    pub(crate) namespaces: Shared<String, Arc<Namespace>>,
 }
 
 impl Snapshot {

@@ -25,16 +25,21 @@ pub enum Change {
     Delete(Kind, ObjectKey),
 }
 
+/// One kind's objects, copy-on-write: a snapshot shares the map with the
+/// store until the next change to that kind, so an idle kind costs nothing
+/// per snapshot and keys are not duplicated between store and snapshot.
+pub(crate) type Shared<K, V> = Arc<BTreeMap<K, V>>;
+
 #[derive(Debug, Default)]
 pub struct Store {
-    services: BTreeMap<ObjectKey, Arc<Service>>,
-    slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
-    ingresses: BTreeMap<ObjectKey, Arc<Ingress>>,
-    ingress_classes: BTreeMap<String, Arc<IngressClass>>,
-    secrets: BTreeMap<ObjectKey, Arc<TlsSecret>>,
-    pods: BTreeMap<ObjectKey, Arc<Pod>>,
-    nodes: BTreeMap<String, Arc<Node>>,
-    namespaces: BTreeMap<String, Arc<Namespace>>,
+    services: Shared<ObjectKey, Arc<Service>>,
+    slices: Shared<ObjectKey, Arc<EndpointSlice>>,
+    ingresses: Shared<ObjectKey, Arc<Ingress>>,
+    ingress_classes: Shared<String, Arc<IngressClass>>,
+    secrets: Shared<ObjectKey, Arc<TlsSecret>>,
+    pods: Shared<ObjectKey, Arc<Pod>>,
+    nodes: Shared<String, Arc<Node>>,
+    namespaces: Shared<String, Arc<Namespace>>,
     listed: BTreeSet<Kind>,
 }
 
@@ -64,11 +69,11 @@ impl Store {
 
     /// Inserts or replaces one object; returns whether it differed.
     pub fn apply(&mut self, o: Object) -> bool {
-        fn put<K: Ord, V: PartialEq>(m: &mut BTreeMap<K, Arc<V>>, k: K, v: Arc<V>) -> bool {
+        fn put<K: Ord + Clone, V: PartialEq>(m: &mut Shared<K, Arc<V>>, k: K, v: Arc<V>) -> bool {
             if m.get(&k).is_some_and(|old| Arc::ptr_eq(old, &v) || **old == *v) {
                 return false;
             }
-            m.insert(k, v);
+            Arc::make_mut(m).insert(k, v);
             true
         }
         match o {
@@ -84,15 +89,21 @@ impl Store {
     }
 
     pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        fn remove<K: Ord + Clone + std::borrow::Borrow<Q>, Q: Ord + ?Sized, V: Clone>(
+            m: &mut Shared<K, V>,
+            key: &Q,
+        ) -> bool {
+            m.contains_key(key) && Arc::make_mut(m).remove(key).is_some()
+        }
         match kind {
-            Kind::Service => self.services.remove(key).is_some(),
-            Kind::EndpointSlice => self.slices.remove(key).is_some(),
-            Kind::Ingress => self.ingresses.remove(key).is_some(),
-            Kind::IngressClass => self.ingress_classes.remove(&key.name).is_some(),
-            Kind::Secret => self.secrets.remove(key).is_some(),
-            Kind::Pod => self.pods.remove(key).is_some(),
-            Kind::Node => self.nodes.remove(&key.name).is_some(),
-            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Service => remove(&mut self.services, key),
+            Kind::EndpointSlice => remove(&mut self.slices, key),
+            Kind::Ingress => remove(&mut self.ingresses, key),
+            Kind::IngressClass => remove(&mut self.ingress_classes, key.name.as_str()),
+            Kind::Secret => remove(&mut self.secrets, key),
+            Kind::Pod => remove(&mut self.pods, key),
+            Kind::Node => remove(&mut self.nodes, key.name.as_str()),
+            Kind::Namespace => remove(&mut self.namespaces, key.name.as_str()),
         }
     }
 
