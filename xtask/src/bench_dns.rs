@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -50,17 +50,10 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
     Ok(o)
 }
 
-/// A child process killed (and reaped) when dropped.
+/// A server under test, stopped (TERM, then KILL) and reaped when dropped.
 struct Server {
     name: &'static str,
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    child: crate::child::Stopped,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -216,7 +209,10 @@ fn start_nsd(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Resu
         .stderr(Stdio::null())
         .spawn()
         .context("starting nsd")?;
-    Ok(Server { name: "nsd", child })
+    Ok(Server {
+        name: "nsd",
+        child: crate::child::Stopped(child),
+    })
 }
 
 fn start_knot(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Result<Server> {
@@ -234,7 +230,10 @@ fn start_knot(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Res
         .stderr(Stdio::null())
         .spawn()
         .context("starting knotd")?;
-    Ok(Server { name: "knot", child })
+    Ok(Server {
+        name: "knot",
+        child: crate::child::Stopped(child),
+    })
 }
 
 fn start_ferry(bin: &Path, manifests: &Path, port: u16, workers: usize) -> anyhow::Result<Server> {
@@ -250,7 +249,10 @@ fn start_ferry(bin: &Path, manifests: &Path, port: u16, workers: usize) -> anyho
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting ferry")?;
-    Ok(Server { name: "ferry", child })
+    Ok(Server {
+        name: "ferry",
+        child: crate::child::Stopped(child),
+    })
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

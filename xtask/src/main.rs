@@ -4,6 +4,7 @@ mod bench_dns;
 mod bench_ingress;
 mod bench_proxy;
 mod bench_proxy_ebpf;
+mod child;
 
 use std::process::Command;
 
