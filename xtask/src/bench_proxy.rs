@@ -353,6 +353,15 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
     Ok(o)
 }
 
+/// The anchor other proxy benches share: seconds for `nft -f` to load
+/// kube-proxy's nftables layout for `n` services in a fresh namespace.
+pub fn kube_nft_seconds(n: usize, endpoints: usize, work: &Path) -> anyhow::Result<Option<f64>> {
+    let nft_file = work.join(format!("kube-nft-{n}.nft"));
+    std::fs::write(&nft_file, kube_nft_layout(n, endpoints))?;
+    let ns = Netns::new("knft")?;
+    timed_with_input(&ns, "nft", &["-f", "-"], &nft_file, Duration::from_secs(600))
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let opts = parse(args)?;
     let bin = ferry_bin()?;

@@ -148,7 +148,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let file = p.dir.join(format!("svc-{n}.yaml"));
         std::fs::write(&file, manifests(n, false))?;
         let (sync, wall) = oneshot(&bin, &p, &file)?;
-        println!("{n}×10: sync_seconds={sync:.3} process wall={wall:.3}s");
+        let anchor = crate::bench_proxy::kube_nft_seconds(n, 10, &p.dir)?;
+        match anchor {
+            Some(a) => println!(
+                "{n}×10: sync_seconds={sync:.3} process wall={wall:.3}s; kube-proxy nftables layout (nft -f) {a:.3}s; ferry wall / anchor = {:.3}",
+                wall / a
+            ),
+            None => println!("{n}×10: sync_seconds={sync:.3} process wall={wall:.3}s; kube-proxy nftables layout did not finish"),
+        }
         largest = n;
     }
 
