@@ -110,10 +110,21 @@ fn upstream_answer(req: &Message, over_tcp: bool) -> Message {
     resp
 }
 
+/// A UDP socket and a TCP listener on the same free port (the UDP port's
+/// TCP twin can be taken by another test running in parallel: try again).
+async fn bind_pair() -> (UdpSocket, TcpListener, std::net::SocketAddr) {
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            return (udp, tcp, addr);
+        }
+    }
+    panic!("no port free for both UDP and TCP");
+}
+
 async fn start_upstream() -> Upstream {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    let (udp, tcp, addr) = bind_pair().await;
     let udp_queries = Arc::new(AtomicUsize::new(0));
     let tcp_queries = Arc::new(AtomicUsize::new(0));
     let uq = udp_queries.clone();
