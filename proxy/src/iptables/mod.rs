@@ -86,7 +86,9 @@ impl IptablesBackend {
     }
 }
 
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
+/// Runs `program args`, feeding `stdin` when given; a failure carries the
+/// first lines of stderr (nft echoes the failing line of a long script).
+pub(crate) fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -110,7 +112,12 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Prox
         return Err(ProxyError::Command {
             program: format!("{program} {}", args.join(" ")),
             status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .lines()
+                .take(6)
+                .collect::<Vec<_>>()
+                .join("\n"),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -14,9 +14,6 @@ pub mod render;
 #[cfg(test)]
 mod tests;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use crate::dataplane::{Dataplane, SyncReport};
 use crate::error::ProxyError;
 use crate::iptables::render::Family;
@@ -25,38 +22,7 @@ use render::Rendered;
 
 /// Runs `nft` with `args`, feeding `stdin` when given.
 pub fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
-    let program = "nft";
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ProxyError::Spawn {
-            program: program.to_string(),
-            source,
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(|source| ProxyError::Spawn {
-            program: program.to_string(),
-            source,
-        })?;
-    }
-    let out = child.wait_with_output().map_err(|source| ProxyError::Spawn {
-        program: program.to_string(),
-        source,
-    })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // nft echoes the failing line; keep the message short.
-        let stderr: String = stderr.lines().take(6).collect::<Vec<_>>().join("\n");
-        return Err(ProxyError::Command {
-            program: format!("{program} {}", args.join(" ")),
-            status: out.status.to_string(),
-            stderr,
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::iptables::run("nft", args, stdin)
 }
 
 fn has_family(table: &ServiceTable, family: Family) -> bool {
