@@ -396,9 +396,11 @@ pub fn reject_and_endpoint_removal(mode: &Mode) -> anyhow::Result<()> {
     m.write(&cluster_yaml(&[0, 1]))?;
     let changed = Instant::now();
     let pod0 = topo.pods[0].ns.clone();
+    // 30 connections in a row missing pod2: (2/3)^30 ≈ 5e-6 by chance
+    // before the change lands (10 passed by chance once in CI).
     let gone = wait_until(Duration::from_secs(10), || {
         let ns = pod0.clone();
-        in_netns(&ns, move || tcp_names(shrink, 10))
+        in_netns(&ns, move || tcp_names(shrink, 30))
             .map(|n| !n.contains(&"pod2".to_string()))
             .unwrap_or(false)
     });
