@@ -89,7 +89,7 @@ fn iptables_canary_repairs_a_flushed_nat_table() {
     let m = Manifests::new(&cluster_yaml(&[0, 1, 2])).unwrap();
     let _ferry = Ferry::start_with(&topo, &mode, &m.dir, &["--sync-period", "1s"]).unwrap();
     let web = addr(WEB_VIP, 80);
-    let before = in_netns(&topo.node, move || tcp_names(web, 20)).unwrap();
+    let before = in_netns(&topo.node, move || tcp_names(web, 60)).unwrap();
     assert_eq!(distinct(&before), all_pods(), "{before:?}");
     ns_sh(&topo.node, "iptables-nft", &["-t", "nat", "-F"]).unwrap();
     let broken = in_netns(&topo.node, move || tcp_name(web)).unwrap();
@@ -103,6 +103,6 @@ fn iptables_canary_repairs_a_flushed_nat_table() {
         in_netns(&ns, move || tcp_name(web).is_ok()).unwrap_or(false)
     });
     assert!(repaired, "rules were not restored after the nat table was flushed");
-    let after = in_netns(&topo.node, move || tcp_names(web, 20)).unwrap();
+    let after = in_netns(&topo.node, move || tcp_names(web, 60)).unwrap();
     assert_eq!(distinct(&after), all_pods(), "{after:?}");
 }

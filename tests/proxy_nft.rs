@@ -51,7 +51,7 @@ fn nftables_canary_recreates_a_deleted_table() {
     let m = Manifests::new(&cluster_yaml(&[0, 1, 2])).unwrap();
     let _ferry = Ferry::start_with(&topo, &mode, &m.dir, &["--sync-period", "1s"]).unwrap();
     let web = addr(WEB_VIP, 80);
-    let before = in_netns(&topo.node, move || tcp_names(web, 20)).unwrap();
+    let before = in_netns(&topo.node, move || tcp_names(web, 60)).unwrap();
     assert_eq!(distinct(&before), all_pods(), "{before:?}");
     ns_sh(&topo.node, "nft", &["delete", "table", "ip", "ferry"]).unwrap();
     let broken = in_netns(&topo.node, move || tcp_name(web)).unwrap();
@@ -65,6 +65,6 @@ fn nftables_canary_recreates_a_deleted_table() {
         in_netns(&ns, move || tcp_name(web).is_ok()).unwrap_or(false)
     });
     assert!(repaired, "table was not recreated after it was deleted");
-    let after = in_netns(&topo.node, move || tcp_names(web, 20)).unwrap();
+    let after = in_netns(&topo.node, move || tcp_names(web, 60)).unwrap();
     assert_eq!(distinct(&after), all_pods(), "{after:?}");
 }
