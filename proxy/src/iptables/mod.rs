@@ -209,14 +209,6 @@ impl IptablesDataplane {
         Ok((rules, written, removed))
     }
 
-    /// Deletes UDP conntrack entries that would keep sending datagrams to
-    /// endpoints that are gone (UDP has no connection to break), and entries
-    /// for frontends that just got their first endpoint (their old entries
-    /// were made while the traffic went nowhere).
-    fn clear_udp_conntrack(&self, prev: &ServiceTable, next: &ServiceTable) {
-        clear_udp_conntrack(prev, next);
-    }
-
     fn remove_hooks_and_chains(backend: IptablesBackend, family: Family) -> Result<(), ProxyError> {
         let tool = backend.tool(family, "");
         // Look first: touching a back end (or family) that holds nothing of
@@ -380,11 +372,97 @@ fn conntrack_delete(frontend: IpAddr, port: u16, kind: FrontendKind, endpoint: O
     }
 }
 
-fn has_family(table: &ServiceTable, family: Family) -> bool {
+/// Whether any frontend of `table` is of `family`.
+pub(crate) fn has_family(table: &ServiceTable, family: Family) -> bool {
     table
         .services
         .values()
         .any(|e| e.frontends.iter().any(|f| Family::of(f.ip) == family))
+}
+
+/// What the iptables and nftables dataplanes share in a sync: both rule
+/// sets are per address family, and around them the same steps happen.
+pub(crate) trait FamilySync {
+    fn previous(&self) -> Option<&ServiceTable>;
+    fn v6_applied(&self) -> bool;
+    /// Programs one family; returns (rules or objects, written, removed).
+    fn sync_one(
+        &mut self,
+        table: &ServiceTable,
+        family: Family,
+        full: bool,
+    ) -> Result<(usize, usize, usize), ProxyError>;
+    fn remember(&mut self, table: &ServiceTable);
+    /// Forgets what is applied, so the next sync is a full one.
+    fn forget(&mut self);
+}
+
+/// One sync of a netfilter dataplane: route_localnet for loopback
+/// NodePorts, IPv4 always and IPv6 when used now or before, UDP conntrack
+/// cleanup after success, and a full sync next time after any failure.
+pub(crate) fn sync_families<D: FamilySync>(
+    d: &mut D,
+    table: &ServiceTable,
+    full: bool,
+) -> Result<SyncReport, ProxyError> {
+    let full = full || d.previous().is_none();
+    if table.node_ips.iter().any(|ip| ip.is_loopback() && ip.is_ipv4()) {
+        enable_route_localnet();
+    }
+    let mut both = || {
+        let (mut rules, written, removed) = d.sync_one(table, Family::V4, full)?;
+        if has_family(table, Family::V6) || d.v6_applied() {
+            rules += d.sync_one(table, Family::V6, full)?.0;
+        }
+        Ok::<_, ProxyError>((rules, written, removed))
+    };
+    match both() {
+        Ok((rules, written, removed)) => {
+            if let Some(prev) = d.previous() {
+                clear_udp_conntrack(prev, table);
+            }
+            d.remember(table);
+            Ok(SyncReport {
+                full,
+                rules,
+                services_written: written,
+                services_removed: removed,
+            })
+        }
+        Err(e) => {
+            d.forget();
+            Err(e)
+        }
+    }
+}
+
+impl FamilySync for IptablesDataplane {
+    fn previous(&self) -> Option<&ServiceTable> {
+        self.prev_table.as_ref()
+    }
+
+    fn v6_applied(&self) -> bool {
+        self.applied_v6.is_some()
+    }
+
+    fn sync_one(
+        &mut self,
+        table: &ServiceTable,
+        family: Family,
+        full: bool,
+    ) -> Result<(usize, usize, usize), ProxyError> {
+        self.sync_family(table, family, full)
+    }
+
+    fn remember(&mut self, table: &ServiceTable) {
+        self.prev_table = Some(table.clone());
+    }
+
+    fn forget(&mut self) {
+        self.prev_table = None;
+        self.applied_v4 = None;
+        self.applied_v6 = None;
+    }
 }
 
 impl Dataplane for IptablesDataplane {
@@ -393,39 +471,7 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn sync(&mut self, table: &ServiceTable, full: bool) -> Result<SyncReport, ProxyError> {
-        let full = full || self.prev_table.is_none();
-        if table.node_ips.iter().any(|ip| ip.is_loopback() && ip.is_ipv4()) {
-            enable_route_localnet();
-        }
-        let result = (|| {
-            let (mut rules, written, removed) = self.sync_family(table, Family::V4, full)?;
-            if has_family(table, Family::V6) || self.applied_v6.is_some() {
-                let (r6, _, _) = self.sync_family(table, Family::V6, full)?;
-                rules += r6;
-            }
-            Ok::<_, ProxyError>((rules, written, removed))
-        })();
-        match result {
-            Ok((rules, written, removed)) => {
-                if let Some(prev) = &self.prev_table {
-                    self.clear_udp_conntrack(prev, table);
-                }
-                self.prev_table = Some(table.clone());
-                Ok(SyncReport {
-                    full,
-                    rules,
-                    services_written: written,
-                    services_removed: removed,
-                })
-            }
-            Err(e) => {
-                // Forget what we think is applied: the next sync is full.
-                self.prev_table = None;
-                self.applied_v4 = None;
-                self.applied_v6 = None;
-                Err(e)
-            }
-        }
+        sync_families(self, table, full)
     }
 
     fn check(&mut self) -> Result<bool, ProxyError> {

@@ -17,19 +17,13 @@ mod tests;
 use crate::dataplane::{Dataplane, SyncReport};
 use crate::error::ProxyError;
 use crate::iptables::render::Family;
+use crate::iptables::FamilySync;
 use crate::table::ServiceTable;
 use render::Rendered;
 
 /// Runs `nft` with `args`, feeding `stdin` when given.
 pub fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
     crate::iptables::run("nft", args, stdin)
-}
-
-fn has_family(table: &ServiceTable, family: Family) -> bool {
-    table
-        .services
-        .values()
-        .any(|e| e.frontends.iter().any(|f| Family::of(f.ip) == family))
 }
 
 #[derive(Default)]
@@ -77,7 +71,32 @@ impl NftablesDataplane {
         *self.applied(family) = Some(next);
         Ok((count, written, removed))
     }
+}
 
+impl FamilySync for NftablesDataplane {
+    fn previous(&self) -> Option<&ServiceTable> {
+        self.prev_table.as_ref()
+    }
+
+    fn v6_applied(&self) -> bool {
+        self.applied_v6.is_some()
+    }
+
+    fn sync_one(
+        &mut self,
+        table: &ServiceTable,
+        family: Family,
+        full: bool,
+    ) -> Result<(usize, usize, usize), ProxyError> {
+        self.sync_family(table, family, full)
+    }
+
+    fn remember(&mut self, table: &ServiceTable) {
+        self.prev_table = Some(table.clone());
+    }
+
+    /// The kernel may hold anything after a failed transaction: the next
+    /// sync recreates the table.
     fn forget(&mut self) {
         self.prev_table = None;
         self.applied_v4 = None;
@@ -91,37 +110,7 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn sync(&mut self, table: &ServiceTable, full: bool) -> Result<SyncReport, ProxyError> {
-        let full = full || self.prev_table.is_none();
-        if table.node_ips.iter().any(|ip| ip.is_loopback() && ip.is_ipv4()) {
-            crate::iptables::enable_route_localnet();
-        }
-        let result = (|| {
-            let (mut objects, written, removed) = self.sync_family(table, Family::V4, full)?;
-            if has_family(table, Family::V6) || self.applied_v6.is_some() {
-                let (o6, _, _) = self.sync_family(table, Family::V6, full)?;
-                objects += o6;
-            }
-            Ok::<_, ProxyError>((objects, written, removed))
-        })();
-        match result {
-            Ok((rules, written, removed)) => {
-                if let Some(prev) = &self.prev_table {
-                    crate::iptables::clear_udp_conntrack(prev, table);
-                }
-                self.prev_table = Some(table.clone());
-                Ok(SyncReport {
-                    full,
-                    rules,
-                    services_written: written,
-                    services_removed: removed,
-                })
-            }
-            Err(e) => {
-                // The kernel may hold anything now: the next sync recreates the table.
-                self.forget();
-                Err(e)
-            }
-        }
+        crate::iptables::sync_families(self, table, full)
     }
 
     /// Our dispatch rule must still be in `nat-prerouting` of every family
