@@ -1,6 +1,7 @@
 //! The nftables dataplane (`--mode nftables`): ferry's own tables
 //! (`table ip ferry`, and `table ip6 ferry` when IPv6 frontends exist),
-//! written by `nft -f -` in one transaction per family and sync.
+//! written as one nf_tables netlink batch (one transaction) per family and
+//! sync. The `nft` tool is only used to read the canary back.
 //!
 //! It owns remembering what it applied (so that a partial sync writes only
 //! changed service ports), the canary (our dispatch rule must still be in
@@ -9,6 +10,7 @@
 //! It never reads or touches any other table, so no cache of the whole
 //! ruleset is loaded.
 
+pub mod netlink;
 pub mod render;
 
 #[cfg(test)]
@@ -65,9 +67,7 @@ impl NftablesDataplane {
                 (render::script_full(&next, prev.as_ref()), next.services.len(), removed)
             }
         };
-        if !script.is_empty() {
-            nft(&["-f", "-"], Some(&script))?;
-        }
+        netlink::apply(&script)?;
         *self.applied(family) = Some(next);
         Ok((count, written, removed))
     }
@@ -148,16 +148,12 @@ impl Dataplane for NftablesDataplane {
         for family in [Family::V4, Family::V6] {
             let t = render::table_name(family);
             if tables.lines().any(|l| l.trim() == format!("table {t}")) {
-                nft(&["delete", "table", fam_word(family), render::TABLE], None)?;
+                netlink::apply(&render::Script {
+                    family,
+                    cmds: vec![render::Cmd::DeleteTable],
+                })?;
             }
         }
         Ok(())
-    }
-}
-
-fn fam_word(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
     }
 }

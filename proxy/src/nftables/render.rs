@@ -1,21 +1,30 @@
-//! Pure rendering of a `ServiceTable` into `nft -f` scripts for ferry's own
-//! table (`table ip ferry`, `table ip6 ferry`): no I/O, no root.
+//! Pure rendering of a `ServiceTable` into ferry's own nftables table
+//! (`table ip ferry`, `table ip6 ferry`): no I/O, no root. The result is a
+//! list of typed commands ([`Cmd`]) that has two printers: `nft -f`
+//! syntax (what `ferry render` prints and the golden file holds) and
+//! netlink messages (`super::netlink`, what the dataplane sends).
 //!
-//! The layout is built for few objects and lookups instead of rule lists:
+//! The layout is built for few objects and lookups instead of rule lists,
+//! and avoids the kernel's slow paths (an anonymous set per rule, or one
+//! map bound by thousands of rules, both cost O(n²) at commit):
 //!
 //! - base chains `nat-prerouting` / `nat-output` do one lookup,
 //!   `ip daddr . meta l4proto . th dport vmap @services`, whose elements
 //!   (one per frontend: ClusterIP, NodePort on a node IP, externalIP, LB IP)
 //!   jump to the service port's chain;
-//! - `svc-*` (cluster-wide endpoints) marks for masquerade traffic from
-//!   outside the pod CIDRs and DNATs with one rule,
-//!   `dnat ip addr . port to numgen random mod N map { 0 : ip . port, ... }`;
-//!   `svl-*` does the same over node-local endpoints; `ext-*` decides
-//!   masquerading and `externalTrafficPolicy: Local` for external frontends;
+//! - `svc-*` (cluster-wide endpoints) jumps to `mark-outside` (marks for
+//!   masquerade traffic from outside the pod CIDRs) and DNATs with one rule:
+//!   `dnat ip to numgen random mod N offset K map @be-tcp-B`, where the
+//!   shared backend maps (256 a protocol, `be-tcp-0`..`be-tcp-255`) hold `K + i : ip . port` for
+//!   every service (bucket B and offset K come from a hash of the service
+//!   port's name); `svl-*` does the same over node-local endpoints; `ext-*`
+//!   decides masquerading and `externalTrafficPolicy: Local` for external
+//!   frontends;
 //! - ClientIP affinity (rare) uses kube-proxy's nftables layout: one dynamic
 //!   set of client addresses per endpoint (`aff-*`, with the service's
 //!   timeout) checked first, and one small chain per endpoint (`aep-*`)
-//!   that records the client and DNATs;
+//!   that records the client and DNATs, picked by cascading
+//!   `numgen random mod K 0` rules (1/N, 1/(N-1), ... as iptables does);
 //! - filter base chains (input, forward, output) look new connections up in
 //!   `@no-endpoints`, whose elements reject (TCP reset / ICMP port
 //!   unreachable) or drop (Local policy without a local endpoint);
@@ -25,11 +34,11 @@
 //! Scripts: `script_full` replaces the whole table in one transaction
 //! (`add table; delete table; add table ...` on a fresh start; in place,
 //! keeping affinity sets, when the previous state is known); `script_partial`
-//! touches only the chains of changed service ports and the map elements
-//! that differ. Both are applied atomically by `nft -f -`.
+//! touches only the chains and backend elements of changed service ports
+//! and the frontend elements that differ.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::IpAddr;
 
 use ferry_cluster::Protocol;
@@ -45,14 +54,27 @@ pub const SERVICES: &str = "services";
 /// The vmap of frontends without (usable) endpoints: reject or drop.
 pub const NO_ENDPOINTS: &str = "no-endpoints";
 pub const HAIRPIN: &str = "hairpin";
+/// The chain that marks traffic from outside the cluster CIDRs.
+pub const MARK_OUTSIDE: &str = "mark-outside";
 /// The chain whose dispatch rule the canary check looks for.
 pub const CANARY_CHAIN: &str = "nat-prerouting";
-/// The rule the canary check looks for in `CANARY_CHAIN`.
+/// Number of shared backend maps a protocol (`be-tcp-0` ..).
+pub const BACKEND_MAPS: u64 = 256;
+/// Endpoints one service port can address in its backend map slot.
+pub const MAX_ENDPOINTS: usize = 1 << 16;
+/// The masquerade mark bit (kube-proxy's).
+pub const MASQ_MARK: u32 = 0x4000;
+
+/// The canary: our dispatch rule as `nft list` prints it.
 pub fn dispatch_rule(family: Family) -> String {
-    format!("{} daddr . meta l4proto . th dport vmap @{SERVICES}", fam(family))
+    Rule::Dispatch {
+        map: SERVICES,
+        ct_new: false,
+    }
+    .text(family)
 }
 
-fn fam(family: Family) -> &'static str {
+pub fn fam(family: Family) -> &'static str {
     match family {
         Family::V4 => "ip",
         Family::V6 => "ip6",
@@ -71,13 +93,19 @@ pub fn table_name(family: Family) -> String {
     format!("{} {TABLE}", fam(family))
 }
 
-/// FNV-1a 64 in base32: stable, short chain and set names.
-fn hash_suffix(text: &str) -> String {
+/// FNV-1a 64.
+fn hash64(text: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
+    h
+}
+
+/// FNV-1a 64 in base32: stable, short chain and set names.
+fn hash_suffix(text: &str) -> String {
+    let h = hash64(text);
     const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
     (0..13)
         .map(|i| char::from(ALPHABET[((h >> (i * 5)) & 31) as usize]))
@@ -96,15 +124,28 @@ pub fn ext_chain(name: &ServicePortName) -> String {
     format!("ext-{}", hash_suffix(&name.to_string()))
 }
 
+pub fn backend_map(proto: Protocol, bucket: u64) -> String {
+    format!("be-{}-{bucket}", proto_name(proto))
+}
+
 fn endpoint_suffix(name: &ServicePortName, b: &Backend, timeout: u32) -> String {
     hash_suffix(&format!("{name}@{}:{}/{timeout}", b.ip, b.port))
 }
 
-fn proto(p: Protocol) -> &'static str {
+pub fn proto_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Sctp => "sctp",
+    }
+}
+
+/// IANA protocol number.
+pub fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
     }
 }
 
@@ -115,15 +156,300 @@ fn endpoint(ip: IpAddr, port: u16) -> String {
     }
 }
 
-const MARK_MASQ: &str = "meta mark set meta mark | 0x4000";
+/// A verdict that ends a rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    Jump(String),
+    Goto(String),
+    Return,
+    Drop,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Jump(c) => write!(f, "jump {c}"),
+            Verdict::Goto(c) => write!(f, "goto {c}"),
+            Verdict::Return => f.write_str("return"),
+            Verdict::Drop => f.write_str("drop"),
+        }
+    }
+}
+
+/// One rule of ferry's table, in the few shapes the layout uses. `text`
+/// prints nft syntax; `super::netlink` encodes the same expressions nft
+/// would (a test loads both ways and compares the kernel's listing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    /// `meta l4proto tcp reject with tcp reset`
+    RejectTcpReset,
+    /// `reject` (ICMP / ICMPv6 port unreachable)
+    Reject,
+    /// `[ct state new] ip daddr . meta l4proto . th dport vmap @MAP`
+    Dispatch { map: &'static str, ct_new: bool },
+    /// `ip saddr . ip daddr @hairpin masquerade`
+    HairpinMasquerade,
+    /// `meta mark & 0x4000 == 0 return`
+    ReturnUnmarked,
+    /// `meta mark set meta mark ^ 0x4000`
+    ClearMark,
+    /// `masquerade fully-random`
+    MasqueradeFullyRandom,
+    /// `[ip saddr NET] [fib saddr type local] [meta mark set meta mark | 0x4000] [VERDICT]`
+    Step {
+        saddr: Option<IpNet>,
+        fib_local: bool,
+        mark: bool,
+        verdict: Option<Verdict>,
+    },
+    /// `ip saddr @SET goto CHAIN`: a client with affinity.
+    AffinityHit { set: String, chain: String },
+    /// `numgen random mod N 0 goto CHAIN` (just `goto CHAIN` for N = 1).
+    Pick { n: u32, chain: String },
+    /// `[update @SET { ip saddr }] meta l4proto P dnat to ADDR:PORT`
+    Dnat {
+        update: Option<String>,
+        proto: Protocol,
+        addr: IpAddr,
+        port: u16,
+    },
+    /// `meta l4proto P dnat ip to numgen random mod N offset K map @MAP`
+    DnatMap {
+        proto: Protocol,
+        n: u32,
+        offset: u32,
+        map: String,
+    },
+}
+
+impl Rule {
+    fn step(saddr: Option<IpNet>, fib_local: bool, mark: bool, verdict: Option<Verdict>) -> Rule {
+        Rule::Step {
+            saddr,
+            fib_local,
+            mark,
+            verdict,
+        }
+    }
+
+    pub fn text(&self, family: Family) -> String {
+        let f = fam(family);
+        match self {
+            Rule::RejectTcpReset => "meta l4proto tcp reject with tcp reset".into(),
+            Rule::Reject => "reject".into(),
+            Rule::Dispatch { map, ct_new } => format!(
+                "{}{f} daddr . meta l4proto . th dport vmap @{map}",
+                if *ct_new { "ct state new " } else { "" }
+            ),
+            Rule::HairpinMasquerade => format!("{f} saddr . {f} daddr @{HAIRPIN} masquerade"),
+            Rule::ReturnUnmarked => format!("meta mark & {MASQ_MARK:#x} == 0 return"),
+            Rule::ClearMark => format!("meta mark set meta mark ^ {MASQ_MARK:#x}"),
+            Rule::MasqueradeFullyRandom => "masquerade fully-random".into(),
+            Rule::Step {
+                saddr,
+                fib_local,
+                mark,
+                verdict,
+            } => {
+                let mut parts = Vec::new();
+                if let Some(net) = saddr {
+                    parts.push(format!("{f} saddr {net}"));
+                }
+                if *fib_local {
+                    parts.push("fib saddr type local".into());
+                }
+                if *mark {
+                    parts.push(format!("meta mark set meta mark | {MASQ_MARK:#x}"));
+                }
+                if let Some(v) = verdict {
+                    parts.push(v.to_string());
+                }
+                parts.join(" ")
+            }
+            Rule::AffinityHit { set, chain } => format!("{f} saddr @{set} goto {chain}"),
+            Rule::Pick { n: 1, chain } => format!("goto {chain}"),
+            Rule::Pick { n, chain } => format!("numgen random mod {n} 0 goto {chain}"),
+            Rule::Dnat {
+                update,
+                proto,
+                addr,
+                port,
+            } => {
+                let up = update
+                    .as_ref()
+                    .map(|s| format!("update @{s} {{ {f} saddr }} "))
+                    .unwrap_or_default();
+                format!(
+                    "{up}meta l4proto {} dnat to {}",
+                    proto_name(*proto),
+                    endpoint(*addr, *port)
+                )
+            }
+            Rule::DnatMap { proto, n, offset, map } => format!(
+                "meta l4proto {} dnat {f} to numgen random mod {n} offset {offset} map @{map}",
+                proto_name(*proto)
+            ),
+        }
+    }
+}
+
+/// What a set or map holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SetKind {
+    /// `addr . inet_proto . inet_service : verdict`
+    Frontends,
+    /// `addr . addr`
+    Hairpin,
+    /// `typeof numgen random mod 2 : ip daddr . tcp dport` (one map per
+    /// protocol: nft refuses a `th dport` typeof that rules later reuse)
+    Backends(Protocol),
+    /// `addr`, dynamic, with a timeout in seconds.
+    Affinity(u32),
+}
+
+/// A base chain's hook: (type, hook, priority).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Base {
+    pub nat: bool,
+    /// netfilter hook number (NF_INET_*).
+    pub hook: u32,
+    pub priority: i32,
+}
+
+impl Base {
+    fn text(&self) -> String {
+        let hook = ["prerouting", "input", "forward", "output", "postrouting"][self.hook as usize];
+        let prio = match (self.nat, self.priority) {
+            (true, -100) if self.hook == 0 => "dstnat".to_string(),
+            (true, 100) => "srcnat".to_string(),
+            (false, p) if p < 0 => format!("filter - {}", -p),
+            (_, p) => p.to_string(),
+        };
+        format!(
+            "type {} hook {hook} priority {prio}; policy accept;",
+            if self.nat { "nat" } else { "filter" }
+        )
+    }
+}
+
+/// A map or set element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Elem {
+    /// `ip . proto . port : verdict` (the verdict is ignored when deleting).
+    Frontend { key: FrontendKey, verdict: Verdict },
+    /// `ip . ip`
+    Hairpin(IpAddr),
+    /// `key : ip . port`
+    Backend { key: u32, addr: IpAddr, port: u16 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub ip: IpAddr,
+    pub proto: Protocol,
+    pub port: u16,
+}
+
+impl Elem {
+    fn text(&self, with_data: bool) -> String {
+        match self {
+            Elem::Frontend { key, verdict } if with_data => {
+                format!("{} . {} . {} : {verdict}", key.ip, proto_name(key.proto), key.port)
+            }
+            Elem::Frontend { key, .. } => format!("{} . {} . {}", key.ip, proto_name(key.proto), key.port),
+            Elem::Hairpin(ip) => format!("{ip} . {ip}"),
+            Elem::Backend { key, addr, port } if with_data => format!("{key} : {addr} . {port}"),
+            Elem::Backend { key, .. } => key.to_string(),
+        }
+    }
+}
+
+/// One command of a transaction on ferry's table of one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    AddTable,
+    DeleteTable,
+    /// Removes every rule (sets and their elements stay).
+    FlushTable,
+    AddSet(String, SetKind),
+    /// (name, is a map)
+    FlushSet(String, bool),
+    /// (name, is a map)
+    DeleteSet(String, bool),
+    AddChain(String, Option<Base>),
+    FlushChain(String),
+    DeleteChain(String),
+    AddRule(String, Rule),
+    AddElements(String, Vec<Elem>),
+    DeleteElements(String, Vec<Elem>),
+}
+
+impl Cmd {
+    pub fn text(&self, family: Family) -> String {
+        let t = table_name(family);
+        let a = addr_type(family);
+        let f = fam(family);
+        let elems = |v: &[Elem], data: bool| v.iter().map(|e| e.text(data)).collect::<Vec<_>>().join(", ");
+        match self {
+            Cmd::AddTable => format!("add table {t}"),
+            Cmd::DeleteTable => format!("delete table {t}"),
+            Cmd::FlushTable => format!("flush table {t}"),
+            Cmd::AddSet(n, SetKind::Frontends) => {
+                format!("add map {t} {n} {{ type {a} . inet_proto . inet_service : verdict; }}")
+            }
+            Cmd::AddSet(n, SetKind::Hairpin) => format!("add set {t} {n} {{ type {a} . {a}; }}"),
+            Cmd::AddSet(n, SetKind::Backends(p)) => format!(
+                "add map {t} {n} {{ typeof numgen random mod 2 : {f} daddr . {} dport; }}",
+                proto_name(*p)
+            ),
+            Cmd::AddSet(n, SetKind::Affinity(timeout)) => {
+                format!("add set {t} {n} {{ type {a}; flags dynamic,timeout; timeout {timeout}s; }}")
+            }
+            Cmd::FlushSet(n, map) => format!("flush {} {t} {n}", if *map { "map" } else { "set" }),
+            Cmd::DeleteSet(n, map) => format!("delete {} {t} {n}", if *map { "map" } else { "set" }),
+            Cmd::AddChain(n, None) => format!("add chain {t} {n}"),
+            Cmd::AddChain(n, Some(base)) => format!("add chain {t} {n} {{ {} }}", base.text()),
+            Cmd::FlushChain(n) => format!("flush chain {t} {n}"),
+            Cmd::DeleteChain(n) => format!("delete chain {t} {n}"),
+            Cmd::AddRule(c, r) => format!("add rule {t} {c} {}", r.text(family)),
+            Cmd::AddElements(n, v) => format!("add element {t} {n} {{ {} }}", elems(v, true)),
+            Cmd::DeleteElements(n, v) => format!("delete element {t} {n} {{ {} }}", elems(v, false)),
+        }
+    }
+}
+
+/// A transaction: what `nft -f` would read, or one netlink batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    pub family: Family,
+    pub cmds: Vec<Cmd>,
+}
+
+impl Script {
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+
+    /// `nft -f` syntax, one command a line.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for c in &self.cmds {
+            out.push_str(&c.text(self.family));
+            out.push('\n');
+        }
+        out
+    }
+}
 
 /// What one service port owns in the table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceNft {
     /// Chains in the order they are written (referenced ones first).
-    pub chains: Vec<(String, Vec<String>)>,
+    pub chains: Vec<(String, Vec<Rule>)>,
     /// Affinity sets: (name, timeout seconds).
     pub sets: Vec<(String, u32)>,
+    /// Its elements in the shared backend maps: (map, elements).
+    pub backends: Vec<(String, Vec<Elem>)>,
 }
 
 /// A complete rendering of one family.
@@ -132,20 +458,27 @@ pub struct Rendered {
     pub family: Family,
     pub services: BTreeMap<ServicePortName, ServiceNft>,
     /// (map, key) → verdict; the first service claiming a key wins.
-    pub elements: BTreeMap<(&'static str, String), String>,
+    pub elements: BTreeMap<(&'static str, FrontendKey), Verdict>,
     pub hairpin: BTreeSet<IpAddr>,
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 impl Rendered {
     /// Rules plus map/set elements: what the kernel holds for us.
     pub fn object_count(&self) -> usize {
-        let rules: usize = self
+        let per_service: usize = self
             .services
             .values()
-            .flat_map(|s| s.chains.iter())
-            .map(|(_, r)| r.len())
+            .map(|s| {
+                s.chains.iter().map(|(_, r)| r.len()).sum::<usize>()
+                    + s.backends.iter().map(|(_, e)| e.len()).sum::<usize>()
+            })
             .sum();
-        rules + self.elements.len() + self.hairpin.len() + fixed_chains(self.family).len()
+        let fixed: usize = fixed_chains(self.family, &self.cluster_cidrs)
+            .iter()
+            .map(|(_, _, r)| r.len())
+            .sum();
+        per_service + self.elements.len() + self.hairpin.len() + fixed
     }
 
     fn chain_names(&self) -> BTreeSet<&str> {
@@ -161,113 +494,143 @@ impl Rendered {
             .flat_map(|s| s.sets.iter().map(|(n, t)| (n.as_str(), *t)))
             .collect()
     }
+
+    fn backend_maps(&self) -> BTreeSet<(&str, Protocol)> {
+        self.services
+            .iter()
+            .flat_map(|(n, s)| s.backends.iter().map(|(m, _)| (m.as_str(), n.protocol)))
+            .collect()
+    }
+}
+
+/// Slots handed out in the backend maps: (bucket, slot) pairs in use.
+type Slots = BTreeSet<(u64, u32)>;
+
+/// A stable place for a service port in the backend maps: bucket and
+/// slot from a hash of its name, the next free slot on a collision
+/// (services are rendered in name order, so this is deterministic).
+fn slot_for(name: &ServicePortName, tag: &str, taken: &mut Slots) -> (String, u32) {
+    let h = hash64(&format!("{name}/{tag}"));
+    let bucket = h % BACKEND_MAPS;
+    let mut slot = ((h >> 32) & 0xffff) as u32;
+    while !taken.insert((bucket, slot)) {
+        slot = (slot + 1) & 0xffff;
+    }
+    (backend_map(name.protocol, bucket), slot << 16)
 }
 
 /// Endpoint choice for `backends` (non-empty), appended to `rules`; the
-/// affinity endpoint chains go to `extra` and their sets to `sets`.
-fn balance(
-    e: &ServiceEntry,
-    backends: &[&Backend],
-    family: Family,
-    rules: &mut Vec<String>,
-    extra: &mut BTreeMap<String, Vec<String>>,
-    sets: &mut BTreeSet<(String, u32)>,
-) {
-    let f = fam(family);
-    let p = proto(e.protocol);
-    if let Some(timeout) = e.affinity_timeout {
-        let mut targets = Vec::new();
-        for b in backends {
-            let sfx = endpoint_suffix(&e.name, b, timeout);
-            let (set, chain) = (format!("aff-{sfx}"), format!("aep-{sfx}"));
-            rules.push(format!("{f} saddr @{set} goto {chain}"));
-            extra.insert(
-                chain.clone(),
-                vec![format!(
-                    "update @{set} {{ {f} saddr }} meta l4proto {p} dnat to {}",
-                    endpoint(b.ip, b.port)
-                )],
-            );
-            sets.insert((set, timeout));
-            targets.push(chain);
-        }
-        match targets.as_slice() {
-            [one] => rules.push(format!("goto {one}")),
-            _ => {
-                let vmap: Vec<String> = targets
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("{i} : goto {c}"))
-                    .collect();
-                rules.push(format!(
-                    "numgen random mod {} vmap {{ {} }}",
-                    targets.len(),
-                    vmap.join(", ")
-                ));
-            }
-        }
-        return;
-    }
-    match backends {
-        [one] => rules.push(format!("meta l4proto {p} dnat to {}", endpoint(one.ip, one.port))),
-        _ => {
-            let map: Vec<String> = backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| format!("{i} : {} . {}", b.ip, b.port))
-                .collect();
-            rules.push(format!(
-                "meta l4proto {p} dnat {f} addr . port to numgen random mod {} map {{ {} }}",
-                backends.len(),
-                map.join(", ")
-            ));
-        }
-    }
+/// affinity endpoint chains go to `extra`, their sets to `sets`, and the
+/// backend map elements to `elems`.
+struct Balance<'a> {
+    extra: BTreeMap<String, Vec<Rule>>,
+    sets: BTreeSet<(String, u32)>,
+    elems: Vec<(String, Vec<Elem>)>,
+    taken: &'a mut Slots,
 }
 
-fn cidr_match(cidrs: &[&IpNet]) -> String {
-    match cidrs {
-        [one] => one.to_string(),
-        _ => format!(
-            "{{ {} }}",
-            cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
-        ),
+impl Balance<'_> {
+    fn balance(&mut self, e: &ServiceEntry, backends: &[&Backend], tag: &str, rules: &mut Vec<Rule>) {
+        if let Some(timeout) = e.affinity_timeout {
+            let n = backends.len();
+            for b in backends {
+                let sfx = endpoint_suffix(&e.name, b, timeout);
+                let (set, chain) = (format!("aff-{sfx}"), format!("aep-{sfx}"));
+                rules.push(Rule::AffinityHit {
+                    set: set.clone(),
+                    chain: chain.clone(),
+                });
+                self.extra.insert(
+                    chain,
+                    vec![Rule::Dnat {
+                        update: Some(set.clone()),
+                        proto: e.protocol,
+                        addr: b.ip,
+                        port: b.port,
+                    }],
+                );
+                self.sets.insert((set, timeout));
+            }
+            // 1/N, 1/(N-1), ..., 1: uniform, as iptables' statistic rules.
+            for (i, b) in backends.iter().enumerate() {
+                rules.push(Rule::Pick {
+                    n: (n - i) as u32,
+                    chain: format!("aep-{}", endpoint_suffix(&e.name, b, timeout)),
+                });
+            }
+            return;
+        }
+        match backends {
+            [one] => rules.push(Rule::Dnat {
+                update: None,
+                proto: e.protocol,
+                addr: one.ip,
+                port: one.port,
+            }),
+            _ => {
+                // More than MAX_ENDPOINTS would not fit the slot; no real
+                // service comes near (EndpointSlices hold 1,000 each).
+                let used = &backends[..backends.len().min(MAX_ENDPOINTS)];
+                let (map, offset) = slot_for(&e.name, tag, self.taken);
+                let elems = used
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| Elem::Backend {
+                        key: offset + i as u32,
+                        addr: b.ip,
+                        port: b.port,
+                    })
+                    .collect();
+                rules.push(Rule::DnatMap {
+                    proto: e.protocol,
+                    n: used.len() as u32,
+                    offset,
+                    map: map.clone(),
+                });
+                self.elems.push((map, elems));
+            }
+        }
     }
 }
 
 /// The chains and sets of one service port in one family (same decisions
 /// as the iptables renderer's `service_chains`).
-pub fn service_nft(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet]) -> ServiceNft {
+fn service_nft(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet], taken: &mut Slots) -> ServiceNft {
     let mut out = ServiceNft::default();
     if !e.frontends.iter().any(|f| Family::of(f.ip) == family) {
         return out;
     }
-    let f = fam(family);
     let all: Vec<&Backend> = e.backends.iter().filter(|b| Family::of(b.ip) == family).collect();
     let local: Vec<&Backend> = e.local_backends.iter().filter(|b| Family::of(b.ip) == family).collect();
     let has_external = e
         .frontends
         .iter()
         .any(|fe| fe.kind.is_external() && Family::of(fe.ip) == family);
-    let cidrs: Vec<&IpNet> = cluster_cidrs
+    let cidrs: Vec<IpNet> = cluster_cidrs
         .iter()
         .filter(|c| Family::of(c.addr()) == family)
+        .copied()
         .collect();
     let needs_svl = (e.internal_local || (e.external_local && has_external)) && !local.is_empty();
-    let mut extra = BTreeMap::new();
-    let mut sets = BTreeSet::new();
+    let mut bal = Balance {
+        extra: BTreeMap::new(),
+        sets: BTreeSet::new(),
+        elems: Vec::new(),
+        taken,
+    };
     let mut main = Vec::new();
+    let svc = svc_chain(&e.name);
     if !all.is_empty() {
         let mut rules = Vec::new();
         if !cidrs.is_empty() {
-            rules.push(format!("{f} saddr != {} {MARK_MASQ}", cidr_match(&cidrs)));
+            rules.push(Rule::step(None, false, false, Some(Verdict::Jump(MARK_OUTSIDE.into()))));
         }
-        balance(e, &all, family, &mut rules, &mut extra, &mut sets);
-        main.push((svc_chain(&e.name), rules));
+        bal.balance(e, &all, "svc", &mut rules);
+        main.push((svc.clone(), rules));
     }
     if needs_svl {
         let mut rules = Vec::new();
-        balance(e, &local, family, &mut rules, &mut extra, &mut sets);
+        bal.balance(e, &local, "svl", &mut rules);
         main.push((svl_chain(&e.name), rules));
     }
     if has_external && e.empty_action(FrontendKind::NodePort).is_none() {
@@ -277,50 +640,54 @@ pub fn service_nft(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet]) ->
             .any(|fe| fe.ip.is_loopback() && Family::of(fe.ip) == family)
         {
             // Localhost NodePorts: a 127/8 source cannot be replied to from a pod.
-            let lo = match family {
-                Family::V4 => "127.0.0.0/8",
-                Family::V6 => "::1",
+            let lo: IpNet = match family {
+                Family::V4 => IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8).unwrap_or_default()),
+                Family::V6 => IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::LOCALHOST, 128).unwrap_or_default()),
             };
-            rules.push(format!("{f} saddr {lo} {MARK_MASQ}"));
+            rules.push(Rule::step(Some(lo), false, true, None));
         }
         if e.masquerade_external() {
-            rules.push(format!("{MARK_MASQ} goto {}", svc_chain(&e.name)));
+            rules.push(Rule::step(None, false, true, Some(Verdict::Goto(svc.clone()))));
         } else {
             // Pods and the node itself may use every endpoint: their source
             // needs no preserving (kube-proxy's short-circuit).
             if !all.is_empty() {
-                if !cidrs.is_empty() {
-                    rules.push(format!("{f} saddr {} goto {}", cidr_match(&cidrs), svc_chain(&e.name)));
+                for c in &cidrs {
+                    rules.push(Rule::step(Some(*c), false, false, Some(Verdict::Goto(svc.clone()))));
                 }
-                rules.push(format!("fib saddr type local {MARK_MASQ} goto {}", svc_chain(&e.name)));
+                rules.push(Rule::step(None, true, true, Some(Verdict::Goto(svc.clone()))));
             }
-            rules.push(format!("goto {}", svl_chain(&e.name)));
+            rules.push(Rule::step(None, false, false, Some(Verdict::Goto(svl_chain(&e.name)))));
         }
         main.push((ext_chain(&e.name), rules));
     }
     // Endpoint chains first: the service chains refer to them.
-    out.chains.extend(extra);
+    out.chains.extend(bal.extra);
     out.chains.extend(main);
-    out.sets.extend(sets);
+    out.sets.extend(bal.sets);
+    out.backends = bal.elems;
     out
 }
 
-/// The map elements of one service port: (map, key, verdict).
-fn service_elements(e: &ServiceEntry, family: Family) -> Vec<(&'static str, String, String)> {
-    let p = proto(e.protocol);
+/// The frontend map elements of one service port: (map, key, verdict).
+fn service_elements(e: &ServiceEntry, family: Family) -> Vec<(&'static str, FrontendKey, Verdict)> {
     let mut out = Vec::new();
     for fe in e.frontends.iter().filter(|fe| Family::of(fe.ip) == family) {
-        let key = format!("{} . {p} . {}", fe.ip, fe.port);
+        let key = FrontendKey {
+            ip: fe.ip,
+            proto: e.protocol,
+            port: fe.port,
+        };
         match e.empty_action(fe.kind) {
-            Some(EmptyAction::Reject) => out.push((NO_ENDPOINTS, key, "goto do-reject".to_string())),
-            Some(EmptyAction::Drop) => out.push((NO_ENDPOINTS, key, "drop".to_string())),
+            Some(EmptyAction::Reject) => out.push((NO_ENDPOINTS, key, Verdict::Goto("do-reject".into()))),
+            Some(EmptyAction::Drop) => out.push((NO_ENDPOINTS, key, Verdict::Drop)),
             None => {
                 let chain = match fe.kind {
                     FrontendKind::ClusterIp if e.internal_local => svl_chain(&e.name),
                     FrontendKind::ClusterIp => svc_chain(&e.name),
                     _ => ext_chain(&e.name),
                 };
-                out.push((SERVICES, key, format!("goto {chain}")));
+                out.push((SERVICES, key, Verdict::Goto(chain)));
             }
         }
     }
@@ -333,7 +700,14 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
         services: BTreeMap::new(),
         elements: BTreeMap::new(),
         hairpin: BTreeSet::new(),
+        cluster_cidrs: table
+            .cluster_cidrs
+            .iter()
+            .filter(|c| Family::of(c.addr()) == family)
+            .copied()
+            .collect(),
     };
+    let mut taken = Slots::new();
     for e in table.services.values() {
         r.hairpin.extend(
             e.backends
@@ -345,7 +719,7 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
         for (map, key, verdict) in service_elements(e, family) {
             r.elements.entry((map, key)).or_insert(verdict);
         }
-        let s = service_nft(e, family, &table.cluster_cidrs);
+        let s = service_nft(e, family, &table.cluster_cidrs, &mut taken);
         if !s.chains.is_empty() {
             r.services.insert(e.name.clone(), s);
         }
@@ -353,90 +727,82 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
     r
 }
 
-/// The fixed chains: (name, declaration, rules).
-fn fixed_chains(family: Family) -> Vec<(&'static str, String, Vec<String>)> {
-    let f = fam(family);
-    let dispatch = dispatch_rule(family);
-    let no_ep = format!("ct state new {f} daddr . meta l4proto . th dport vmap @{NO_ENDPOINTS}");
+const fn hook(nat: bool, hook: u32, priority: i32) -> Option<Base> {
+    Some(Base { nat, hook, priority })
+}
+
+/// The fixed chains: (name, base hook, rules).
+fn fixed_chains(family: Family, cidrs: &[IpNet]) -> Vec<(&'static str, Option<Base>, Vec<Rule>)> {
+    let dispatch = Rule::Dispatch {
+        map: SERVICES,
+        ct_new: false,
+    };
+    let no_ep = Rule::Dispatch {
+        map: NO_ENDPOINTS,
+        ct_new: true,
+    };
+    let mut outside: Vec<Rule> = cidrs
+        .iter()
+        .filter(|c| Family::of(c.addr()) == family)
+        .map(|c| Rule::step(Some(*c), false, false, Some(Verdict::Return)))
+        .collect();
+    outside.push(Rule::step(None, false, true, None));
     vec![
-        (
-            "do-reject",
-            String::new(),
-            // ICMP errors are rate-limited per destination; a reset is not.
-            vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
-        ),
-        (
-            "nat-prerouting",
-            "type nat hook prerouting priority dstnat; policy accept;".into(),
-            vec![dispatch.clone()],
-        ),
-        (
-            "nat-output",
-            "type nat hook output priority -100; policy accept;".into(),
-            vec![dispatch],
-        ),
+        // ICMP errors are rate-limited per destination; a reset is not.
+        ("do-reject", None, vec![Rule::RejectTcpReset, Rule::Reject]),
+        (MARK_OUTSIDE, None, outside),
+        ("nat-prerouting", hook(true, 0, -100), vec![dispatch.clone()]),
+        ("nat-output", hook(true, 3, -100), vec![dispatch]),
         (
             "nat-postrouting",
-            "type nat hook postrouting priority srcnat; policy accept;".into(),
+            hook(true, 4, 100),
             vec![
-                format!("{f} saddr . {f} daddr @{HAIRPIN} masquerade"),
-                "meta mark & 0x4000 == 0 return".into(),
-                "meta mark set meta mark ^ 0x4000".into(),
-                "masquerade fully-random".into(),
+                Rule::HairpinMasquerade,
+                Rule::ReturnUnmarked,
+                Rule::ClearMark,
+                Rule::MasqueradeFullyRandom,
             ],
         ),
-        (
-            "filter-input",
-            "type filter hook input priority filter - 10; policy accept;".into(),
-            vec![no_ep.clone()],
-        ),
-        (
-            "filter-forward",
-            "type filter hook forward priority filter - 10; policy accept;".into(),
-            vec![no_ep.clone()],
-        ),
-        (
-            "filter-output",
-            "type filter hook output priority filter - 10; policy accept;".into(),
-            vec![no_ep],
-        ),
+        ("filter-input", hook(false, 1, -10), vec![no_ep.clone()]),
+        ("filter-forward", hook(false, 2, -10), vec![no_ep.clone()]),
+        ("filter-output", hook(false, 3, -10), vec![no_ep]),
     ]
 }
 
-/// Writes `add element` lines, batching many elements per line.
-fn write_elements<'a>(out: &mut String, verb: &str, t: &str, map: &str, items: impl Iterator<Item = String> + 'a) {
-    let mut batch: Vec<String> = Vec::new();
-    let flush = |out: &mut String, batch: &mut Vec<String>| {
-        if !batch.is_empty() {
-            let _ = writeln!(out, "{verb} element {t} {map} {{ {} }}", batch.join(", "));
-            batch.clear();
-        }
-    };
-    for it in items {
-        batch.push(it);
-        if batch.len() == 256 {
-            flush(out, &mut batch);
-        }
-    }
-    flush(out, &mut batch);
-}
+/// Elements per `add element` command (and netlink message).
+const ELEMENTS_PER_CMD: usize = 1024;
 
-fn write_set_decl(out: &mut String, t: &str, family: Family, name: &str, timeout: u32) {
-    let _ = writeln!(
-        out,
-        "add set {t} {name} {{ type {}; flags dynamic,timeout; timeout {timeout}s; }}",
-        addr_type(family)
-    );
-}
-
-fn write_rules(out: &mut String, t: &str, chain: &str, rules: &[String]) {
-    for r in rules {
-        let _ = writeln!(out, "add rule {t} {chain} {r}");
+fn push_elements(cmds: &mut Vec<Cmd>, add: bool, set: &str, elems: Vec<Elem>) {
+    let mut elems = elems.into_iter().peekable();
+    while elems.peek().is_some() {
+        let chunk: Vec<Elem> = elems.by_ref().take(ELEMENTS_PER_CMD).collect();
+        cmds.push(if add {
+            Cmd::AddElements(set.to_string(), chunk)
+        } else {
+            Cmd::DeleteElements(set.to_string(), chunk)
+        });
     }
 }
 
-fn element_line((map, key): &(&'static str, String), verdict: &str) -> (&'static str, String) {
-    (map, format!("{key} : {verdict}"))
+fn frontend_elems<'a>(r: &'a Rendered, map: &'static str) -> impl Iterator<Item = Elem> + 'a {
+    r.elements
+        .iter()
+        .filter(move |((m, _), _)| *m == map)
+        .map(|((_, key), verdict)| Elem::Frontend {
+            key: *key,
+            verdict: verdict.clone(),
+        })
+}
+
+/// Backend map elements of `r`, grouped by map.
+fn backend_elems<'a>(services: impl Iterator<Item = &'a ServiceNft>) -> BTreeMap<&'a str, Vec<Elem>> {
+    let mut out: BTreeMap<&str, Vec<Elem>> = BTreeMap::new();
+    for s in services {
+        for (map, elems) in &s.backends {
+            out.entry(map.as_str()).or_default().extend(elems.iter().cloned());
+        }
+    }
+    out
 }
 
 /// One transaction that makes the table exactly `next`. Without `prev`
@@ -444,199 +810,211 @@ fn element_line((map, key): &(&'static str, String), verdict: &str) -> (&'static
 /// deleted and recreated; with it, the table is rebuilt in place, so the
 /// dynamic affinity sets keep their clients, and `prev`'s chains and sets
 /// that `next` lacks are deleted.
-pub fn script_full(next: &Rendered, prev: Option<&Rendered>) -> String {
+pub fn script_full(next: &Rendered, prev: Option<&Rendered>) -> Script {
     let family = next.family;
-    let t = table_name(family);
-    let a = addr_type(family);
-    let mut out = String::with_capacity(256 + next.services.len() * 400);
-    let _ = writeln!(out, "add table {t}");
+    let mut cmds = vec![Cmd::AddTable];
     match prev {
-        None => {
-            let _ = writeln!(out, "delete table {t}");
-            let _ = writeln!(out, "add table {t}");
-        }
-        Some(_) => {
-            // Removes every rule; set and map elements stay.
-            let _ = writeln!(out, "flush table {t}");
-        }
+        None => cmds.extend([Cmd::DeleteTable, Cmd::AddTable]),
+        // Removes every rule; set and map elements stay.
+        Some(_) => cmds.push(Cmd::FlushTable),
     }
-    let _ = writeln!(
-        out,
-        "add map {t} {SERVICES} {{ type {a} . inet_proto . inet_service : verdict; }}"
-    );
-    let _ = writeln!(
-        out,
-        "add map {t} {NO_ENDPOINTS} {{ type {a} . inet_proto . inet_service : verdict; }}"
-    );
-    let _ = writeln!(out, "add set {t} {HAIRPIN} {{ type {a} . {a}; }}");
-    if prev.is_some() {
+    cmds.push(Cmd::AddSet(SERVICES.into(), SetKind::Frontends));
+    cmds.push(Cmd::AddSet(NO_ENDPOINTS.into(), SetKind::Frontends));
+    cmds.push(Cmd::AddSet(HAIRPIN.into(), SetKind::Hairpin));
+    let maps = next.backend_maps();
+    for (m, p) in &maps {
+        cmds.push(Cmd::AddSet(m.to_string(), SetKind::Backends(*p)));
+    }
+    if let Some(prev) = prev {
         for m in [SERVICES, NO_ENDPOINTS] {
-            let _ = writeln!(out, "flush map {t} {m}");
+            cmds.push(Cmd::FlushSet(m.into(), true));
         }
-        let _ = writeln!(out, "flush set {t} {HAIRPIN}");
+        cmds.push(Cmd::FlushSet(HAIRPIN.into(), false));
+        for (m, _) in prev.backend_maps() {
+            cmds.push(Cmd::FlushSet(m.into(), true));
+        }
     }
-    let fixed = fixed_chains(family);
-    for (name, decl, _) in &fixed {
-        if decl.is_empty() {
-            let _ = writeln!(out, "add chain {t} {name}");
-        } else {
-            let _ = writeln!(out, "add chain {t} {name} {{ {decl} }}");
-        }
+    let fixed = fixed_chains(family, &next.cluster_cidrs);
+    for (name, base, _) in &fixed {
+        cmds.push(Cmd::AddChain(name.to_string(), *base));
     }
     for (name, timeout) in next.set_names() {
-        write_set_decl(&mut out, &t, family, name, timeout);
+        cmds.push(Cmd::AddSet(name.into(), SetKind::Affinity(timeout)));
     }
     for s in next.services.values() {
         for (name, _) in &s.chains {
-            let _ = writeln!(out, "add chain {t} {name}");
+            cmds.push(Cmd::AddChain(name.clone(), None));
         }
     }
-    for (name, _, rules) in &fixed {
-        write_rules(&mut out, &t, name, rules);
+    for (name, _, rules) in fixed {
+        for r in rules {
+            cmds.push(Cmd::AddRule(name.into(), r));
+        }
     }
     for s in next.services.values() {
         for (name, rules) in &s.chains {
-            write_rules(&mut out, &t, name, rules);
+            for r in rules {
+                cmds.push(Cmd::AddRule(name.clone(), r.clone()));
+            }
         }
     }
-    write_all_elements(&mut out, &t, next);
+    // Elements after the rules that bind their maps: the kernel checks a
+    // map's existing elements on every new binding.
+    for map in [SERVICES, NO_ENDPOINTS] {
+        push_elements(&mut cmds, true, map, frontend_elems(next, map).collect());
+    }
+    push_elements(
+        &mut cmds,
+        true,
+        HAIRPIN,
+        next.hairpin.iter().map(|ip| Elem::Hairpin(*ip)).collect(),
+    );
+    for (map, elems) in backend_elems(next.services.values()) {
+        push_elements(&mut cmds, true, map, elems);
+    }
     if let Some(prev) = prev {
         let chains = next.chain_names();
         for n in prev.chain_names().difference(&chains) {
-            let _ = writeln!(out, "delete chain {t} {n}");
+            cmds.push(Cmd::DeleteChain(n.to_string()));
         }
         let sets = next.set_names();
         for (n, _) in prev.set_names().difference(&sets) {
-            let _ = writeln!(out, "delete set {t} {n}");
+            cmds.push(Cmd::DeleteSet(n.to_string(), false));
+        }
+        for (m, _) in prev.backend_maps().difference(&maps) {
+            cmds.push(Cmd::DeleteSet(m.to_string(), true));
         }
     }
-    out
-}
-
-fn write_all_elements(out: &mut String, t: &str, r: &Rendered) {
-    for map in [SERVICES, NO_ENDPOINTS] {
-        write_elements(
-            out,
-            "add",
-            t,
-            map,
-            r.elements
-                .iter()
-                .filter(|((m, _), _)| *m == map)
-                .map(|(k, v)| element_line(k, v).1),
-        );
-    }
-    write_elements(
-        out,
-        "add",
-        t,
-        HAIRPIN,
-        r.hairpin.iter().map(|ip| format!("{ip} . {ip}")),
-    );
+    Script { family, cmds }
 }
 
 /// One transaction from `prev` (what the kernel holds) to `next`, touching
-/// only the chains of service ports whose rendering changed and the
-/// elements that differ. Returns the script and the service ports written
-/// and removed.
-pub fn script_partial(prev: &Rendered, next: &Rendered) -> (String, usize, usize) {
-    let t = table_name(next.family);
-    let mut out = String::new();
-    // Elements that go away or change their verdict are deleted first.
-    let mut delete: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut add: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+/// only the chains and backend elements of service ports whose rendering
+/// changed and the frontend elements that differ. Returns the script and
+/// the service ports written and removed.
+pub fn script_partial(prev: &Rendered, next: &Rendered) -> (Script, usize, usize) {
+    let family = next.family;
+    let mut cmds = Vec::new();
+    // Frontend elements that go away or change their verdict are deleted first.
+    let mut delete: BTreeMap<&str, Vec<Elem>> = BTreeMap::new();
+    let mut add: BTreeMap<&str, Vec<Elem>> = BTreeMap::new();
     for (k, v) in &prev.elements {
         if next.elements.get(k) != Some(v) {
-            delete.entry(k.0).or_default().push(k.1.clone());
+            delete.entry(k.0).or_default().push(Elem::Frontend {
+                key: k.1,
+                verdict: v.clone(),
+            });
         }
     }
     for (k, v) in &next.elements {
         if prev.elements.get(k) != Some(v) {
-            let (map, line) = element_line(k, v);
-            add.entry(map).or_default().push(line);
+            add.entry(k.0).or_default().push(Elem::Frontend {
+                key: k.1,
+                verdict: v.clone(),
+            });
         }
     }
-    for (map, keys) in &delete {
-        write_elements(&mut out, "delete", &t, map, keys.iter().cloned());
-    }
-    let hp_del: Vec<String> = prev
-        .hairpin
-        .difference(&next.hairpin)
-        .map(|ip| format!("{ip} . {ip}"))
+    let changed = |name: &ServicePortName, s: &ServiceNft, other: &Rendered| other.services.get(name) != Some(s);
+    let gone: Vec<&ServiceNft> = prev
+        .services
+        .iter()
+        .filter(|(n, s)| changed(n, s, next))
+        .map(|(_, s)| s)
         .collect();
-    write_elements(&mut out, "delete", &t, HAIRPIN, hp_del.into_iter());
-
-    let mut written = Vec::new();
-    let mut removed = 0;
-    let mut stale_chains: Vec<&str> = Vec::new();
-    let mut stale_sets: Vec<&str> = Vec::new();
-    for (name, s) in &next.services {
-        if prev.services.get(name) != Some(s) {
-            written.push((name, s));
-        }
+    let written: Vec<&ServiceNft> = next
+        .services
+        .iter()
+        .filter(|(n, s)| changed(n, s, prev))
+        .map(|(_, s)| s)
+        .collect();
+    let removed = prev.services.keys().filter(|n| !next.services.contains_key(*n)).count();
+    for (map, elems) in delete {
+        push_elements(&mut cmds, false, map, elems);
     }
-    for (name, s) in &prev.services {
-        let new = next.services.get(name);
-        if new.is_none() {
-            removed += 1;
-        }
-        if new == Some(s) {
-            continue;
-        }
-        for (c, _) in &s.chains {
-            if !new.is_some_and(|n| n.chains.iter().any(|(nc, _)| nc == c)) {
-                stale_chains.push(c);
-            }
-        }
-        for (set, _) in &s.sets {
-            if !new.is_some_and(|n| n.sets.iter().any(|(ns, _)| ns == set)) {
-                stale_sets.push(set);
-            }
-        }
+    push_elements(
+        &mut cmds,
+        false,
+        HAIRPIN,
+        prev.hairpin
+            .difference(&next.hairpin)
+            .map(|ip| Elem::Hairpin(*ip))
+            .collect(),
+    );
+    for (map, elems) in backend_elems(gone.iter().copied()) {
+        push_elements(&mut cmds, false, map, elems);
     }
+    let maps_before = prev.backend_maps();
+    for (m, p) in next.backend_maps().difference(&maps_before) {
+        cmds.push(Cmd::AddSet(m.to_string(), SetKind::Backends(*p)));
+    }
+    let new_chains: BTreeSet<&str> = written
+        .iter()
+        .flat_map(|s| s.chains.iter().map(|(c, _)| c.as_str()))
+        .collect();
+    let new_sets: BTreeSet<&str> = written
+        .iter()
+        .flat_map(|s| s.sets.iter().map(|(n, _)| n.as_str()))
+        .collect();
     // Declare new chains and sets, empty changed and stale chains (so that
     // nothing refers to what is deleted below), then refill.
-    for (_, s) in &written {
+    for s in &written {
         for (set, timeout) in &s.sets {
-            write_set_decl(&mut out, &t, next.family, set, *timeout);
+            cmds.push(Cmd::AddSet(set.clone(), SetKind::Affinity(*timeout)));
         }
         for (c, _) in &s.chains {
-            let _ = writeln!(out, "add chain {t} {c}");
+            cmds.push(Cmd::AddChain(c.clone(), None));
         }
     }
-    for (name, s) in &prev.services {
-        if next.services.get(name) == Some(s) {
-            continue;
-        }
+    for s in &gone {
         for (c, _) in &s.chains {
-            let _ = writeln!(out, "flush chain {t} {c}");
+            cmds.push(Cmd::FlushChain(c.clone()));
         }
     }
-    for (_, s) in &written {
+    for s in &written {
         for (c, rules) in &s.chains {
-            write_rules(&mut out, &t, c, rules);
+            for r in rules {
+                cmds.push(Cmd::AddRule(c.clone(), r.clone()));
+            }
         }
     }
-    for (map, lines) in &add {
-        write_elements(&mut out, "add", &t, map, lines.iter().cloned());
+    for (map, elems) in add {
+        push_elements(&mut cmds, true, map, elems);
     }
-    let hp_add: Vec<String> = next
-        .hairpin
-        .difference(&prev.hairpin)
-        .map(|ip| format!("{ip} . {ip}"))
-        .collect();
-    write_elements(&mut out, "add", &t, HAIRPIN, hp_add.into_iter());
-    for c in stale_chains {
-        let _ = writeln!(out, "delete chain {t} {c}");
+    push_elements(
+        &mut cmds,
+        true,
+        HAIRPIN,
+        next.hairpin
+            .difference(&prev.hairpin)
+            .map(|ip| Elem::Hairpin(*ip))
+            .collect(),
+    );
+    for (map, elems) in backend_elems(written.iter().copied()) {
+        push_elements(&mut cmds, true, map, elems);
     }
-    for s in stale_sets {
-        let _ = writeln!(out, "delete set {t} {s}");
+    let live_chains = next.chain_names();
+    let live_sets: BTreeSet<&str> = next.set_names().into_iter().map(|(n, _)| n).collect();
+    let mut stale_chains = BTreeSet::new();
+    let mut stale_sets = BTreeSet::new();
+    for s in &gone {
+        for (c, _) in &s.chains {
+            if !live_chains.contains(c.as_str()) && !new_chains.contains(c.as_str()) {
+                stale_chains.insert(c.clone());
+            }
+        }
+        for (n, _) in &s.sets {
+            if !live_sets.contains(n.as_str()) && !new_sets.contains(n.as_str()) {
+                stale_sets.insert(n.clone());
+            }
+        }
     }
-    (out, written.len(), removed)
+    cmds.extend(stale_chains.into_iter().map(Cmd::DeleteChain));
+    cmds.extend(stale_sets.into_iter().map(|n| Cmd::DeleteSet(n, false)));
+    (Script { family, cmds }, written.len(), removed)
 }
 
 /// The whole table as one fresh-start script (what `render --what
 /// nftables` prints and the golden file holds).
 pub fn render_text(table: &ServiceTable, family: Family) -> String {
-    script_full(&render(table, family), None)
+    script_full(&render(table, family), None).text()
 }

@@ -10,11 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use ferry_cluster::{Protocol, Snapshot};
-use ipnet::IpNet;
 
-use super::render::{self, Rendered};
+use super::render::{self, Cmd, Elem, Rendered, Rule, Verdict};
 use crate::iptables::render::Family;
-use crate::iptables::trace::{self, Origin, Packet, Verdict};
+use crate::iptables::trace::{self, Origin, Packet, Verdict as TVerdict};
 use crate::table::{plan, NodeConfig, ServiceTable};
 
 fn snapshot_of(path: &Path, text: &str) -> Snapshot {
@@ -66,7 +65,7 @@ fn golden_script() {
 }
 
 /// Outcome of one path: verdict, masquerade → probability.
-type Outcomes = BTreeMap<(Verdict, bool), f64>;
+type Outcomes = BTreeMap<(TVerdict, bool), f64>;
 
 fn outcomes(t: &trace::Trace) -> Outcomes {
     let mut out = Outcomes::new();
@@ -77,139 +76,160 @@ fn outcomes(t: &trace::Trace) -> Outcomes {
 }
 
 /// Follows a first packet through the rendered table: the nat dispatch
-/// map, then the service chains (the rule forms `render` emits), the
-/// filter map for frontends without endpoints, and postrouting masquerade.
-/// Affinity sets are empty for a first packet.
+/// map, then the service chains, the filter map for frontends without
+/// endpoints, and postrouting masquerade. Affinity sets are empty for a
+/// first packet.
 fn nft_trace(r: &Rendered, p: &Packet) -> Outcomes {
-    let proto = match p.protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
+    let key = render::FrontendKey {
+        ip: p.dst,
+        proto: p.protocol,
+        port: p.dport,
     };
-    let key = format!("{} . {proto} . {}", p.dst, p.dport);
-    let chains: BTreeMap<&str, &Vec<String>> = r
+    let mut chains: BTreeMap<&str, &Vec<Rule>> = r
         .services
         .values()
         .flat_map(|s| s.chains.iter().map(|(n, rules)| (n.as_str(), rules)))
         .collect();
+    let script = render::script_full(r, None);
+    let fixed: Vec<(String, Vec<Rule>)> = script
+        .cmds
+        .iter()
+        .filter_map(|c| match c {
+            Cmd::AddRule(chain, rule) if chain == render::MARK_OUTSIDE => Some((chain.clone(), rule.clone())),
+            _ => None,
+        })
+        .fold(Vec::new(), |mut acc, (c, rule)| {
+            match acc.iter_mut().find(|(n, _)| *n == c) {
+                Some((_, v)) => v.push(rule),
+                None => acc.push((c, vec![rule])),
+            }
+            acc
+        });
+    for (n, rules) in &fixed {
+        chains.insert(n.as_str(), rules);
+    }
+    let backends: BTreeMap<(&str, u32), SocketAddr> = r
+        .services
+        .values()
+        .flat_map(|s| s.backends.iter())
+        .flat_map(|(m, elems)| {
+            elems.iter().filter_map(move |e| match e {
+                Elem::Backend { key, addr, port } => Some(((m.as_str(), *key), SocketAddr::new(*addr, *port))),
+                _ => None,
+            })
+        })
+        .collect();
+    let t = Tracer {
+        chains: &chains,
+        backends: &backends,
+        p,
+    };
     let mut out = Outcomes::new();
-    if let Some(v) = r.elements.get(&(render::SERVICES, key.clone())) {
-        let start = v.strip_prefix("goto ").unwrap();
-        walk(&chains, start, p, false, 1.0, &mut out);
+    if let Some(v) = r.elements.get(&(render::SERVICES, key)) {
+        let Verdict::Goto(start) = v else {
+            panic!("services element {v:?}")
+        };
+        t.walk(start, false, 1.0, &mut out);
     } else if let Some(v) = r.elements.get(&(render::NO_ENDPOINTS, key)) {
-        let verdict = if v == "drop" { Verdict::Drop } else { Verdict::Reject };
+        let verdict = if *v == Verdict::Drop {
+            TVerdict::Drop
+        } else {
+            TVerdict::Reject
+        };
         out.insert((verdict, false), 1.0);
     } else {
-        out.insert((Verdict::Untouched, false), 1.0);
+        out.insert((TVerdict::Untouched, false), 1.0);
     }
     // Postrouting: hairpin (source = destination = a local endpoint).
     let mut fixed = Outcomes::new();
     for ((v, masq), prob) in out {
-        let hairpin = matches!(v, Verdict::Endpoint(ep) if ep.ip() == p.src && r.hairpin.contains(&p.src));
+        let hairpin = matches!(v, TVerdict::Endpoint(ep) if ep.ip() == p.src && r.hairpin.contains(&p.src));
         *fixed.entry((v, masq || hairpin)).or_insert(0.0) += prob;
     }
     fixed
 }
 
-fn src_in(text: &str, src: IpAddr) -> bool {
-    let text = text.trim_matches(|c| c == '{' || c == '}' || c == ' ');
-    text.split(", ").any(|c| {
-        c.trim()
-            .parse::<IpNet>()
-            .map(|n| n.contains(&src))
-            .unwrap_or_else(|_| c.trim().parse::<IpAddr>().ok() == Some(src))
-    })
+struct Tracer<'a> {
+    chains: &'a BTreeMap<&'a str, &'a Vec<Rule>>,
+    backends: &'a BTreeMap<(&'a str, u32), SocketAddr>,
+    p: &'a Packet,
 }
 
-fn walk(chains: &BTreeMap<&str, &Vec<String>>, chain: &str, p: &Packet, mut masq: bool, prob: f64, out: &mut Outcomes) {
-    let rules = chains.get(chain).unwrap_or_else(|| panic!("no chain {chain}"));
-    for rule in rules.iter() {
-        let mut rest = rule.as_str();
-        // Matches.
-        if let Some(r) = rest.strip_prefix("ip saddr != ") {
-            let (set, tail) = split_operand(r);
-            if src_in(set, p.src) {
-                continue;
-            }
-            rest = tail;
-        } else if let Some(r) = rest.strip_prefix("ip saddr @") {
-            // An affinity set: empty for a first packet.
-            let _ = r;
-            continue;
-        } else if let Some(r) = rest.strip_prefix("ip saddr ") {
-            let (set, tail) = split_operand(r);
-            if !src_in(set, p.src) {
-                continue;
-            }
-            rest = tail;
-        } else if let Some(r) = rest.strip_prefix("fib saddr type local ") {
-            if !p.src_local {
-                continue;
-            }
-            rest = r;
+/// What walking a chain ended in.
+enum End {
+    /// Fell off the end or returned.
+    Continue(bool),
+    /// The packet's fate is recorded.
+    Done,
+}
+
+impl Tracer<'_> {
+    fn walk(&self, chain: &str, masq: bool, prob: f64, out: &mut Outcomes) {
+        if let End::Continue(masq) = self.run(chain, masq, prob, out) {
+            // Falling off a service chain: the packet goes on as addressed.
+            *out.entry((TVerdict::Untouched, masq)).or_insert(0.0) += prob;
         }
-        // Statements and verdicts.
-        if let Some(r) = rest.strip_prefix("meta mark set meta mark | 0x4000") {
-            masq = true;
-            rest = r.trim_start();
-            if rest.is_empty() {
-                continue;
-            }
-        }
-        if let Some(target) = rest.strip_prefix("goto ") {
-            return walk(chains, target, p, masq, prob, out);
-        }
-        if let Some(r) = rest.strip_prefix("numgen random mod ") {
-            let body = r.split_once("vmap { ").unwrap().1.trim_end_matches(" }");
-            let targets: Vec<&str> = body.split(", ").map(|e| e.split_once(" : goto ").unwrap().1).collect();
-            for t in &targets {
-                walk(chains, t, p, masq, prob / targets.len() as f64, out);
-            }
-            return;
-        }
-        let rest = rest
-            .strip_prefix("update @")
-            .map(|r| r.split_once("} ").unwrap().1)
-            .unwrap_or(rest);
-        if let Some(r) = rest.strip_prefix("meta l4proto ") {
-            let (l4, r) = r.split_once(' ').unwrap();
-            let want = match p.protocol {
-                Protocol::Tcp => "tcp",
-                Protocol::Udp => "udp",
-                Protocol::Sctp => "sctp",
-            };
-            if l4 != want {
-                continue;
-            }
-            let eps: Vec<SocketAddr> = if let Some(one) = r.strip_prefix("dnat to ") {
-                vec![one.parse().unwrap()]
-            } else {
-                let body = r.split_once("map { ").unwrap().1.trim_end_matches(" }");
-                body.split(", ")
-                    .map(|e| {
-                        let (ip, port) = e.split_once(" : ").unwrap().1.split_once(" . ").unwrap();
-                        SocketAddr::new(ip.parse().unwrap(), port.parse().unwrap())
-                    })
-                    .collect()
-            };
-            for ep in &eps {
-                *out.entry((Verdict::Endpoint(*ep), masq)).or_insert(0.0) += prob / eps.len() as f64;
-            }
-            return;
-        }
-        panic!("tracer does not understand rule {rule:?} in {chain}");
     }
-    // Falling off a service chain: the packet goes on as addressed.
-    *out.entry((Verdict::Untouched, masq)).or_insert(0.0) += prob;
-}
 
-/// `{ a, b } rest` or `a rest` → (operand, rest).
-fn split_operand(s: &str) -> (&str, &str) {
-    if s.starts_with('{') {
-        let end = s.find('}').unwrap() + 1;
-        (&s[..end], s[end..].trim_start())
-    } else {
-        s.split_once(' ').unwrap_or((s, ""))
+    fn run(&self, chain: &str, mut masq: bool, prob: f64, out: &mut Outcomes) -> End {
+        let rules = self.chains.get(chain).unwrap_or_else(|| panic!("no chain {chain}"));
+        let p = self.p;
+        let mut left = prob;
+        for rule in rules.iter() {
+            match rule {
+                Rule::Step {
+                    saddr,
+                    fib_local,
+                    mark,
+                    verdict,
+                } => {
+                    if saddr.is_some_and(|n| !n.contains(&p.src)) || (*fib_local && !p.src_local) {
+                        continue;
+                    }
+                    masq |= *mark;
+                    match verdict {
+                        None => {}
+                        Some(Verdict::Return) => return End::Continue(masq),
+                        Some(Verdict::Jump(c)) => match self.run(c, masq, left, out) {
+                            End::Continue(m) => masq = m,
+                            End::Done => return End::Done,
+                        },
+                        Some(Verdict::Goto(c)) => return self.run(c, masq, left, out),
+                        Some(Verdict::Drop) => panic!("drop in {chain}"),
+                    }
+                }
+                // An affinity set: empty for a first packet.
+                Rule::AffinityHit { .. } => {}
+                Rule::Pick { n, chain: target } => {
+                    let share = left / f64::from(*n);
+                    self.walk(target, masq, share, out);
+                    left -= share;
+                    if *n == 1 {
+                        return End::Done;
+                    }
+                }
+                Rule::Dnat { proto, addr, port, .. } => {
+                    if *proto != p.protocol {
+                        continue;
+                    }
+                    let ep = SocketAddr::new(*addr, *port);
+                    *out.entry((TVerdict::Endpoint(ep), masq)).or_insert(0.0) += left;
+                    return End::Done;
+                }
+                Rule::DnatMap { proto, n, offset, map } => {
+                    if *proto != p.protocol {
+                        continue;
+                    }
+                    for i in 0..*n {
+                        let ep = self.backends[&(map.as_str(), offset + i)];
+                        *out.entry((TVerdict::Endpoint(ep), masq)).or_insert(0.0) += left / f64::from(*n);
+                    }
+                    return End::Done;
+                }
+                other => panic!("tracer does not expect {other:?} in {chain}"),
+            }
+        }
+        End::Continue(masq)
     }
 }
 
@@ -293,13 +313,21 @@ fn affinity_uses_per_endpoint_sets_with_the_timeout() {
         .unwrap();
     assert_eq!(sticky.sets.len(), 2, "{sticky:?}");
     assert!(sticky.sets.iter().all(|(_, t)| *t == 60));
-    let svc = &sticky.chains.last().unwrap().1;
+    let svc: Vec<String> = sticky
+        .chains
+        .last()
+        .unwrap()
+        .1
+        .iter()
+        .map(|r| r.text(Family::V4))
+        .collect();
     assert!(
         svc[1].starts_with("ip saddr @aff-") && svc[2].starts_with("ip saddr @aff-"),
         "{svc:?}"
     );
-    assert!(svc[3].starts_with("numgen random mod 2 vmap"), "{svc:?}");
-    let text = render::script_full(&r, None);
+    assert!(svc[3].starts_with("numgen random mod 2 0 goto aep-"), "{svc:?}");
+    assert!(svc[4].starts_with("goto aep-"), "{svc:?}");
+    let text = render::script_full(&r, None).text();
     assert!(text.contains("flags dynamic,timeout; timeout 60s;"), "{text}");
 }
 
@@ -322,6 +350,7 @@ fn partial_script_touches_only_changed_services() {
     let next_table = table_of(&changed_fixture());
     let next = render::render(&next_table, Family::V4);
     let (script, written, removed) = render::script_partial(&prev, &next);
+    let script = script.text();
     // web:http and web:dns changed; term removed.
     assert_eq!((written, removed), (2, 1), "{script}");
     let web = render::svc_chain(
@@ -333,7 +362,7 @@ fn partial_script_touches_only_changed_services() {
     let term = prev.services.keys().find(|n| n.service.name == "term").unwrap();
     let sticky = prev.services.keys().find(|n| n.service.name == "sticky").unwrap();
     assert!(script.contains(&format!("flush chain ip ferry {web}")), "{script}");
-    assert!(script.contains("10.244.2.60 . 8080"), "{script}");
+    assert!(script.contains(": 10.244.2.60 . 8080"), "{script}");
     assert!(
         script.contains(&format!("delete chain ip ferry {}", render::svc_chain(term))),
         "{script}"
@@ -351,7 +380,7 @@ fn partial_script_touches_only_changed_services() {
         "{script}"
     );
     // No change: nothing to do.
-    assert_eq!(render::script_partial(&next, &next).0, "");
+    assert!(render::script_partial(&next, &next).0.is_empty());
     // The result agrees with a fresh rendering of the new table.
     agree_with_iptables(&next_table);
 }
@@ -360,7 +389,7 @@ fn partial_script_touches_only_changed_services() {
 fn in_place_full_script_keeps_sets_and_deletes_stale_chains() {
     let prev = render::render(&table(), Family::V4);
     let next = render::render(&table_of(&changed_fixture()), Family::V4);
-    let text = render::script_full(&next, Some(&prev));
+    let text = render::script_full(&next, Some(&prev)).text();
     assert!(
         text.contains("flush table ip ferry") && !text.contains("delete table"),
         "{text}"
@@ -430,8 +459,9 @@ fn scripts_load_into_the_kernel() {
     let ns = Netns::new("load");
     let prev = render::render(&table(), Family::V4);
     let next = render::render(&table_of(&changed_fixture()), Family::V4);
-    ns.nft(&["-f", "-"], &render::script_full(&prev, None)).unwrap();
-    ns.nft(&["-f", "-"], &render::script_partial(&prev, &next).0).unwrap();
+    ns.nft(&["-f", "-"], &render::script_full(&prev, None).text()).unwrap();
+    ns.nft(&["-f", "-"], &render::script_partial(&prev, &next).0.text())
+        .unwrap();
     let listed = ns.nft(&["list", "table", "ip", "ferry"], "").unwrap();
     assert!(listed.contains("10.244.2.60 . 8080"), "{listed}");
     assert!(
@@ -439,15 +469,118 @@ fn scripts_load_into_the_kernel() {
         "term's endpoint still there:\n{listed}"
     );
     // Back again, in place, and once more from scratch.
-    ns.nft(&["-f", "-"], &render::script_full(&prev, Some(&next))).unwrap();
-    ns.nft(&["-f", "-"], &render::script_full(&prev, None)).unwrap();
+    ns.nft(&["-f", "-"], &render::script_full(&prev, Some(&next)).text())
+        .unwrap();
+    ns.nft(&["-f", "-"], &render::script_full(&prev, None).text()).unwrap();
     let again = ns.nft(&["list", "table", "ip", "ferry"], "").unwrap();
     assert!(again.contains("10.244.2.11"), "{again}");
     // IPv6 renders and loads too.
-    let v6 = table_of(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: s6, namespace: t}\nspec:\n  clusterIP: fd00:96::10\n  sessionAffinity: ClientIP\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s6-1, namespace: t, labels: {kubernetes.io/service-name: s6}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['fd00:244::5'], nodeName: node-a}\n- {addresses: ['fd00:244::6'], nodeName: node-b}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: r6, namespace: t}\nspec:\n  clusterIP: fd00:96::11\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: r6-1, namespace: t, labels: {kubernetes.io/service-name: r6}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['fd00:244::5'], nodeName: node-a}\n- {addresses: ['fd00:244::6'], nodeName: node-b}\n",
-    );
+    let v6 = table_of(&v6_fixture());
     ns.nft(&["-f", "-"], &render::render_text(&v6, Family::V6)).unwrap();
     let listed = ns.nft(&["list", "table", "ip6", "ferry"], "").unwrap();
     assert!(listed.contains("fd00:96::10 . tcp . 80"), "{listed}");
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).unwrap();
+            // SAFETY: setns on this thread only, with an open namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The kernel's view of our table as nft's netlink debug listing prints
+/// it: the expressions of every rule and the raw bytes of every element,
+/// not the syntax nft derives from them (set declarations made over
+/// netlink carry no `typeof` user data, so nft prints their keys
+/// differently), sorted within each object.
+fn kernel_listing(ns: &Netns, family: &str) -> String {
+    let out = ns
+        .nft(&["--debug=netlink", "list", "table", family, "ferry"], "")
+        .unwrap();
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    for line in out.lines() {
+        if line.trim().is_empty() || line.starts_with("table ") {
+            continue;
+        }
+        let l = line.trim();
+        if l.starts_with("ip ferry") || l.starts_with("ip6 ferry") {
+            blocks.push(vec![l.to_string()]);
+        } else if l.starts_with('[') || l.starts_with("element ") {
+            if let Some(b) = blocks.last_mut() {
+                b.push(l.to_string());
+            }
+        }
+    }
+    for b in &mut blocks {
+        b[1..].sort();
+    }
+    blocks.sort();
+    blocks.into_iter().map(|b| b.join("\n")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn netlink_batches_equal_nft_scripts_in_the_kernel() {
+    if !is_root() {
+        eprintln!("skipping netlink_batches_equal_nft_scripts_in_the_kernel: needs root");
+        return;
+    }
+    let prev = render::render(&table(), Family::V4);
+    let next = render::render(&table_of(&changed_fixture()), Family::V4);
+    let by_nft = Netns::new("text");
+    let by_netlink = Netns::new("nl");
+    let steps = [
+        render::script_full(&prev, None),
+        render::script_partial(&prev, &next).0,
+        render::script_full(&prev, Some(&next)),
+        render::script_partial(&prev, &next).0,
+    ];
+    for (i, script) in steps.iter().enumerate() {
+        by_nft.nft(&["-f", "-"], &script.text()).unwrap();
+        in_netns(&by_netlink, || super::netlink::apply(script)).unwrap();
+        let (want, got) = (kernel_listing(&by_nft, "ip"), kernel_listing(&by_netlink, "ip"));
+        assert!(want.contains("[ nat dnat ip") && want.contains("element "), "{want}");
+        assert!(
+            want == got,
+            "step {i}: nft and netlink disagree\n--- nft:\n{want}\n--- netlink:\n{got}"
+        );
+    }
+    // A refused batch names the command and changes nothing.
+    let before = kernel_listing(&by_netlink, "ip");
+    let bad = render::Script {
+        family: Family::V4,
+        cmds: vec![
+            Cmd::AddChain("new-one".into(), None),
+            Cmd::AddRule(
+                "no-such-chain".into(),
+                Rule::Pick {
+                    n: 1,
+                    chain: "new-one".into(),
+                },
+            ),
+        ],
+    };
+    let err = in_netns(&by_netlink, || super::netlink::apply(&bad))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no-such-chain"), "{err}");
+    assert_eq!(before, kernel_listing(&by_netlink, "ip"));
+    // IPv6.
+    let v6 = table_of(&v6_fixture());
+    let script = render::script_full(&render::render(&v6, Family::V6), None);
+    by_nft.nft(&["-f", "-"], &script.text()).unwrap();
+    in_netns(&by_netlink, || super::netlink::apply(&script)).unwrap();
+    assert_eq!(kernel_listing(&by_nft, "ip6"), kernel_listing(&by_netlink, "ip6"));
+}
+
+fn v6_fixture() -> String {
+    "apiVersion: v1\nkind: Service\nmetadata: {name: s6, namespace: t}\nspec:\n  clusterIP: fd00:96::10\n  sessionAffinity: ClientIP\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s6-1, namespace: t, labels: {kubernetes.io/service-name: s6}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['fd00:244::5'], nodeName: node-a}\n- {addresses: ['fd00:244::6'], nodeName: node-b}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: r6, namespace: t}\nspec:\n  clusterIP: fd00:96::11\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: r6-1, namespace: t, labels: {kubernetes.io/service-name: r6}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['fd00:244::5'], nodeName: node-a}\n- {addresses: ['fd00:244::6'], nodeName: node-b}\n".to_string()
 }
