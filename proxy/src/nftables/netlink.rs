@@ -30,6 +30,7 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
 const NLM_F_APPEND: u16 = 0x800;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
@@ -547,6 +548,7 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<String>) {
         Buf::default(),
         "batch begin".into(),
     );
+    let mut last = None;
     for cmd in &script.cmds {
         let mut b = Buf::default();
         let (kind, flags) = match cmd {
@@ -608,21 +610,47 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<String>) {
             }
             Cmd::AddElements(set, elems) | Cmd::DeleteElements(set, elems) => {
                 let add = matches!(cmd, Cmd::AddElements(..));
-                b.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
-                b.str(NFTA_SET_ELEM_LIST_SET, set);
-                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                    for e in elems {
-                        elem_attrs(b, e, add);
-                    }
-                });
-                if add {
+                let (kind, flags) = if add {
                     (nft(NFT_MSG_NEWSETELEM), NLM_F_CREATE)
                 } else {
                     (nft(NFT_MSG_DELSETELEM), 0)
+                };
+                // An attribute's length is 16 bits: one message per ~32 KiB.
+                let mut rest = elems.as_slice();
+                while !rest.is_empty() {
+                    let mut b = Buf::default();
+                    b.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+                    b.str(NFTA_SET_ELEM_LIST_SET, set);
+                    let mut taken = 0;
+                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                        for e in rest {
+                            elem_attrs(b, e, add);
+                            taken += 1;
+                            if b.0.len() > 32 * 1024 {
+                                break;
+                            }
+                        }
+                    });
+                    let desc = format!(
+                        "{} {taken} element(s) {} {set}",
+                        if add { "add" } else { "delete" },
+                        if add { "to" } else { "from" }
+                    );
+                    last = Some(out.len());
+                    msg(&mut out, &mut what, kind, flags, b, desc);
+                    rest = &rest[taken..];
                 }
+                continue;
             }
         };
+        last = Some(out.len());
         msg(&mut out, &mut what, kind, flags, b, cmd_summary(cmd, family));
+    }
+    // The last command asks for an acknowledgement: a batch the kernel
+    // aborted without a per-message error (a malformed message) sends none.
+    if let Some(pos) = last {
+        let flags = u16::from_ne_bytes([out[pos + 6], out[pos + 7]]) | NLM_F_ACK;
+        out[pos + 6..pos + 8].copy_from_slice(&flags.to_ne_bytes());
     }
     msg(
         &mut out,
@@ -703,9 +731,11 @@ pub fn apply(script: &Script) -> Result<(), ProxyError> {
             std::io::Error::last_os_error()
         )));
     }
-    // The kernel processes the batch inside sendto: every error is queued
-    // by now. Success sends nothing (no NLM_F_ACK was asked for).
+    // The kernel processes the batch inside sendto: every error, and the
+    // acknowledgement of the last message, is queued by now.
     let mut errors = Vec::new();
+    let mut acked = false;
+    let last_seq = what.len().saturating_sub(2);
     let mut buf = vec![0u8; 1 << 16];
     loop {
         // SAFETY: recv into an owned buffer of the given length.
@@ -732,13 +762,18 @@ pub fn apply(script: &Script) -> Result<(), ProxyError> {
             if kind == NLMSG_ERROR && len >= 20 + 16 {
                 let code = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
                 let seq = u32::from_ne_bytes([buf[at + 28], buf[at + 29], buf[at + 30], buf[at + 31]]) as usize;
-                if code != 0 {
+                if code == 0 && seq == last_seq {
+                    acked = true;
+                } else if code != 0 {
                     let cmd = what.get(seq).map(String::as_str).unwrap_or("?");
                     errors.push(format!("{cmd}: {}", std::io::Error::from_raw_os_error(-code)));
                 }
             }
             at += (len + 3) & !3;
         }
+    }
+    if errors.is_empty() && !acked {
+        errors.push("the kernel aborted the batch without naming a message (malformed batch?)".into());
     }
     if errors.is_empty() {
         Ok(())

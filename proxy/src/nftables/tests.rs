@@ -584,3 +584,31 @@ fn netlink_batches_equal_nft_scripts_in_the_kernel() {
 fn v6_fixture() -> String {
     "apiVersion: v1\nkind: Service\nmetadata: {name: s6, namespace: t}\nspec:\n  clusterIP: fd00:96::10\n  sessionAffinity: ClientIP\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s6-1, namespace: t, labels: {kubernetes.io/service-name: s6}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['fd00:244::5'], nodeName: node-a}\n- {addresses: ['fd00:244::6'], nodeName: node-b}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: r6, namespace: t}\nspec:\n  clusterIP: fd00:96::11\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: r6-1, namespace: t, labels: {kubernetes.io/service-name: r6}}\naddressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- {addresses: ['fd00:244::5'], nodeName: node-a}\n- {addresses: ['fd00:244::6'], nodeName: node-b}\n".to_string()
 }
+
+#[test]
+fn netlink_splits_large_element_lists() {
+    if !is_root() {
+        eprintln!("skipping netlink_splits_large_element_lists: needs root");
+        return;
+    }
+    let ns = Netns::new("big");
+    let r = render::render(&table(), Family::V4);
+    let mut script = render::script_full(&r, None);
+    // 5,000 frontends in one command: far past one attribute's 64 KiB.
+    let elems: Vec<Elem> = (0..5000u32)
+        .map(|i| Elem::Frontend {
+            key: render::FrontendKey {
+                ip: std::net::Ipv4Addr::from(0x0a60_0000 + 1000 + i).into(),
+                proto: Protocol::Tcp,
+                port: 80,
+            },
+            verdict: Verdict::Goto("do-reject".into()),
+        })
+        .collect();
+    script.cmds.push(Cmd::AddElements(render::NO_ENDPOINTS.into(), elems));
+    in_netns(&ns, || super::netlink::apply(&script)).unwrap();
+    let listed = ns
+        .nft(&["list", "map", "ip", "ferry", render::NO_ENDPOINTS], "")
+        .unwrap();
+    assert_eq!(listed.matches("goto do-reject").count(), 5000 + 2, "{listed}");
+}
