@@ -7,6 +7,7 @@
 
 pub mod echo;
 pub mod error;
+pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

@@ -32,10 +32,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::IngressError;
+use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
 use crate::metrics::{IngressMetrics, RequestLabels, UpstreamLabels};
-use crate::routes::{self, normalize_host, ClassSelection, RouteTable};
+use crate::routes::{self, normalize_host, ClassSelection, LbMethod, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
-use crate::upstream::{self, Conn, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
+use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
 
 /// Engine settings (from the `ferry ingress`/`serve` flags).
 #[derive(Debug, Clone)]
@@ -467,17 +468,25 @@ static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port"
 /// The downstream response body: an upstream body (keeping its endpoint
 /// counted as in flight until it is done) or a short local one.
 pub enum ProxyBody {
-    Upstream { body: Incoming, _in_flight: InFlight },
+    Upstream {
+        body: Incoming,
+        _in_flight: InFlight,
+    },
+    /// Read straight from a lean-path upstream connection (`h1`).
+    Raw(RawBody),
     Local(Option<Bytes>),
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream { body, .. } => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::from))),
+            ProxyBody::Raw(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -485,6 +494,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Raw(body) => body.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
         }
     }
@@ -492,6 +502,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Raw(body) => body.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
@@ -811,6 +822,9 @@ async fn forward(
         };
     }
     let upgrade = is_upgrade_request(&req) && !upstream.spec.h2c;
+    if !upgrade && !upstream.spec.h2c && idempotent(req.method()) && req.body().is_end_stream() {
+        return forward_lean(ctx, upstream, req, authority).await;
+    }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare_upstream_request(&mut req, ctx, authority, upgrade, upstream.spec.h2c);
     let replay = (idempotent(req.method()) && req.body().is_end_stream() && !upgrade).then(|| Replay {
@@ -835,18 +849,7 @@ async fn forward(
         let (conn, fresh) = match ep.connection(config).await {
             Ok(c) => c,
             Err(e) => {
-                s.metrics
-                    .upstream_connect_failures
-                    .get_or_create(&UpstreamLabels {
-                        upstream: upstream.spec.name.clone(),
-                    })
-                    .inc();
-                if ep.connect_failed(config) {
-                    s.metrics.ejections.inc();
-                    tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, eject_for = ?config.eject_for,
-                        "endpoint ejected after consecutive connect failures");
-                }
-                tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e, "upstream connect failed");
+                connect_failed(s, upstream, &ep, &e);
                 if tried.len() >= config.max_attempts {
                     break;
                 }
@@ -879,18 +882,7 @@ async fn forward(
         };
         match result {
             Ok(mut resp) => {
-                upstream
-                    .metrics
-                    .latency
-                    .get_or_init(|| {
-                        s.metrics
-                            .upstream_latency
-                            .get_or_create(&UpstreamLabels {
-                                upstream: upstream.spec.name.clone(),
-                            })
-                            .clone()
-                    })
-                    .observe(sent_at.elapsed().as_secs_f64());
+                observe_latency(s, upstream, sent_at);
                 let endpoint = Some(ep.addr);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(down) = downstream_upgrade {
@@ -952,6 +944,135 @@ async fn forward(
     }
     Outcome {
         response: local(last_status),
+        endpoint: None,
+    }
+}
+
+/// Counts and logs a failed upstream connect (ejecting the endpoint
+/// after too many in a row).
+fn connect_failed(s: &Shared, upstream: &LiveUpstream, ep: &EndpointState, e: &upstream::ConnectError) {
+    let config = &s.config.upstream;
+    s.metrics
+        .upstream_connect_failures
+        .get_or_create(&UpstreamLabels {
+            upstream: upstream.spec.name.clone(),
+        })
+        .inc();
+    if ep.connect_failed(config) {
+        s.metrics.ejections.inc();
+        tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, eject_for = ?config.eject_for,
+            "endpoint ejected after consecutive connect failures");
+    }
+    tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e, "upstream connect failed");
+}
+
+fn observe_latency(s: &Shared, upstream: &LiveUpstream, sent_at: Instant) {
+    upstream
+        .metrics
+        .latency
+        .get_or_init(|| {
+            s.metrics
+                .upstream_latency
+                .get_or_create(&UpstreamLabels {
+                    upstream: upstream.spec.name.clone(),
+                })
+                .clone()
+        })
+        .observe(sent_at.elapsed().as_secs_f64());
+}
+
+/// `forward` for a body-less idempotent request to a plain HTTP/1.1
+/// upstream, through the lean client in `h1`: same retries, headers,
+/// metrics and timeouts, without hyper's per-connection task.
+async fn forward_lean(
+    ctx: &ConnContext,
+    upstream: &LiveUpstream,
+    mut req: Request<Incoming>,
+    authority: Option<&HeaderValue>,
+) -> Outcome {
+    let s = &ctx.shared;
+    let config = &s.config.upstream;
+    prepare_upstream_request(&mut req, ctx, authority, false, false);
+    let head_request = req.method() == Method::HEAD;
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let request = lean::encode_request(req.method(), target, req.headers());
+    drop(req);
+    let track_in_flight = matches!(upstream.spec.lb, LbMethod::LeastConn | LbMethod::RandomTwoLeastConn);
+    let mut tried = Tried::default();
+    let mut attempts = 0usize;
+    // Bounded: every turn either returns or consumes an attempt.
+    while attempts < config.max_attempts + 2 {
+        attempts += 1;
+        let Some(i) = upstream.pick(tried.as_slice()) else {
+            break;
+        };
+        tried.push(i);
+        let ep = &upstream.endpoints[i];
+        let (mut conn, fresh) = match ep.raw_connection(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                connect_failed(s, upstream, ep, &e);
+                if tried.len() >= config.max_attempts {
+                    break;
+                }
+                s.metrics.retries.inc();
+                continue;
+            }
+        };
+        if fresh {
+            ep.connect_succeeded();
+        }
+        // Requests in flight matter only to the least-connection pickers.
+        let in_flight = track_in_flight.then(|| ep.track());
+        let sent_at = Instant::now();
+        let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
+        match tokio::time::timeout_at(deadline, conn.exchange(&request, head_request)).await {
+            Ok(Ok(head)) => {
+                observe_latency(s, upstream, sent_at);
+                let (mut parts, ()) = head.response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, false);
+                // The downstream connection speaks its own version.
+                parts.version = Version::default();
+                let body = match conn.take_complete_body(head.framing) {
+                    Some(bytes) => {
+                        if head.keep_alive {
+                            ep.give_back_raw(conn);
+                        }
+                        ProxyBody::Local((!bytes.is_empty()).then_some(bytes))
+                    }
+                    None => ProxyBody::Raw(RawBody::new(conn, head.framing, head.keep_alive, ep.clone(), in_flight)),
+                };
+                return Outcome {
+                    response: Response::from_parts(parts, body),
+                    endpoint: Some(ep.addr),
+                };
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, timeout = ?config.header_timeout,
+                    "upstream response header timeout");
+                return Outcome {
+                    response: local(StatusCode::GATEWAY_TIMEOUT),
+                    endpoint: Some(ep.addr),
+                };
+            }
+            Ok(Err(ExchangeError::Closed(e))) if !fresh => {
+                // A pooled connection the upstream had closed while idle:
+                // send it again, on this endpoint too if needed.
+                tracing::debug!(endpoint = %ep.addr, error = %e, "pooled connection closed; retrying");
+                tried.pop();
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e,
+                    "upstream failed before responding");
+                if tried.len() >= config.max_attempts {
+                    break;
+                }
+                s.metrics.retries.inc();
+            }
+        }
+    }
+    Outcome {
+        response: local(StatusCode::BAD_GATEWAY),
         endpoint: None,
     }
 }

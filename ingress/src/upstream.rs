@@ -25,6 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 
+use crate::h1::RawConn;
 use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
 
 /// What is sent upstream: the client's body, or nothing (rebuilt retries).
@@ -95,6 +96,8 @@ pub struct EndpointState {
     ejected_until_ms: AtomicU64,
     /// Idle HTTP/1.1 connections, one pool per slot (see `set_pool_slot`).
     h1_idle: Box<[Mutex<Vec<http1::SendRequest<UpstreamBody>>>]>,
+    /// Idle connections of the lean HTTP/1.1 path (`h1`), one pool per slot.
+    raw_idle: Box<[Mutex<Vec<RawConn>>]>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
@@ -125,6 +128,7 @@ impl EndpointState {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             h1_idle: (0..pool_slots.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            raw_idle: (0..pool_slots.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
         }
     }
@@ -198,6 +202,40 @@ impl EndpointState {
                 idle.push(sender);
             }
         }
+    }
+
+    /// This thread's pool of idle lean-path connections.
+    fn raw_pool(&self) -> &Mutex<Vec<RawConn>> {
+        let slot = POOL_SLOT.with(Cell::get) % self.raw_idle.len().max(1);
+        &self.raw_idle[slot]
+    }
+
+    /// Puts a lean-path connection back after its response was read whole.
+    pub fn give_back_raw(&self, conn: RawConn) {
+        if let Ok(mut idle) = self.raw_pool().lock() {
+            if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// A pooled lean-path connection (newest first; ones the upstream
+    /// closed are dropped), or a new one. `true` in the tuple means fresh.
+    pub async fn raw_connection(&self, config: &UpstreamConfig) -> Result<(RawConn, bool), ConnectError> {
+        if let Ok(mut idle) = self.raw_pool().lock() {
+            while let Some(c) = idle.pop() {
+                if c.is_reusable() {
+                    return Ok((c, false));
+                }
+            }
+        }
+        let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Err(_) => return Err(ConnectError::Timeout),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok((RawConn::new(stream), true))
     }
 
     /// A pooled connection, or a new one (connect timeout applies).
@@ -291,6 +329,8 @@ impl LiveUpstream {
         let any_healthy = (0..n).any(|i| healthy(&i));
         let ok = |i: usize| if any_healthy { healthy(&i) } else { fresh(&i) };
         match self.spec.lb {
+            // One endpoint: no shared counter to bump.
+            LbMethod::RoundRobin if n == 1 => (tried.is_empty()).then_some(0),
             LbMethod::RoundRobin => {
                 let start = self.rr.fetch_add(1, Ordering::Relaxed);
                 (0..n).map(|k| (start + k) % n).find(|&i| ok(i))

@@ -6,7 +6,7 @@
 //!
 //! Everything listens on 127.0.0.1 high ports and runs as child processes
 //! from a temp dir that are killed at the end. Load is bounded by wrk's
-//! duration.
+//! duration. `FERRY_BIN=path` benchmarks that binary instead of building one.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -172,7 +172,17 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// `$FERRY_BIN` when set (an already built binary: no rebuild, so a
+/// concurrent change elsewhere in the workspace does not end up in the
+/// measurement), else a fresh `cargo build --release`.
 fn ferry_binary(root: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("FERRY_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("FERRY_BIN={} is not a file", bin.display());
+        }
+        return Ok(bin);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "--bin", "ferry"])
