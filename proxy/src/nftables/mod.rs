@@ -54,9 +54,14 @@ impl NftablesDataplane {
         family: Family,
         full: bool,
     ) -> Result<(usize, usize, usize), ProxyError> {
-        let next = render::render(table, family);
-        let count = next.object_count();
         let prev = self.applied(family).take();
+        // A partial sync renders only the service ports that changed.
+        let reuse = match (&prev, &self.prev_table, full) {
+            (Some(r), Some(t), false) => Some((r, t)),
+            _ => None,
+        };
+        let next = render::render_reusing(table, family, reuse);
+        let count = next.object_count();
         let (script, written, removed) = match (&prev, full) {
             (Some(prev), false) => render::script_partial(prev, &next),
             (prev, _) => {

@@ -40,6 +40,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ferry_cluster::Protocol;
 use ipnet::IpNet;
@@ -450,13 +451,26 @@ pub struct ServiceNft {
     pub sets: Vec<(String, u32)>,
     /// Its elements in the shared backend maps: (map, elements).
     pub backends: Vec<(String, Vec<Elem>)>,
+    /// The backend map slots it holds: (bucket, slot).
+    pub slots: Vec<(u64, u32)>,
+    /// Its frontends: (map, key, verdict).
+    pub frontends: Vec<(&'static str, FrontendKey, Verdict)>,
+    /// Its local endpoints (hairpin masquerade).
+    pub hairpin: Vec<IpAddr>,
+}
+
+impl ServiceNft {
+    fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.frontends.is_empty() && self.hairpin.is_empty()
+    }
 }
 
 /// A complete rendering of one family.
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub family: Family,
-    pub services: BTreeMap<ServicePortName, ServiceNft>,
+    /// Shared with the previous rendering where a service did not change.
+    pub services: BTreeMap<ServicePortName, Arc<ServiceNft>>,
     /// (map, key) → verdict; the first service claiming a key wins.
     pub elements: BTreeMap<(&'static str, FrontendKey), Verdict>,
     pub hairpin: BTreeSet<IpAddr>,
@@ -509,14 +523,14 @@ type Slots = BTreeSet<(u64, u32)>;
 /// A stable place for a service port in the backend maps: bucket and
 /// slot from a hash of its name, the next free slot on a collision
 /// (services are rendered in name order, so this is deterministic).
-fn slot_for(name: &ServicePortName, tag: &str, taken: &mut Slots) -> (String, u32) {
+fn slot_for(name: &ServicePortName, tag: &str, taken: &mut Slots) -> (String, u32, u64) {
     let h = hash64(&format!("{name}/{tag}"));
     let bucket = h % BACKEND_MAPS;
     let mut slot = ((h >> 32) & 0xffff) as u32;
     while !taken.insert((bucket, slot)) {
         slot = (slot + 1) & 0xffff;
     }
-    (backend_map(name.protocol, bucket), slot << 16)
+    (backend_map(name.protocol, bucket), slot, bucket)
 }
 
 /// Endpoint choice for `backends` (non-empty), appended to `rules`; the
@@ -526,6 +540,7 @@ struct Balance<'a> {
     extra: BTreeMap<String, Vec<Rule>>,
     sets: BTreeSet<(String, u32)>,
     elems: Vec<(String, Vec<Elem>)>,
+    slots: Vec<(u64, u32)>,
     taken: &'a mut Slots,
 }
 
@@ -571,7 +586,9 @@ impl Balance<'_> {
                 // More than MAX_ENDPOINTS would not fit the slot; no real
                 // service comes near (EndpointSlices hold 1,000 each).
                 let used = &backends[..backends.len().min(MAX_ENDPOINTS)];
-                let (map, offset) = slot_for(&e.name, tag, self.taken);
+                let (map, slot, bucket) = slot_for(&e.name, tag, self.taken);
+                self.slots.push((bucket, slot));
+                let offset = slot << 16;
                 let elems = used
                     .iter()
                     .enumerate()
@@ -616,6 +633,7 @@ fn service_nft(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet], taken:
         extra: BTreeMap::new(),
         sets: BTreeSet::new(),
         elems: Vec::new(),
+        slots: Vec::new(),
         taken,
     };
     let mut main = Vec::new();
@@ -666,6 +684,7 @@ fn service_nft(e: &ServiceEntry, family: Family, cluster_cidrs: &[IpNet], taken:
     out.chains.extend(main);
     out.sets.extend(bal.sets);
     out.backends = bal.elems;
+    out.slots = bal.slots;
     out
 }
 
@@ -695,9 +714,46 @@ fn service_elements(e: &ServiceEntry, family: Family) -> Vec<(&'static str, Fron
 }
 
 pub fn render(table: &ServiceTable, family: Family) -> Rendered {
+    render_reusing(table, family, None)
+}
+
+/// Renders `table`, reusing `prev`'s rendering of every service port
+/// whose entry is the same in `prev_table` (what `prev` was rendered
+/// from): a change of one Service among 10,000 renders one.
+pub fn render_reusing(table: &ServiceTable, family: Family, prev: Option<(&Rendered, &ServiceTable)>) -> Rendered {
+    let prev = prev.filter(|(r, t)| r.family == family && t.cluster_cidrs == table.cluster_cidrs);
+    let mut services = BTreeMap::new();
+    let mut taken = Slots::new();
+    let mut todo = Vec::new();
+    for e in table.services.values() {
+        if let Some((r, t)) = prev {
+            if t.services.get(&e.name) == Some(e) {
+                if let Some(s) = r.services.get(&e.name) {
+                    taken.extend(s.slots.iter().copied());
+                    services.insert(e.name.clone(), s.clone());
+                }
+                continue;
+            }
+        }
+        todo.push(e);
+    }
+    for e in todo {
+        let mut s = service_nft(e, family, &table.cluster_cidrs, &mut taken);
+        s.frontends = service_elements(e, family);
+        s.hairpin = e
+            .backends
+            .iter()
+            .chain(e.local_backends.iter())
+            .filter(|b| b.local && Family::of(b.ip) == family)
+            .map(|b| b.ip)
+            .collect();
+        if !s.is_empty() {
+            services.insert(e.name.clone(), Arc::new(s));
+        }
+    }
     let mut r = Rendered {
         family,
-        services: BTreeMap::new(),
+        services,
         elements: BTreeMap::new(),
         hairpin: BTreeSet::new(),
         cluster_cidrs: table
@@ -707,21 +763,10 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
             .copied()
             .collect(),
     };
-    let mut taken = Slots::new();
-    for e in table.services.values() {
-        r.hairpin.extend(
-            e.backends
-                .iter()
-                .chain(e.local_backends.iter())
-                .filter(|b| b.local && Family::of(b.ip) == family)
-                .map(|b| b.ip),
-        );
-        for (map, key, verdict) in service_elements(e, family) {
-            r.elements.entry((map, key)).or_insert(verdict);
-        }
-        let s = service_nft(e, family, &table.cluster_cidrs, &mut taken);
-        if !s.chains.is_empty() {
-            r.services.insert(e.name.clone(), s);
+    for s in r.services.values() {
+        r.hairpin.extend(s.hairpin.iter().copied());
+        for (map, key, verdict) in &s.frontends {
+            r.elements.entry((map, *key)).or_insert_with(|| verdict.clone());
         }
     }
     r
@@ -869,7 +914,7 @@ pub fn script_full(next: &Rendered, prev: Option<&Rendered>) -> Script {
         HAIRPIN,
         next.hairpin.iter().map(|ip| Elem::Hairpin(*ip)).collect(),
     );
-    for (map, elems) in backend_elems(next.services.values()) {
+    for (map, elems) in backend_elems(next.services.values().map(|s| s.as_ref())) {
         push_elements(&mut cmds, true, map, elems);
     }
     if let Some(prev) = prev {
@@ -914,18 +959,20 @@ pub fn script_partial(prev: &Rendered, next: &Rendered) -> (Script, usize, usize
             });
         }
     }
-    let changed = |name: &ServicePortName, s: &ServiceNft, other: &Rendered| other.services.get(name) != Some(s);
+    let changed = |name: &ServicePortName, s: &Arc<ServiceNft>, other: &Rendered| {
+        other.services.get(name).is_none_or(|o| !Arc::ptr_eq(o, s) && o != s)
+    };
     let gone: Vec<&ServiceNft> = prev
         .services
         .iter()
         .filter(|(n, s)| changed(n, s, next))
-        .map(|(_, s)| s)
+        .map(|(_, s)| s.as_ref())
         .collect();
     let written: Vec<&ServiceNft> = next
         .services
         .iter()
         .filter(|(n, s)| changed(n, s, prev))
-        .map(|(_, s)| s)
+        .map(|(_, s)| s.as_ref())
         .collect();
     let removed = prev.services.keys().filter(|n| !next.services.contains_key(*n)).count();
     for (map, elems) in delete {

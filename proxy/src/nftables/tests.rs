@@ -612,3 +612,64 @@ fn netlink_splits_large_element_lists() {
         .unwrap();
     assert_eq!(listed.matches("goto do-reject").count(), 5000 + 2, "{listed}");
 }
+
+#[test]
+fn reusing_render_equals_a_fresh_one() {
+    let t1 = table();
+    let t2 = table_of(&changed_fixture());
+    let first = render::render(&t1, Family::V4);
+    for (prev_t, next_t) in [(&t1, &t2), (&t2, &t1), (&t2, &t2)] {
+        let prev = render::render(prev_t, Family::V4);
+        let reused = render::render_reusing(next_t, Family::V4, Some((&prev, prev_t)));
+        let fresh = render::render(next_t, Family::V4);
+        assert_eq!(render::script_full(&reused, None), render::script_full(&fresh, None));
+        assert!(render::script_partial(&fresh, &reused).0.is_empty());
+    }
+    // Unchanged services are shared, not re-rendered.
+    let again = render::render_reusing(&t1, Family::V4, Some((&first, &t1)));
+    assert!(again
+        .services
+        .iter()
+        .all(|(n, s)| std::sync::Arc::ptr_eq(s, &first.services[n])));
+}
+
+#[test]
+#[ignore]
+fn timing_10k() {
+    let mut y = String::new();
+    for i in 0..10000usize {
+        y.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n", i / 250, i % 250 + 1));
+        for e in 0..10 {
+            let k = i * 10 + e;
+            y.push_str(&format!(
+                "- {{addresses: [10.{}.{}.{}], nodeName: other-node}}\n",
+                100 + k / 62500,
+                (k / 250) % 250,
+                k % 250 + 1
+            ));
+        }
+    }
+    let t = table_of(&y);
+    let t0 = std::time::Instant::now();
+    let a = render::render(&t, Family::V4);
+    let t1 = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let b = render::render_reusing(&t, Family::V4, Some((&a, &t)));
+    eprintln!("reusing render {:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    let (s, _, _) = render::script_partial(&a, &b);
+    let t2 = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let c = t.clone();
+    let t3 = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let same = c == t;
+    let t4 = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    drop(a);
+    let t5 = t0.elapsed();
+    eprintln!(
+        "render {t1:?} partial {t2:?} ({}) clone {t3:?} eq {t4:?} {same} drop {t5:?}",
+        s.cmds.len()
+    );
+}
