@@ -597,6 +597,36 @@ mod tests {
         assert!(matches!(r, Err(ExchangeError::Closed(_))), "{r:?}");
     }
 
+    #[tokio::test]
+    async fn pooled_connections_closed_by_the_upstream_are_not_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            // Then closes the idle keep-alive connection.
+        });
+        let ep = EndpointState::new(addr, None, false, 1);
+        let config = crate::upstream::UpstreamConfig::default();
+        let (mut conn, fresh) = ep.raw_connection(&config).await.unwrap();
+        assert!(fresh);
+        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await.unwrap();
+        assert!(head.keep_alive);
+        assert_eq!(conn.take_complete_body(head.framing).unwrap(), "ok");
+        ep.give_back_raw(conn);
+        // Let the runtime see the close (bounded wait).
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The closed one is dropped; a new connect is tried (and refused,
+        // as the listener is gone) rather than the dead one handed out.
+        assert!(ep.raw_connection(&config).await.is_err());
+    }
+
     #[test]
     fn request_heads_are_encoded() {
         let mut h = HeaderMap::new();
