@@ -1,9 +1,10 @@
 //! The file source: Kubernetes objects from files and directories of
 //! multi-document YAML (or JSON), for standalone mode and `ferry render`.
 //!
-//! It emits the same `Change`s as the kube source: every reload sends one
-//! `Relist` per kind with the union of all files, and the store works out
-//! what changed. Documents are parsed one by one, so a broken document is
+//! It emits the same `Change`s as the kube source: the first load sends
+//! one `Relist` per kind with the union of all files; a reload after a
+//! change sends `Apply`/`Delete` for the objects of the files that changed
+//! (and a `Relist` of Namespaces). Documents are parsed one by one, so a broken document is
 //! reported (path, document index, error) while the others load; for the
 //! broken document the objects of its last good version are kept.
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::convert;
 use crate::error::SourceError;
 use crate::metrics::ClusterMetrics;
+use crate::model::ObjectKey;
 use crate::model::{Kind, Namespace, Object};
 use crate::publish::ChangeTx;
 use crate::store::Change;
@@ -294,27 +296,95 @@ impl FileSource {
     /// All objects of all files, plus a Namespace for `default` and for every
     /// namespace an object lives in (kubectl would have needed them to exist).
     pub fn objects(&self) -> Vec<Object> {
-        let mut out = Vec::new();
-        let mut namespaces = BTreeSet::from([DEFAULT_NAMESPACE.to_string()]);
-        for state in self.files.values() {
-            for o in &state.objects {
-                if !o.namespace().is_empty() {
-                    namespaces.insert(o.namespace().to_string());
+        let mut out: Vec<Object> = self.files.values().flat_map(|s| s.objects.iter().cloned()).collect();
+        out.extend(self.synthesized_namespaces());
+        out
+    }
+
+    /// A Namespace for `default` and every namespace used but not declared.
+    fn synthesized_namespaces(&self) -> Vec<Object> {
+        let mut used = BTreeSet::from([DEFAULT_NAMESPACE]);
+        let mut explicit = BTreeSet::new();
+        for o in self.files.values().flat_map(|s| s.objects.iter()) {
+            match o {
+                Object::Namespace(n) => {
+                    explicit.insert(n.name.as_str());
                 }
-                out.push(o.clone());
+                other if !other.namespace().is_empty() => {
+                    used.insert(other.namespace());
+                }
+                _ => {}
             }
         }
-        let explicit: BTreeSet<String> = out
-            .iter()
-            .filter_map(|o| match o {
-                Object::Namespace(n) => Some(n.name.clone()),
-                _ => None,
-            })
-            .collect();
-        for name in namespaces.difference(&explicit) {
-            out.push(Object::Namespace(Arc::new(Namespace { name: name.clone() })));
+        used.difference(&explicit)
+            .map(|name| Object::Namespace(Arc::new(Namespace { name: name.to_string() })))
+            .collect()
+    }
+
+    /// The changes from the per-file objects `before` (taken before a
+    /// `reload`) to now: `Apply` for new or changed objects of changed
+    /// files, `Delete` for their objects that no file defines any more, and
+    /// a `Relist` of Namespaces (declared and synthesized). One edited file
+    /// among many costs its own objects, not a relist of everything.
+    pub fn changes_since(&self, before: &BTreeMap<PathBuf, Vec<Object>>) -> Vec<Change> {
+        let empty = Vec::new();
+        let mut out = Vec::new();
+        let mut removed: Vec<(Kind, ObjectKey)> = Vec::new();
+        let paths: BTreeSet<&PathBuf> = before.keys().chain(self.files.keys()).collect();
+        for path in paths {
+            let old = before.get(path).unwrap_or(&empty);
+            let new = self.files.get(path).map(|s| &s.objects).unwrap_or(&empty);
+            if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| same(a, b)) {
+                continue;
+            }
+            let old_by_key: BTreeMap<(Kind, ObjectKey), &Object> =
+                old.iter().map(|o| ((o.kind(), o.key()), o)).collect();
+            let mut new_keys = BTreeSet::new();
+            for o in new {
+                let k = (o.kind(), o.key());
+                if o.kind() != Kind::Namespace && !old_by_key.get(&k).is_some_and(|prev| same(prev, o)) {
+                    out.push(Change::Apply(o.clone()));
+                }
+                new_keys.insert(k);
+            }
+            removed.extend(
+                old_by_key
+                    .into_keys()
+                    .filter(|k| k.0 != Kind::Namespace && !new_keys.contains(k)),
+            );
         }
+        if !removed.is_empty() {
+            // A key another file still defines stays (that file's object).
+            let mut defined: BTreeMap<(Kind, ObjectKey), &Object> = BTreeMap::new();
+            for o in self.files.values().flat_map(|s| s.objects.iter()) {
+                defined.insert((o.kind(), o.key()), o);
+            }
+            for k in removed {
+                match defined.get(&k) {
+                    Some(o) => out.push(Change::Apply((*o).clone())),
+                    None => out.push(Change::Delete(k.0, k.1)),
+                }
+            }
+        }
+        let mut namespaces: Vec<Object> = self
+            .files
+            .values()
+            .flat_map(|s| s.objects.iter())
+            .filter(|o| o.kind() == Kind::Namespace)
+            .cloned()
+            .collect();
+        namespaces.extend(self.synthesized_namespaces());
+        out.push(Change::Relist {
+            kind: Kind::Namespace,
+            objects: namespaces,
+            keep: Vec::new(),
+        });
         out
+    }
+
+    /// Each file's objects (cheap: the objects are shared).
+    pub fn per_file(&self) -> BTreeMap<PathBuf, Vec<Object>> {
+        self.files.iter().map(|(p, s)| (p.clone(), s.objects.clone())).collect()
     }
 
     /// One `Relist` per kind with the current objects.
@@ -376,8 +446,9 @@ impl FileSource {
                     // Let a burst of writes settle before re-reading.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     while events.try_recv().is_ok() {}
+                    let before = self.per_file();
                     self.reload();
-                    for c in self.changes() {
+                    for c in self.changes_since(&before) {
                         if tx.send(c).is_err() { return Ok(()); }
                     }
                 }
@@ -423,4 +494,19 @@ pub fn load(paths: &[PathBuf]) -> (Vec<Object>, Vec<SourceError>) {
     let mut src = FileSource::new(paths.to_vec(), ClusterMetrics::default());
     let errors = src.reload();
     (src.objects(), errors)
+}
+
+/// The same object (shared), not merely an equal one.
+fn same(a: &Object, b: &Object) -> bool {
+    match (a, b) {
+        (Object::Service(x), Object::Service(y)) => Arc::ptr_eq(x, y),
+        (Object::EndpointSlice(x), Object::EndpointSlice(y)) => Arc::ptr_eq(x, y),
+        (Object::Ingress(x), Object::Ingress(y)) => Arc::ptr_eq(x, y),
+        (Object::IngressClass(x), Object::IngressClass(y)) => Arc::ptr_eq(x, y),
+        (Object::Secret(x), Object::Secret(y)) => Arc::ptr_eq(x, y),
+        (Object::Pod(x), Object::Pod(y)) => Arc::ptr_eq(x, y),
+        (Object::Node(x), Object::Node(y)) => Arc::ptr_eq(x, y),
+        (Object::Namespace(x), Object::Namespace(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
 }

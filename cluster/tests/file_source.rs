@@ -126,3 +126,56 @@ async fn nothing_is_published_before_every_kind_is_listed() {
         .unwrap();
     cancel.cancel();
 }
+
+/// A reload after one file changed sends only that file's changes: the
+/// changed and new objects, deletions for objects gone from every file
+/// (a key another file still defines is re-applied from it), and the
+/// Namespaces.
+#[test]
+fn a_reload_sends_only_the_changed_files_objects() {
+    use ferry_cluster::store::Change;
+    use ferry_cluster::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.yaml");
+    let two = dir.path().join("two.yaml");
+    std::fs::write(&one, format!("{SVC_A}---\n{SVC_B}")).unwrap();
+    std::fs::write(&two, format!("{SVC_C}---\n{SVC_A}")).unwrap();
+    let mut source = FileSource::new(vec![dir.path().to_path_buf()], ClusterMetrics::default());
+    source.reload();
+    let before = source.per_file();
+    // Unchanged: only the Namespace relist.
+    source.reload();
+    let changes = source.changes_since(&before);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(matches!(
+        &changes[0],
+        Change::Relist {
+            kind: Kind::Namespace,
+            ..
+        }
+    ));
+    // b changes, a leaves one.yaml (two.yaml still has it), c is untouched.
+    std::fs::write(&one, SVC_B2).unwrap();
+    source.reload();
+    let changes = source.changes_since(&before);
+    let applied: Vec<String> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Apply(o) => Some(o.key().name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, ["b", "a"], "{changes:?}");
+    assert!(!changes.iter().any(|c| matches!(c, Change::Delete(..))), "{changes:?}");
+    // Gone from every file: deleted.
+    let before = source.per_file();
+    std::fs::write(&two, SVC_C).unwrap();
+    source.reload();
+    let changes = source.changes_since(&before);
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::Delete(Kind::Service, k) if k.name == "a")),
+        "{changes:?}"
+    );
+}
