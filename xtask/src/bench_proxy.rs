@@ -1,5 +1,6 @@
-//! `cargo xtask bench proxy [--sizes 1000,10000] [--endpoints 10] [--cap-secs 300] [--no-conn]`:
-//! the iptables Service proxy against kube-proxy's rule layouts, in one run.
+//! `cargo xtask bench proxy [--mode nftables|iptables] [--sizes 1000,10000] [--endpoints 10] [--cap-secs 300] [--no-conn]`:
+//! ferry's Service proxy (nftables mode by default) against kube-proxy's
+//! rule layouts, in one run.
 //!
 //! For each size N (N services × E endpoints), each in a fresh network
 //! namespace: restore kube-proxy's iptables layout with the host's
@@ -330,7 +331,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         endpoints: 10,
         cap: Duration::from_secs(300),
         conn: true,
-        mode: "iptables".into(),
+        mode: "nftables".into(),
     };
     let mut i = 0;
     while i < args.len() {
