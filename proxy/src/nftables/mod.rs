@@ -54,24 +54,25 @@ impl NftablesDataplane {
         family: Family,
         full: bool,
     ) -> Result<(usize, usize, usize), ProxyError> {
-        let prev = self.applied(family).take();
-        // A partial sync renders only the service ports that changed.
-        let reuse = match (&prev, &self.prev_table, full) {
-            (Some(r), Some(t), false) => Some((r, t)),
-            _ => None,
-        };
-        let next = render::render_reusing(table, family, reuse);
-        let count = next.object_count();
-        let (script, written, removed) = match (&prev, full) {
-            (Some(prev), false) => render::script_partial(prev, &next),
-            (prev, _) => {
-                let removed = prev
-                    .as_ref()
-                    .map(|p| p.services.keys().filter(|k| !next.services.contains_key(*k)).count())
-                    .unwrap_or(0);
-                (render::script_full(&next, prev.as_ref()), next.services.len(), removed)
+        let mut prev = self.applied(family).take();
+        // A partial sync updates the last rendering in place, re-rendering
+        // only the service ports that changed.
+        if let (Some(r), Some(t), false) = (prev.as_mut(), self.prev_table.as_ref(), full) {
+            if let Some((script, written, removed)) = r.update(t, table) {
+                netlink::apply(&script)?;
+                let count = r.object_count();
+                *self.applied(family) = prev;
+                return Ok((count, written, removed));
             }
-        };
+        }
+        let next = render::render(table, family);
+        let count = next.object_count();
+        let removed = prev
+            .as_ref()
+            .map(|p| p.services.keys().filter(|k| !next.services.contains_key(*k)).count())
+            .unwrap_or(0);
+        let script = render::script_full(&next, prev.as_ref());
+        let written = next.services.len();
         netlink::apply(&script)?;
         *self.applied(family) = Some(next);
         Ok((count, written, removed))

@@ -449,8 +449,8 @@ pub struct ServiceNft {
     pub chains: Vec<(String, Vec<Rule>)>,
     /// Affinity sets: (name, timeout seconds).
     pub sets: Vec<(String, u32)>,
-    /// Its elements in the shared backend maps: (map, elements).
-    pub backends: Vec<(String, Vec<Elem>)>,
+    /// Its elements in the shared backend maps: (map, protocol, elements).
+    pub backends: Vec<(String, Protocol, Vec<Elem>)>,
     /// The backend map slots it holds: (bucket, slot).
     pub slots: Vec<(u64, u32)>,
     /// Its frontends: (map, key, verdict).
@@ -471,10 +471,16 @@ pub struct Rendered {
     pub family: Family,
     /// Shared with the previous rendering where a service did not change.
     pub services: BTreeMap<ServicePortName, Arc<ServiceNft>>,
-    /// (map, key) → verdict; the first service claiming a key wins.
+    /// (map, key) → verdict; the first service (by name) claiming a key wins.
     pub elements: BTreeMap<(&'static str, FrontendKey), Verdict>,
     pub hairpin: BTreeSet<IpAddr>,
     pub cluster_cidrs: Vec<IpNet>,
+    /// Every service claiming a frontend key, with its verdict.
+    claimants: BTreeMap<(&'static str, FrontendKey), BTreeMap<ServicePortName, Verdict>>,
+    /// How many services have each hairpin address as a local endpoint.
+    hairpin_refs: BTreeMap<IpAddr, u32>,
+    /// Backend map slots in use.
+    taken: Slots,
 }
 
 impl Rendered {
@@ -485,7 +491,7 @@ impl Rendered {
             .values()
             .map(|s| {
                 s.chains.iter().map(|(_, r)| r.len()).sum::<usize>()
-                    + s.backends.iter().map(|(_, e)| e.len()).sum::<usize>()
+                    + s.backends.iter().map(|(_, _, e)| e.len()).sum::<usize>()
             })
             .sum();
         let fixed: usize = fixed_chains(self.family, &self.cluster_cidrs)
@@ -511,8 +517,8 @@ impl Rendered {
 
     fn backend_maps(&self) -> BTreeSet<(&str, Protocol)> {
         self.services
-            .iter()
-            .flat_map(|(n, s)| s.backends.iter().map(|(m, _)| (m.as_str(), n.protocol)))
+            .values()
+            .flat_map(|s| s.backends.iter().map(|(m, p, _)| (m.as_str(), *p)))
             .collect()
     }
 }
@@ -539,7 +545,7 @@ fn slot_for(name: &ServicePortName, tag: &str, taken: &mut Slots) -> (String, u3
 struct Balance<'a> {
     extra: BTreeMap<String, Vec<Rule>>,
     sets: BTreeSet<(String, u32)>,
-    elems: Vec<(String, Vec<Elem>)>,
+    elems: Vec<(String, Protocol, Vec<Elem>)>,
     slots: Vec<(u64, u32)>,
     taken: &'a mut Slots,
 }
@@ -604,7 +610,7 @@ impl Balance<'_> {
                     offset,
                     map: map.clone(),
                 });
-                self.elems.push((map, elems));
+                self.elems.push((map, e.protocol, elems));
             }
         }
     }
@@ -713,47 +719,11 @@ fn service_elements(e: &ServiceEntry, family: Family) -> Vec<(&'static str, Fron
     out
 }
 
+/// Renders `table` from scratch (a partial sync uses `Rendered::update`).
 pub fn render(table: &ServiceTable, family: Family) -> Rendered {
-    render_reusing(table, family, None)
-}
-
-/// Renders `table`, reusing `prev`'s rendering of every service port
-/// whose entry is the same in `prev_table` (what `prev` was rendered
-/// from): a change of one Service among 10,000 renders one.
-pub fn render_reusing(table: &ServiceTable, family: Family, prev: Option<(&Rendered, &ServiceTable)>) -> Rendered {
-    let prev = prev.filter(|(r, t)| r.family == family && t.cluster_cidrs == table.cluster_cidrs);
-    let mut services = BTreeMap::new();
-    let mut taken = Slots::new();
-    let mut todo = Vec::new();
-    for e in table.services.values() {
-        if let Some((r, t)) = prev {
-            if t.services.get(&e.name) == Some(e) {
-                if let Some(s) = r.services.get(&e.name) {
-                    taken.extend(s.slots.iter().copied());
-                    services.insert(e.name.clone(), s.clone());
-                }
-                continue;
-            }
-        }
-        todo.push(e);
-    }
-    for e in todo {
-        let mut s = service_nft(e, family, &table.cluster_cidrs, &mut taken);
-        s.frontends = service_elements(e, family);
-        s.hairpin = e
-            .backends
-            .iter()
-            .chain(e.local_backends.iter())
-            .filter(|b| b.local && Family::of(b.ip) == family)
-            .map(|b| b.ip)
-            .collect();
-        if !s.is_empty() {
-            services.insert(e.name.clone(), Arc::new(s));
-        }
-    }
     let mut r = Rendered {
         family,
-        services,
+        services: BTreeMap::new(),
         elements: BTreeMap::new(),
         hairpin: BTreeSet::new(),
         cluster_cidrs: table
@@ -762,14 +732,286 @@ pub fn render_reusing(table: &ServiceTable, family: Family, prev: Option<(&Rende
             .filter(|c| Family::of(c.addr()) == family)
             .copied()
             .collect(),
+        claimants: BTreeMap::new(),
+        hairpin_refs: BTreeMap::new(),
+        taken: Slots::new(),
     };
-    for s in r.services.values() {
-        r.hairpin.extend(s.hairpin.iter().copied());
-        for (map, key, verdict) in &s.frontends {
-            r.elements.entry((map, *key)).or_insert_with(|| verdict.clone());
+    for e in table.services.values() {
+        if let Some(s) = render_service(e, family, &table.cluster_cidrs, &mut r.taken) {
+            r.claim(&e.name, &s);
+            r.services.insert(e.name.clone(), s);
         }
     }
+    r.elements = r
+        .claimants
+        .iter()
+        .filter_map(|(k, c)| c.values().next().map(|v| (*k, v.clone())))
+        .collect();
     r
+}
+
+fn render_service(e: &ServiceEntry, family: Family, cidrs: &[IpNet], taken: &mut Slots) -> Option<Arc<ServiceNft>> {
+    let mut s = service_nft(e, family, cidrs, taken);
+    s.frontends = service_elements(e, family);
+    s.hairpin = e
+        .backends
+        .iter()
+        .chain(e.local_backends.iter())
+        .filter(|b| b.local && Family::of(b.ip) == family)
+        .map(|b| b.ip)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    (!s.is_empty()).then(|| Arc::new(s))
+}
+
+/// What a partial transaction changes; `assemble` writes its commands.
+#[derive(Default)]
+struct Delta<'a> {
+    elem_del: BTreeMap<&'static str, Vec<Elem>>,
+    elem_add: BTreeMap<&'static str, Vec<Elem>>,
+    hairpin_del: Vec<IpAddr>,
+    hairpin_add: Vec<IpAddr>,
+    gone: Vec<&'a ServiceNft>,
+    written: Vec<&'a ServiceNft>,
+}
+
+impl Delta<'_> {
+    /// Records a frontend key's element going from `before` to `after`.
+    fn element(&mut self, (map, key): (&'static str, FrontendKey), before: Option<&Verdict>, after: Option<&Verdict>) {
+        if before == after {
+            return;
+        }
+        if let Some(v) = before {
+            self.elem_del.entry(map).or_default().push(Elem::Frontend {
+                key,
+                verdict: v.clone(),
+            });
+        }
+        if let Some(v) = after {
+            self.elem_add.entry(map).or_default().push(Elem::Frontend {
+                key,
+                verdict: v.clone(),
+            });
+        }
+    }
+
+    fn assemble(self) -> Vec<Cmd> {
+        let mut cmds = Vec::new();
+        // Frontend elements that go away or change their verdict are deleted first.
+        for (map, elems) in self.elem_del {
+            push_elements(&mut cmds, false, map, elems);
+        }
+        push_elements(
+            &mut cmds,
+            false,
+            HAIRPIN,
+            self.hairpin_del.into_iter().map(Elem::Hairpin).collect(),
+        );
+        for (map, elems) in backend_elems(self.gone.iter().copied()) {
+            push_elements(&mut cmds, false, map, elems);
+        }
+        // Maps the written services use (adding an existing one is a no-op).
+        let maps: BTreeSet<(&str, Protocol)> = self
+            .written
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|(m, p, _)| (m.as_str(), *p)))
+            .collect();
+        for (m, p) in maps {
+            cmds.push(Cmd::AddSet(m.to_string(), SetKind::Backends(p)));
+        }
+        // Declare new chains and sets, empty changed and stale chains (so
+        // that nothing refers to what is deleted below), then refill.
+        for s in &self.written {
+            for (set, timeout) in &s.sets {
+                cmds.push(Cmd::AddSet(set.clone(), SetKind::Affinity(*timeout)));
+            }
+            for (c, _) in &s.chains {
+                cmds.push(Cmd::AddChain(c.clone(), None));
+            }
+        }
+        for s in &self.gone {
+            for (c, _) in &s.chains {
+                cmds.push(Cmd::FlushChain(c.clone()));
+            }
+        }
+        for s in &self.written {
+            for (c, rules) in &s.chains {
+                for r in rules {
+                    cmds.push(Cmd::AddRule(c.clone(), r.clone()));
+                }
+            }
+        }
+        for (map, elems) in self.elem_add {
+            push_elements(&mut cmds, true, map, elems);
+        }
+        push_elements(
+            &mut cmds,
+            true,
+            HAIRPIN,
+            self.hairpin_add.into_iter().map(Elem::Hairpin).collect(),
+        );
+        for (map, elems) in backend_elems(self.written.iter().copied()) {
+            push_elements(&mut cmds, true, map, elems);
+        }
+        // Chain and set names derive from the service port's own name, so
+        // what a changed service no longer has is stale.
+        let new_chains: BTreeSet<&str> = self
+            .written
+            .iter()
+            .flat_map(|s| s.chains.iter().map(|(c, _)| c.as_str()))
+            .collect();
+        let new_sets: BTreeSet<&str> = self
+            .written
+            .iter()
+            .flat_map(|s| s.sets.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let stale_chains: BTreeSet<&str> = self
+            .gone
+            .iter()
+            .flat_map(|s| s.chains.iter().map(|(c, _)| c.as_str()))
+            .filter(|c| !new_chains.contains(c))
+            .collect();
+        let stale_sets: BTreeSet<&str> = self
+            .gone
+            .iter()
+            .flat_map(|s| s.sets.iter().map(|(n, _)| n.as_str()))
+            .filter(|n| !new_sets.contains(n))
+            .collect();
+        cmds.extend(stale_chains.into_iter().map(|c| Cmd::DeleteChain(c.to_string())));
+        cmds.extend(stale_sets.into_iter().map(|n| Cmd::DeleteSet(n.to_string(), false)));
+        cmds
+    }
+}
+
+impl Rendered {
+    /// Adds `s`'s frontend claims and hairpin addresses.
+    fn claim(&mut self, name: &ServicePortName, s: &ServiceNft) {
+        for (map, key, verdict) in &s.frontends {
+            self.claimants
+                .entry((map, *key))
+                .or_default()
+                .insert(name.clone(), verdict.clone());
+        }
+        for ip in &s.hairpin {
+            *self.hairpin_refs.entry(*ip).or_default() += 1;
+            self.hairpin.insert(*ip);
+        }
+    }
+
+    /// Removes what `claim` added.
+    fn unclaim(&mut self, name: &ServicePortName, s: &ServiceNft) {
+        for (map, key, _) in &s.frontends {
+            if let Some(c) = self.claimants.get_mut(&(*map, *key)) {
+                c.remove(name);
+                if c.is_empty() {
+                    self.claimants.remove(&(*map, *key));
+                }
+            }
+        }
+        for ip in &s.hairpin {
+            if let Some(n) = self.hairpin_refs.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hairpin_refs.remove(ip);
+                    self.hairpin.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// Brings this rendering of `prev_table` up to `table`, re-rendering
+    /// only the service ports whose entries differ, and returns the partial
+    /// transaction with the service ports written and removed. `None` when
+    /// the change needs a full rendering (the cluster CIDRs changed).
+    pub fn update(&mut self, prev_table: &ServiceTable, table: &ServiceTable) -> Option<(Script, usize, usize)> {
+        if prev_table.cluster_cidrs != table.cluster_cidrs {
+            return None;
+        }
+        let family = self.family;
+        let mut names: Vec<&ServicePortName> = table
+            .services
+            .iter()
+            .filter(|(n, e)| prev_table.services.get(*n) != Some(*e))
+            .map(|(n, _)| n)
+            .collect();
+        names.extend(prev_table.services.keys().filter(|n| !table.services.contains_key(*n)));
+        let removed = names.iter().filter(|n| !table.services.contains_key(**n)).count();
+        let mut changes = Vec::new();
+        for n in names {
+            let old = self.services.remove(n);
+            if let Some(o) = &old {
+                for slot in &o.slots {
+                    self.taken.remove(slot);
+                }
+            }
+            changes.push((n.clone(), old));
+        }
+        let mut renders = Vec::new();
+        for (n, old) in changes {
+            let new = table
+                .services
+                .get(&n)
+                .and_then(|e| render_service(e, family, &table.cluster_cidrs, &mut self.taken));
+            // An entry change that renders the same (say, a health check
+            // port) keeps the old rendering.
+            let new = match (&old, new) {
+                (Some(o), Some(n)) if *o == n => Some(o.clone()),
+                (_, n) => n,
+            };
+            renders.push((n, old, new));
+        }
+        let keys: BTreeSet<(&'static str, FrontendKey)> = renders
+            .iter()
+            .flat_map(|(_, o, n)| o.iter().chain(n.iter()))
+            .flat_map(|s| s.frontends.iter().map(|(m, k, _)| (*m, *k)))
+            .collect();
+        let before: Vec<Option<Verdict>> = keys.iter().map(|k| self.elements.get(k).cloned()).collect();
+        let ips: BTreeSet<IpAddr> = renders
+            .iter()
+            .flat_map(|(_, o, n)| o.iter().chain(n.iter()))
+            .flat_map(|s| s.hairpin.iter().copied())
+            .collect();
+        let ips_before: Vec<bool> = ips.iter().map(|ip| self.hairpin.contains(ip)).collect();
+        for (n, old, new) in &renders {
+            if let Some(o) = old {
+                self.unclaim(n, o);
+            }
+            if let Some(s) = new {
+                self.claim(n, s);
+                self.services.insert(n.clone(), s.clone());
+            }
+        }
+        let mut d = Delta::default();
+        for (k, b) in keys.into_iter().zip(before) {
+            let after = self.claimants.get(&k).and_then(|c| c.values().next()).cloned();
+            match &after {
+                Some(v) => self.elements.insert(k, v.clone()),
+                None => self.elements.remove(&k),
+            };
+            d.element(k, b.as_ref(), after.as_ref());
+        }
+        for (ip, was) in ips.into_iter().zip(ips_before) {
+            match (was, self.hairpin.contains(&ip)) {
+                (true, false) => d.hairpin_del.push(ip),
+                (false, true) => d.hairpin_add.push(ip),
+                _ => {}
+            }
+        }
+        let mut written = 0;
+        for (_, old, new) in &renders {
+            if let (Some(o), Some(n)) = (old, new) {
+                if Arc::ptr_eq(o, n) {
+                    continue;
+                }
+            }
+            d.gone.extend(old.as_deref());
+            d.written.extend(new.as_deref());
+            written += usize::from(new.is_some());
+        }
+        let cmds = d.assemble();
+        Some((Script { family, cmds }, written, removed))
+    }
 }
 
 const fn hook(nat: bool, hook: u32, priority: i32) -> Option<Base> {
@@ -843,7 +1085,7 @@ fn frontend_elems<'a>(r: &'a Rendered, map: &'static str) -> impl Iterator<Item 
 fn backend_elems<'a>(services: impl Iterator<Item = &'a ServiceNft>) -> BTreeMap<&'a str, Vec<Elem>> {
     let mut out: BTreeMap<&str, Vec<Elem>> = BTreeMap::new();
     for s in services {
-        for (map, elems) in &s.backends {
+        for (map, _, elems) in &s.backends {
             out.entry(map.as_str()).or_default().extend(elems.iter().cloned());
         }
     }
@@ -938,126 +1180,39 @@ pub fn script_full(next: &Rendered, prev: Option<&Rendered>) -> Script {
 /// changed and the frontend elements that differ. Returns the script and
 /// the service ports written and removed.
 pub fn script_partial(prev: &Rendered, next: &Rendered) -> (Script, usize, usize) {
-    let family = next.family;
-    let mut cmds = Vec::new();
-    // Frontend elements that go away or change their verdict are deleted first.
-    let mut delete: BTreeMap<&str, Vec<Elem>> = BTreeMap::new();
-    let mut add: BTreeMap<&str, Vec<Elem>> = BTreeMap::new();
-    for (k, v) in &prev.elements {
-        if next.elements.get(k) != Some(v) {
-            delete.entry(k.0).or_default().push(Elem::Frontend {
-                key: k.1,
-                verdict: v.clone(),
-            });
-        }
+    let mut d = Delta::default();
+    let keys: BTreeSet<&(&'static str, FrontendKey)> = prev.elements.keys().chain(next.elements.keys()).collect();
+    for k in keys {
+        d.element(*k, prev.elements.get(k), next.elements.get(k));
     }
-    for (k, v) in &next.elements {
-        if prev.elements.get(k) != Some(v) {
-            add.entry(k.0).or_default().push(Elem::Frontend {
-                key: k.1,
-                verdict: v.clone(),
-            });
-        }
-    }
+    d.hairpin_del = prev.hairpin.difference(&next.hairpin).copied().collect();
+    d.hairpin_add = next.hairpin.difference(&prev.hairpin).copied().collect();
     let changed = |name: &ServicePortName, s: &Arc<ServiceNft>, other: &Rendered| {
         other.services.get(name).is_none_or(|o| !Arc::ptr_eq(o, s) && o != s)
     };
-    let gone: Vec<&ServiceNft> = prev
+    d.gone = prev
         .services
         .iter()
         .filter(|(n, s)| changed(n, s, next))
         .map(|(_, s)| s.as_ref())
         .collect();
-    let written: Vec<&ServiceNft> = next
+    d.written = next
         .services
         .iter()
         .filter(|(n, s)| changed(n, s, prev))
         .map(|(_, s)| s.as_ref())
         .collect();
+    let written = d.written.len();
     let removed = prev.services.keys().filter(|n| !next.services.contains_key(*n)).count();
-    for (map, elems) in delete {
-        push_elements(&mut cmds, false, map, elems);
-    }
-    push_elements(
-        &mut cmds,
-        false,
-        HAIRPIN,
-        prev.hairpin
-            .difference(&next.hairpin)
-            .map(|ip| Elem::Hairpin(*ip))
-            .collect(),
-    );
-    for (map, elems) in backend_elems(gone.iter().copied()) {
-        push_elements(&mut cmds, false, map, elems);
-    }
-    let maps_before = prev.backend_maps();
-    for (m, p) in next.backend_maps().difference(&maps_before) {
-        cmds.push(Cmd::AddSet(m.to_string(), SetKind::Backends(*p)));
-    }
-    let new_chains: BTreeSet<&str> = written
-        .iter()
-        .flat_map(|s| s.chains.iter().map(|(c, _)| c.as_str()))
-        .collect();
-    let new_sets: BTreeSet<&str> = written
-        .iter()
-        .flat_map(|s| s.sets.iter().map(|(n, _)| n.as_str()))
-        .collect();
-    // Declare new chains and sets, empty changed and stale chains (so that
-    // nothing refers to what is deleted below), then refill.
-    for s in &written {
-        for (set, timeout) in &s.sets {
-            cmds.push(Cmd::AddSet(set.clone(), SetKind::Affinity(*timeout)));
-        }
-        for (c, _) in &s.chains {
-            cmds.push(Cmd::AddChain(c.clone(), None));
-        }
-    }
-    for s in &gone {
-        for (c, _) in &s.chains {
-            cmds.push(Cmd::FlushChain(c.clone()));
-        }
-    }
-    for s in &written {
-        for (c, rules) in &s.chains {
-            for r in rules {
-                cmds.push(Cmd::AddRule(c.clone(), r.clone()));
-            }
-        }
-    }
-    for (map, elems) in add {
-        push_elements(&mut cmds, true, map, elems);
-    }
-    push_elements(
-        &mut cmds,
-        true,
-        HAIRPIN,
-        next.hairpin
-            .difference(&prev.hairpin)
-            .map(|ip| Elem::Hairpin(*ip))
-            .collect(),
-    );
-    for (map, elems) in backend_elems(written.iter().copied()) {
-        push_elements(&mut cmds, true, map, elems);
-    }
-    let live_chains = next.chain_names();
-    let live_sets: BTreeSet<&str> = next.set_names().into_iter().map(|(n, _)| n).collect();
-    let mut stale_chains = BTreeSet::new();
-    let mut stale_sets = BTreeSet::new();
-    for s in &gone {
-        for (c, _) in &s.chains {
-            if !live_chains.contains(c.as_str()) && !new_chains.contains(c.as_str()) {
-                stale_chains.insert(c.clone());
-            }
-        }
-        for (n, _) in &s.sets {
-            if !live_sets.contains(n.as_str()) && !new_sets.contains(n.as_str()) {
-                stale_sets.insert(n.clone());
-            }
-        }
-    }
-    cmds.extend(stale_chains.into_iter().map(Cmd::DeleteChain));
-    cmds.extend(stale_sets.into_iter().map(|n| Cmd::DeleteSet(n, false)));
-    (Script { family, cmds }, written.len(), removed)
+    let cmds = d.assemble();
+    (
+        Script {
+            family: next.family,
+            cmds,
+        },
+        written,
+        removed,
+    )
 }
 
 /// The whole table as one fresh-start script (what `render --what
