@@ -632,18 +632,21 @@ fn connection_rate(bin: &Path, work: &Path, mode: &str) -> anyhow::Result<()> {
     // Interleave to spread machine noise over both.
     let mut direct = Vec::new();
     let mut via = Vec::new();
-    for _ in 0..3 {
-        direct.push(wrk("http://10.244.0.10:8080/")?);
-        via.push(wrk("http://10.96.0.1/")?);
+    let mut ratios = Vec::new();
+    for _ in 0..5 {
+        let (d, c) = (wrk("http://10.244.0.10:8080/")?, wrk("http://10.96.0.1/")?);
+        direct.push(d);
+        via.push(c);
+        ratios.push(c / d);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (d, c) = (med(&mut direct), med(&mut via));
+    let (d, c, r) = (med(&mut direct), med(&mut via), med(&mut ratios));
     println!(
-        "\nconnection rate (new TCP connection per request, wrk -c16, 3×5 s each, median): direct to pod {d:.0}/s, through ClusterIP {c:.0}/s → ratio {:.3}",
-        c / d
+        "\nconnection rate (new TCP connection per request, wrk -c16, 5 paired rounds of 5 s): direct to pod {d:.0}/s, through ClusterIP {c:.0}/s (medians); median of the paired ratios {r:.3} (rounds: {})",
+        ratios.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ")
     );
     Ok(())
 }
