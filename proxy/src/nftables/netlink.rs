@@ -512,44 +512,40 @@ fn elem_attrs(b: &mut Buf, e: &Elem, with_data: bool) {
     });
 }
 
-/// Builds the batch: (bytes, one description per sequence number).
-fn encode(script: &Script) -> (Vec<u8>, Vec<String>) {
+/// Builds the batch: (bytes, the command index of each sequence number).
+fn encode(script: &Script) -> (Vec<u8>, Vec<Option<usize>>) {
     let family = script.family;
     let nfproto = fam(family).nfproto;
     let mut out = Vec::with_capacity(64 + script.cmds.len() * 160);
-    let mut what = Vec::with_capacity(script.cmds.len() + 2);
-    let msg = |out: &mut Vec<u8>, what: &mut Vec<String>, kind: u16, flags: u16, body: Buf, desc: String| {
-        let seq = what.len() as u32;
-        let len = 16 + 4 + body.0.len();
-        out.extend_from_slice(&(len as u32).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-        out.extend_from_slice(&seq.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes());
-        // nfgenmsg: family, version, res_id (big endian)
-        let res_id: u16 = if kind == NFNL_MSG_BATCH_BEGIN || kind == NFNL_MSG_BATCH_END {
-            NFNL_SUBSYS_NFTABLES
-        } else {
-            0
+    // Per sequence number, the command it came from (formatted only for
+    // an error).
+    let mut what: Vec<Option<usize>> = Vec::with_capacity(script.cmds.len() + 2);
+    let msg =
+        |out: &mut Vec<u8>, what: &mut Vec<Option<usize>>, kind: u16, flags: u16, body: Buf, desc: Option<usize>| {
+            let seq = what.len() as u32;
+            let len = 16 + 4 + body.0.len();
+            out.extend_from_slice(&(len as u32).to_ne_bytes());
+            out.extend_from_slice(&kind.to_ne_bytes());
+            out.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+            out.extend_from_slice(&seq.to_ne_bytes());
+            out.extend_from_slice(&0u32.to_ne_bytes());
+            // nfgenmsg: family, version, res_id (big endian)
+            let res_id: u16 = if kind == NFNL_MSG_BATCH_BEGIN || kind == NFNL_MSG_BATCH_END {
+                NFNL_SUBSYS_NFTABLES
+            } else {
+                0
+            };
+            let fam_byte = if res_id != 0 { 0 } else { nfproto };
+            out.push(fam_byte);
+            out.push(0);
+            out.extend_from_slice(&res_id.to_be_bytes());
+            out.extend_from_slice(&body.0);
+            what.push(desc);
         };
-        let fam_byte = if res_id != 0 { 0 } else { nfproto };
-        out.push(fam_byte);
-        out.push(0);
-        out.extend_from_slice(&res_id.to_be_bytes());
-        out.extend_from_slice(&body.0);
-        what.push(desc);
-    };
     let nft = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
-    msg(
-        &mut out,
-        &mut what,
-        NFNL_MSG_BATCH_BEGIN,
-        0,
-        Buf::default(),
-        "batch begin".into(),
-    );
+    msg(&mut out, &mut what, NFNL_MSG_BATCH_BEGIN, 0, Buf::default(), None);
     let mut last = None;
-    for cmd in &script.cmds {
+    for (index, cmd) in script.cmds.iter().enumerate() {
         let mut b = Buf::default();
         let (kind, flags) = match cmd {
             Cmd::AddTable => {
@@ -631,20 +627,15 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<String>) {
                             }
                         }
                     });
-                    let desc = format!(
-                        "{} {taken} element(s) {} {set}",
-                        if add { "add" } else { "delete" },
-                        if add { "to" } else { "from" }
-                    );
                     last = Some(out.len());
-                    msg(&mut out, &mut what, kind, flags, b, desc);
+                    msg(&mut out, &mut what, kind, flags, b, Some(index));
                     rest = &rest[taken..];
                 }
                 continue;
             }
         };
         last = Some(out.len());
-        msg(&mut out, &mut what, kind, flags, b, cmd_summary(cmd, family));
+        msg(&mut out, &mut what, kind, flags, b, Some(index));
     }
     // The last command asks for an acknowledgement: a batch the kernel
     // aborted without a per-message error (a malformed message) sends none.
@@ -652,22 +643,18 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<String>) {
         let flags = u16::from_ne_bytes([out[pos + 6], out[pos + 7]]) | NLM_F_ACK;
         out[pos + 6..pos + 8].copy_from_slice(&flags.to_ne_bytes());
     }
-    msg(
-        &mut out,
-        &mut what,
-        NFNL_MSG_BATCH_END,
-        0,
-        Buf::default(),
-        "batch end".into(),
-    );
+    msg(&mut out, &mut what, NFNL_MSG_BATCH_END, 0, Buf::default(), None);
     (out, what)
 }
 
 /// A short description for errors (element lists are not spelled out).
 fn cmd_summary(cmd: &Cmd, family: Family) -> String {
     match cmd {
-        Cmd::AddElements(set, v) => format!("add {} element(s) to {set}", v.len()),
-        Cmd::DeleteElements(set, v) => format!("delete {} element(s) from {set}", v.len()),
+        Cmd::AddElements(set, v) => format!("add elements to {set} (a message of the {} in this command)", v.len()),
+        Cmd::DeleteElements(set, v) => format!(
+            "delete elements from {set} (a message of the {} in this command)",
+            v.len()
+        ),
         other => other.text(family),
     }
 }
@@ -765,7 +752,11 @@ pub fn apply(script: &Script) -> Result<(), ProxyError> {
                 if code == 0 && seq == last_seq {
                     acked = true;
                 } else if code != 0 {
-                    let cmd = what.get(seq).map(String::as_str).unwrap_or("?");
+                    let cmd = match what.get(seq) {
+                        Some(Some(i)) => cmd_summary(&script.cmds[*i], script.family),
+                        Some(None) => "batch".to_string(),
+                        None => format!("message {seq}"),
+                    };
                     errors.push(format!("{cmd}: {}", std::io::Error::from_raw_os_error(-code)));
                 }
             }
