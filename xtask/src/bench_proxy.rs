@@ -553,46 +553,56 @@ fn write_manifests_one(dir: &Path, n: usize, endpoints: usize, moved: Option<usi
 /// Connections per second through a ClusterIP vs straight to the pod.
 fn connection_rate(bin: &Path, work: &Path, mode: &str) -> anyhow::Result<()> {
     let node = Netns::new("cnode")?;
-    let pod = Netns::new("cpod")?;
     node.exec("ip", &["link", "add", "br0", "type", "bridge"])?;
     node.exec("ip", &["addr", "add", "10.244.0.1/24", "dev", "br0"])?;
     node.exec("ip", &["link", "set", "br0", "up"])?;
     node.exec("ip", &["route", "add", "10.96.0.0/16", "dev", "br0"])?;
-    node.exec(
-        "ip",
-        &[
-            "link", "add", "vp0", "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
-        ],
-    )?;
-    node.exec("ip", &["link", "set", "vp0", "master", "br0"])?;
-    node.exec("ip", &["link", "set", "vp0", "up"])?;
-    pod.exec("ip", &["addr", "add", "10.244.0.10/24", "dev", "eth0"])?;
-    pod.exec("ip", &["link", "set", "eth0", "up"])?;
-    pod.exec("ip", &["route", "add", "default", "via", "10.244.0.1"])?;
-    let ngx = work.join("nginx");
-    std::fs::create_dir_all(&ngx)?;
-    let conf = ngx.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\nerror_log {0}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ listen 8080 reuseport backlog=4096; location / {{ return 204; }} }} }}\n",
-            ngx.display()
-        ),
-    )?;
-    let _nginx = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &pod.0, "nginx", "-c"])
-            .arg(&conf)
-            .args(["-p"])
-            .arg(&ngx)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    // Two identical pods: the direct rounds go to .10, the ClusterIP to .11.
+    // With one pod, the server's TIME_WAIT sockets from one kind of round
+    // refuse reused 4-tuples of the other (their TCP timestamps come from
+    // different per-destination offsets), stalling connects for a second.
+    let mut pods = Vec::new();
+    for (i, ip) in ["10.244.0.10", "10.244.0.11"].into_iter().enumerate() {
+        let pod = Netns::new(&format!("cpod{i}"))?;
+        let veth = format!("vp{i}");
+        node.exec(
+            "ip",
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+            ],
+        )?;
+        node.exec("ip", &["link", "set", &veth, "master", "br0"])?;
+        node.exec("ip", &["link", "set", &veth, "up"])?;
+        pod.exec("ip", &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        pod.exec("ip", &["link", "set", "eth0", "up"])?;
+        pod.exec("ip", &["route", "add", "default", "via", "10.244.0.1"])?;
+        let ngx = work.join(format!("nginx{i}"));
+        std::fs::create_dir_all(&ngx)?;
+        let conf = ngx.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\nerror_log {0}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; server {{ listen 8080 reuseport backlog=4096; location / {{ return 204; }} }} }}\n",
+                ngx.display()
+            ),
+        )?;
+        let nginx = Proc(
+            Command::new("ip")
+                .args(["netns", "exec", &pod.0, "nginx", "-c"])
+                .arg(&conf)
+                .args(["-p"])
+                .arg(&ngx)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        // nginx before its namespace goes.
+        pods.push((nginx, pod));
+    }
     let manifest = work.join("rate.yaml");
     std::fs::write(
         &manifest,
-        "apiVersion: v1\nkind: Service\nmetadata: {name: rate, namespace: bench}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: rate-1, namespace: bench, labels: {kubernetes.io/service-name: rate}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.0.10], nodeName: other-node}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: rate, namespace: bench}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: rate-1, namespace: bench, labels: {kubernetes.io/service-name: rate}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.0.11], nodeName: other-node}\n",
     )?;
     let m = manifest.to_string_lossy().into_owned();
     let mut args = vec!["netns", "exec", &node.0, bin.to_str().context("binary path")?];
@@ -601,22 +611,19 @@ fn connection_rate(bin: &Path, work: &Path, mode: &str) -> anyhow::Result<()> {
     sh("ip", &args)?;
     // Wait for nginx (bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while node
-        .exec(
-            "curl",
-            &["-s", "-o", "/dev/null", "--max-time", "1", "http://10.244.0.10:8080/"],
-        )
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            bail!("nginx in the pod namespace did not answer");
+    for url in ["http://10.244.0.10:8080/", "http://10.244.0.11:8080/"] {
+        while node
+            .exec("curl", &["-s", "-o", "/dev/null", "--max-time", "1", url])
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("nginx in a pod namespace did not answer ({url})");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
     let wrk = |url: &str, secs: &str| -> anyhow::Result<f64> {
-        // Each run starts from an empty conntrack table: entries left in
-        // TIME_WAIT by the other target would clash with this run's NAT
-        // reply tuples (same client, same pod) and stall connects.
+        // Each run starts from an empty conntrack table.
         node.exec("conntrack", &["-F"])?;
         let out = node.exec(
             "wrk",
@@ -632,8 +639,7 @@ fn connection_rate(bin: &Path, work: &Path, mode: &str) -> anyhow::Result<()> {
     // Interleave to spread machine noise over both.
     let mut direct = Vec::new();
     let mut via = Vec::new();
-    // One unmeasured round each first: the first NATed round ran at a
-    // quarter of the rate in two runs out of two (cold conntrack/NAT tables).
+    // One unmeasured round each first (cold conntrack and NAT tables).
     wrk("http://10.244.0.10:8080/", "-d2s")?;
     wrk("http://10.96.0.1/", "-d2s")?;
     let mut ratios = Vec::new();
