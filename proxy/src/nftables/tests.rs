@@ -662,4 +662,3 @@ fn update_scripts_reach_the_same_kernel_state_as_a_fresh_load() {
         prev_t = next_t;
     }
 }
-
