@@ -1,7 +1,8 @@
 //! The nftables dataplane (`--mode nftables`): ferry's own tables
 //! (`table ip ferry`, and `table ip6 ferry` when IPv6 frontends exist),
 //! written as one nf_tables netlink batch (one transaction) per family and
-//! sync. The `nft` tool is only used to read the canary back.
+//! sync; the canary is read back by a netlink dump. The `nft` tool is not
+//! needed.
 //!
 //! It owns remembering what it applied (so that a partial sync writes only
 //! changed service ports), the canary (our dispatch rule must still be in
@@ -22,11 +23,6 @@ use crate::iptables::render::Family;
 use crate::iptables::FamilySync;
 use crate::table::ServiceTable;
 use render::Rendered;
-
-/// Runs `nft` with `args`, feeding `stdin` when given.
-pub fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, ProxyError> {
-    crate::iptables::run("nft", args, stdin)
-}
 
 #[derive(Default)]
 pub struct NftablesDataplane {
@@ -131,13 +127,7 @@ impl Dataplane for NftablesDataplane {
             families.push(Family::V6);
         }
         for family in families {
-            let t = render::table_name(family);
-            let mut args: Vec<&str> = vec!["list", "chain"];
-            args.extend(t.split(' '));
-            args.push(render::CANARY_CHAIN);
-            let intact = nft(&args, None)
-                .map(|out| out.contains(&render::dispatch_rule(family)))
-                .unwrap_or(false);
+            let intact = netlink::chain_looks_up(family, render::CANARY_CHAIN, render::SERVICES).unwrap_or(false);
             if !intact {
                 // Not ours any more: rebuild from scratch.
                 self.forget();
@@ -150,10 +140,8 @@ impl Dataplane for NftablesDataplane {
     /// Deletes our tables (both families); nothing else is touched.
     fn cleanup(&mut self) -> Result<(), ProxyError> {
         self.forget();
-        let tables = nft(&["list", "tables"], None)?;
         for family in [Family::V4, Family::V6] {
-            let t = render::table_name(family);
-            if tables.lines().any(|l| l.trim() == format!("table {t}")) {
+            if netlink::table_exists(family)? {
                 netlink::apply(&render::Script {
                     family,
                     cmds: vec![render::Cmd::DeleteTable],

@@ -776,3 +776,128 @@ pub fn apply(script: &Script) -> Result<(), ProxyError> {
         )))
     }
 }
+
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETRULE: u16 = 7;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+
+/// Attributes of one level: (type without flags, payload).
+fn attrs(mut data: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while data.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > data.len() {
+            break;
+        }
+        out.push((kind, &data[4..len]));
+        data = &data[((len + 3) & !3).min(data.len())..];
+    }
+    out
+}
+
+fn attr_str(data: &[u8]) -> &str {
+    std::str::from_utf8(data.split(|b| *b == 0).next().unwrap_or_default()).unwrap_or_default()
+}
+
+/// Sends one dump request and returns the payloads (after the nfgenmsg)
+/// of the replies.
+fn dump(family: Family, msg: u16, body: Buf) -> Result<Vec<Vec<u8>>, ProxyError> {
+    let fd = socket()?;
+    let mut req = Vec::new();
+    let len = 16 + 4 + body.0.len();
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[fam(family).nfproto, 0, 0, 0]);
+    req.extend_from_slice(&body.0);
+    // SAFETY: the buffer outlives the call; its length is its own.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(ProxyError::Other(format!(
+            "netlink dump request: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: recv into an owned buffer of the given length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ProxyError::Other(format!("netlink dump: {err}")));
+        }
+        let n = n as usize;
+        let mut at = 0usize;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < 16 || at + len > n {
+                break;
+            }
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let code = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+                    if code == -libc::ENOENT {
+                        return Ok(Vec::new());
+                    }
+                    return Err(ProxyError::Other(format!(
+                        "netlink dump: {}",
+                        std::io::Error::from_raw_os_error(-code)
+                    )));
+                }
+                _ if len >= 20 => out.push(buf[at + 20..at + len].to_vec()),
+                _ => {}
+            }
+            at += (len + 3) & !3;
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+    }
+}
+
+/// Whether ferry's table of `family` exists.
+pub fn table_exists(family: Family) -> Result<bool, ProxyError> {
+    let tables = dump(family, NFT_MSG_GETTABLE, Buf::default())?;
+    Ok(tables.iter().any(|t| {
+        attrs(t)
+            .iter()
+            .any(|(k, v)| *k == NFTA_TABLE_NAME && attr_str(v) == TABLE)
+    }))
+}
+
+/// Whether `chain` of ferry's table holds a rule that looks `map` up: the
+/// canary (a flushed or deleted table has none).
+pub fn chain_looks_up(family: Family, chain: &str, map: &str) -> Result<bool, ProxyError> {
+    let mut b = Buf::default();
+    b.str(NFTA_RULE_TABLE, TABLE);
+    b.str(NFTA_RULE_CHAIN, chain);
+    let rules = dump(family, NFT_MSG_GETRULE, b)?;
+    Ok(rules.iter().any(|rule| {
+        attrs(rule)
+            .iter()
+            .filter(|(k, _)| *k == NFTA_RULE_EXPRESSIONS)
+            .flat_map(|(_, list)| attrs(list))
+            .any(|(_, expr)| {
+                let fields = attrs(expr);
+                let is_lookup = fields
+                    .iter()
+                    .any(|(k, v)| *k == NFTA_EXPR_NAME && attr_str(v) == "lookup");
+                is_lookup
+                    && fields
+                        .iter()
+                        .filter(|(k, _)| *k == NFTA_EXPR_DATA)
+                        .flat_map(|(_, d)| attrs(d))
+                        .any(|(k, v)| k == 1 && attr_str(v) == map)
+            })
+    }))
+}

@@ -66,15 +66,6 @@ pub const MAX_ENDPOINTS: usize = 1 << 16;
 /// The masquerade mark bit (kube-proxy's).
 pub const MASQ_MARK: u32 = 0x4000;
 
-/// The canary: our dispatch rule as `nft list` prints it.
-pub fn dispatch_rule(family: Family) -> String {
-    Rule::Dispatch {
-        map: SERVICES,
-        ct_new: false,
-    }
-    .text(family)
-}
-
 pub fn fam(family: Family) -> &'static str {
     match family {
         Family::V4 => "ip",

@@ -662,3 +662,27 @@ fn update_scripts_reach_the_same_kernel_state_as_a_fresh_load() {
         prev_t = next_t;
     }
 }
+
+#[test]
+fn the_canary_reads_the_dispatch_rule_back_over_netlink() {
+    if !is_root() {
+        eprintln!("skipping the_canary_reads_the_dispatch_rule_back_over_netlink: needs root");
+        return;
+    }
+    let ns = Netns::new("canary");
+    let nl = super::netlink::chain_looks_up;
+    let exists = super::netlink::table_exists;
+    let (chain, map) = (render::CANARY_CHAIN, render::SERVICES);
+    assert!(!in_netns(&ns, || exists(Family::V4)).unwrap());
+    assert!(!in_netns(&ns, || nl(Family::V4, chain, map)).unwrap());
+    let script = render::script_full(&render::render(&table(), Family::V4), None);
+    in_netns(&ns, || super::netlink::apply(&script)).unwrap();
+    assert!(in_netns(&ns, || exists(Family::V4)).unwrap());
+    assert!(!in_netns(&ns, || exists(Family::V6)).unwrap());
+    assert!(in_netns(&ns, || nl(Family::V4, chain, map)).unwrap());
+    assert!(!in_netns(&ns, || nl(Family::V4, "nat-output", "no-endpoints")).unwrap());
+    ns.nft(&["flush", "chain", "ip", "ferry", chain], "").unwrap();
+    assert!(!in_netns(&ns, || nl(Family::V4, chain, map)).unwrap());
+    ns.nft(&["delete", "table", "ip", "ferry"], "").unwrap();
+    assert!(!in_netns(&ns, || exists(Family::V4)).unwrap());
+}
