@@ -33,9 +33,12 @@
 //!
 //! Scripts: `script_full` replaces the whole table in one transaction
 //! (`add table; delete table; add table ...` on a fresh start; in place,
-//! keeping affinity sets, when the previous state is known); `script_partial`
-//! touches only the chains and backend elements of changed service ports
-//! and the frontend elements that differ.
+//! keeping affinity sets, when the previous state is known). A partial sync
+//! is `Rendered::update`: it re-renders only the service ports whose
+//! entries changed, in place, and writes their chains and backend elements
+//! and the frontend elements that differ; `script_partial` computes the
+//! same transaction by comparing two whole renderings (the reference the
+//! tests hold `update` to).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
