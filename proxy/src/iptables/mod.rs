@@ -124,24 +124,20 @@ pub(crate) fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<S
 }
 
 /// What was applied for one family, so the next sync can be partial.
-struct Applied {
+pub(crate) struct Applied {
     rendered: Rendered,
 }
 
 pub struct IptablesDataplane {
     backend: IptablesBackend,
-    prev_table: Option<ServiceTable>,
-    applied_v4: Option<Applied>,
-    applied_v6: Option<Applied>,
+    state: Remembered<Applied>,
 }
 
 impl IptablesDataplane {
     pub fn new(backend: IptablesBackend) -> IptablesDataplane {
         IptablesDataplane {
             backend,
-            prev_table: None,
-            applied_v4: None,
-            applied_v6: None,
+            state: Remembered::default(),
         }
     }
 
@@ -164,10 +160,7 @@ impl IptablesDataplane {
     ) -> Result<(usize, usize, usize), ProxyError> {
         let next = render::render(table, family);
         let rules = next.rule_count();
-        let prev = match family {
-            Family::V4 => self.applied_v4.take(),
-            Family::V6 => self.applied_v6.take(),
-        };
+        let prev = self.state.applied(family).take();
         let (text, written, removed) = match (&prev, full) {
             (Some(prev), false) => render::restore_partial(&prev.rendered, &next),
             _ => {
@@ -201,11 +194,7 @@ impl IptablesDataplane {
             &["--noflush", "-w", "5"],
             Some(&text),
         )?;
-        let applied = Some(Applied { rendered: next });
-        match family {
-            Family::V4 => self.applied_v4 = applied,
-            Family::V6 => self.applied_v6 = applied,
-        }
+        *self.state.applied(family) = Some(Applied { rendered: next });
         Ok((rules, written, removed))
     }
 
@@ -380,11 +369,47 @@ pub(crate) fn has_family(table: &ServiceTable, family: Family) -> bool {
         .any(|e| e.frontends.iter().any(|f| Family::of(f.ip) == family))
 }
 
+/// What a netfilter dataplane remembers between syncs: the table it last
+/// applied and, per address family, what it wrote (`A`).
+pub(crate) struct Remembered<A> {
+    pub prev_table: Option<ServiceTable>,
+    v4: Option<A>,
+    v6: Option<A>,
+}
+
+impl<A> Default for Remembered<A> {
+    fn default() -> Self {
+        Remembered {
+            prev_table: None,
+            v4: None,
+            v6: None,
+        }
+    }
+}
+
+impl<A> Remembered<A> {
+    pub fn applied(&mut self, family: Family) -> &mut Option<A> {
+        match family {
+            Family::V4 => &mut self.v4,
+            Family::V6 => &mut self.v6,
+        }
+    }
+
+    pub fn v6_applied(&self) -> bool {
+        self.v6.is_some()
+    }
+
+    /// Forgets what is applied, so the next sync is a full one.
+    pub fn forget(&mut self) {
+        *self = Remembered::default();
+    }
+}
+
 /// What the iptables and nftables dataplanes share in a sync: both rule
 /// sets are per address family, and around them the same steps happen.
 pub(crate) trait FamilySync {
-    fn previous(&self) -> Option<&ServiceTable>;
-    fn v6_applied(&self) -> bool;
+    type Applied;
+    fn remembered(&mut self) -> &mut Remembered<Self::Applied>;
     /// Programs one family; returns (rules or objects, written, removed).
     fn sync_one(
         &mut self,
@@ -392,9 +417,6 @@ pub(crate) trait FamilySync {
         family: Family,
         full: bool,
     ) -> Result<(usize, usize, usize), ProxyError>;
-    fn remember(&mut self, table: &ServiceTable);
-    /// Forgets what is applied, so the next sync is a full one.
-    fn forget(&mut self);
 }
 
 /// One sync of a netfilter dataplane: route_localnet for loopback
@@ -405,23 +427,24 @@ pub(crate) fn sync_families<D: FamilySync>(
     table: &ServiceTable,
     full: bool,
 ) -> Result<SyncReport, ProxyError> {
-    let full = full || d.previous().is_none();
+    let full = full || d.remembered().prev_table.is_none();
     if table.node_ips.iter().any(|ip| ip.is_loopback() && ip.is_ipv4()) {
         enable_route_localnet();
     }
     let mut both = || {
         let (mut rules, written, removed) = d.sync_one(table, Family::V4, full)?;
-        if has_family(table, Family::V6) || d.v6_applied() {
+        if has_family(table, Family::V6) || d.remembered().v6_applied() {
             rules += d.sync_one(table, Family::V6, full)?.0;
         }
         Ok::<_, ProxyError>((rules, written, removed))
     };
     match both() {
         Ok((rules, written, removed)) => {
-            if let Some(prev) = d.previous() {
+            let state = d.remembered();
+            if let Some(prev) = &state.prev_table {
                 clear_udp_conntrack(prev, table);
             }
-            d.remember(table);
+            state.prev_table = Some(table.clone());
             Ok(SyncReport {
                 full,
                 rules,
@@ -430,19 +453,18 @@ pub(crate) fn sync_families<D: FamilySync>(
             })
         }
         Err(e) => {
-            d.forget();
+            // The kernel may hold anything after a failed transaction.
+            d.remembered().forget();
             Err(e)
         }
     }
 }
 
 impl FamilySync for IptablesDataplane {
-    fn previous(&self) -> Option<&ServiceTable> {
-        self.prev_table.as_ref()
-    }
+    type Applied = Applied;
 
-    fn v6_applied(&self) -> bool {
-        self.applied_v6.is_some()
+    fn remembered(&mut self) -> &mut Remembered<Applied> {
+        &mut self.state
     }
 
     fn sync_one(
@@ -452,16 +474,6 @@ impl FamilySync for IptablesDataplane {
         full: bool,
     ) -> Result<(usize, usize, usize), ProxyError> {
         self.sync_family(table, family, full)
-    }
-
-    fn remember(&mut self, table: &ServiceTable) {
-        self.prev_table = Some(table.clone());
-    }
-
-    fn forget(&mut self) {
-        self.prev_table = None;
-        self.applied_v4 = None;
-        self.applied_v6 = None;
     }
 }
 
@@ -475,7 +487,7 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn check(&mut self) -> Result<bool, ProxyError> {
-        if self.prev_table.is_none() {
+        if self.state.prev_table.is_none() {
             return Ok(false);
         }
         let tool = self.backend.tool(Family::V4, "");
@@ -513,9 +525,7 @@ impl Dataplane for IptablesDataplane {
                 }
             }
         }
-        self.prev_table = None;
-        self.applied_v4 = None;
-        self.applied_v6 = None;
+        self.state.forget();
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),

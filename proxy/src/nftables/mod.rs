@@ -20,27 +20,18 @@ mod tests;
 use crate::dataplane::{Dataplane, SyncReport};
 use crate::error::ProxyError;
 use crate::iptables::render::Family;
-use crate::iptables::FamilySync;
+use crate::iptables::{FamilySync, Remembered};
 use crate::table::ServiceTable;
 use render::Rendered;
 
 #[derive(Default)]
 pub struct NftablesDataplane {
-    prev_table: Option<ServiceTable>,
-    applied_v4: Option<Rendered>,
-    applied_v6: Option<Rendered>,
+    state: Remembered<Rendered>,
 }
 
 impl NftablesDataplane {
     pub fn new() -> NftablesDataplane {
         NftablesDataplane::default()
-    }
-
-    fn applied(&mut self, family: Family) -> &mut Option<Rendered> {
-        match family {
-            Family::V4 => &mut self.applied_v4,
-            Family::V6 => &mut self.applied_v6,
-        }
     }
 
     /// Returns (objects, written, removed).
@@ -50,14 +41,14 @@ impl NftablesDataplane {
         family: Family,
         full: bool,
     ) -> Result<(usize, usize, usize), ProxyError> {
-        let mut prev = self.applied(family).take();
+        let mut prev = self.state.applied(family).take();
         // A partial sync updates the last rendering in place, re-rendering
         // only the service ports that changed.
-        if let (Some(r), Some(t), false) = (prev.as_mut(), self.prev_table.as_ref(), full) {
+        if let (Some(r), Some(t), false) = (prev.as_mut(), self.state.prev_table.as_ref(), full) {
             if let Some((script, written, removed)) = r.update(t, table) {
                 netlink::apply(&script)?;
                 let count = r.object_count();
-                *self.applied(family) = prev;
+                *self.state.applied(family) = prev;
                 return Ok((count, written, removed));
             }
         }
@@ -70,18 +61,16 @@ impl NftablesDataplane {
         let script = render::script_full(&next, prev.as_ref());
         let written = next.services.len();
         netlink::apply(&script)?;
-        *self.applied(family) = Some(next);
+        *self.state.applied(family) = Some(next);
         Ok((count, written, removed))
     }
 }
 
 impl FamilySync for NftablesDataplane {
-    fn previous(&self) -> Option<&ServiceTable> {
-        self.prev_table.as_ref()
-    }
+    type Applied = Rendered;
 
-    fn v6_applied(&self) -> bool {
-        self.applied_v6.is_some()
+    fn remembered(&mut self) -> &mut Remembered<Rendered> {
+        &mut self.state
     }
 
     fn sync_one(
@@ -91,18 +80,6 @@ impl FamilySync for NftablesDataplane {
         full: bool,
     ) -> Result<(usize, usize, usize), ProxyError> {
         self.sync_family(table, family, full)
-    }
-
-    fn remember(&mut self, table: &ServiceTable) {
-        self.prev_table = Some(table.clone());
-    }
-
-    /// The kernel may hold anything after a failed transaction: the next
-    /// sync recreates the table.
-    fn forget(&mut self) {
-        self.prev_table = None;
-        self.applied_v4 = None;
-        self.applied_v6 = None;
     }
 }
 
@@ -119,18 +96,18 @@ impl Dataplane for NftablesDataplane {
     /// we programmed; anything else (table deleted, ruleset flushed) asks
     /// for a full sync that recreates the table.
     fn check(&mut self) -> Result<bool, ProxyError> {
-        if self.prev_table.is_none() {
+        if self.state.prev_table.is_none() {
             return Ok(false);
         }
         let mut families = vec![Family::V4];
-        if self.applied_v6.is_some() {
+        if self.state.v6_applied() {
             families.push(Family::V6);
         }
         for family in families {
             let intact = netlink::chain_looks_up(family, render::CANARY_CHAIN, render::SERVICES).unwrap_or(false);
             if !intact {
                 // Not ours any more: rebuild from scratch.
-                self.forget();
+                self.state.forget();
                 return Ok(false);
             }
         }
@@ -139,7 +116,7 @@ impl Dataplane for NftablesDataplane {
 
     /// Deletes our tables (both families); nothing else is touched.
     fn cleanup(&mut self) -> Result<(), ProxyError> {
-        self.forget();
+        self.state.forget();
         for family in [Family::V4, Family::V6] {
             if netlink::table_exists(family)? {
                 netlink::apply(&render::Script {
