@@ -7,6 +7,8 @@
 pub mod dataplane;
 pub mod ebpf;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod health;
 pub mod iptables;
 pub mod nftables;

@@ -165,14 +165,14 @@ fn changed_services(prev: &Snapshot, next: &Snapshot) -> BTreeSet<ObjectKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::objects;
     use std::path::Path;
 
     fn snapshot(generation: u64, yaml: &str) -> Arc<Snapshot> {
-        let mut objects = Vec::new();
-        for d in ferry_cluster::files::parse_documents(Path::new("test.yaml"), yaml) {
-            objects.extend(d.unwrap());
-        }
-        Arc::new(Snapshot::from_objects(generation, objects))
+        Arc::new(Snapshot::from_objects(
+            generation,
+            objects(Path::new("test.yaml"), yaml),
+        ))
     }
 
     fn service(name: &str, ip: &str, etp_local: bool, hc: u16, endpoints: &[&str]) -> String {

@@ -415,26 +415,7 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    pub(crate) fn snapshot(yaml: &str) -> Snapshot {
-        let docs = ferry_cluster::files::parse_documents(Path::new("test.yaml"), yaml);
-        let mut objects = Vec::new();
-        for d in docs {
-            objects.extend(d.unwrap());
-        }
-        Snapshot::from_objects(1, objects)
-    }
-
-    fn node() -> NodeConfig {
-        NodeConfig {
-            node_name: "node-a".into(),
-            node_ips: vec!["192.0.2.10".parse().unwrap()],
-            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-            nodeport_addresses: vec![],
-            localhost_nodeports: false,
-        }
-    }
+    use crate::fixtures::{node, snapshot};
 
     const SVC: &str = r#"
 apiVersion: v1

@@ -4,32 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 
 use ferry_cluster::{Protocol, Snapshot};
 
 use super::render::{self, Family};
 use super::trace::{Origin, Packet, Ruleset, Verdict};
-use crate::table::{plan, NodeConfig, ServiceTable};
+use crate::fixtures::{self, node};
+use crate::table::{plan, ServiceTable};
 
 fn fixture() -> Snapshot {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/policies.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut objects = Vec::new();
-    for d in ferry_cluster::files::parse_documents(&path, &text) {
-        objects.extend(d.unwrap());
-    }
-    Snapshot::from_objects(1, objects)
-}
-
-fn node() -> NodeConfig {
-    NodeConfig {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.0.2.10".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        nodeport_addresses: vec![],
-        localhost_nodeports: false,
-    }
+    fixtures::snapshot(&fixtures::fixture_text())
 }
 
 fn table() -> ServiceTable {
@@ -40,17 +24,7 @@ fn table() -> ServiceTable {
 
 #[test]
 fn golden_rules() {
-    let text = render::render_text(&table(), Family::V4);
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/policies.iptables");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, &text).unwrap();
-    }
-    let want = std::fs::read_to_string(&golden).unwrap_or_default();
-    assert!(
-        text == want,
-        "rendered rules differ from {} (rerun with UPDATE_GOLDEN=1 and review the diff):\n{text}",
-        golden.display()
-    );
+    fixtures::assert_golden("policies.iptables", &render::render_text(&table(), Family::V4));
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -7,40 +7,17 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 
-use ferry_cluster::{Protocol, Snapshot};
+use ferry_cluster::Protocol;
 
 use super::render::{self, Cmd, Elem, Rendered, Rule, Verdict};
+use crate::fixtures::{self, fixture_text, node, snapshot};
 use crate::iptables::render::Family;
 use crate::iptables::trace::{self, Origin, Packet, Verdict as TVerdict};
 use crate::table::{plan, NodeConfig, ServiceTable};
 
-fn snapshot_of(path: &Path, text: &str) -> Snapshot {
-    let mut objects = Vec::new();
-    for d in ferry_cluster::files::parse_documents(path, text) {
-        objects.extend(d.unwrap());
-    }
-    Snapshot::from_objects(1, objects)
-}
-
-fn fixture_text() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/policies.yaml");
-    std::fs::read_to_string(path).unwrap()
-}
-
-fn node() -> NodeConfig {
-    NodeConfig {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.0.2.10".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        nodeport_addresses: vec![],
-        localhost_nodeports: false,
-    }
-}
-
 fn table_of(yaml: &str) -> ServiceTable {
-    let (t, w) = plan(&snapshot_of(Path::new("test.yaml"), yaml), &node());
+    let (t, w) = plan(&snapshot(yaml), &node());
     assert!(w.is_empty(), "{w:?}");
     t
 }
@@ -51,17 +28,7 @@ fn table() -> ServiceTable {
 
 #[test]
 fn golden_script() {
-    let text = render::render_text(&table(), Family::V4);
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/policies.nft");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, &text).unwrap();
-    }
-    let want = std::fs::read_to_string(&golden).unwrap_or_default();
-    assert!(
-        text == want,
-        "rendered script differs from {} (rerun with UPDATE_GOLDEN=1 and review the diff):\n{text}",
-        golden.display()
-    );
+    fixtures::assert_golden("policies.nft", &render::render_text(&table(), Family::V4));
 }
 
 /// Outcome of one path: verdict, masquerade → probability.
@@ -285,7 +252,7 @@ fn every_policy_agrees_with_the_iptables_tracer() {
 #[test]
 fn agrees_without_cluster_cidr_and_with_two() {
     let (t, _) = plan(
-        &snapshot_of(Path::new("test.yaml"), &fixture_text()),
+        &snapshot(&fixture_text()),
         &NodeConfig {
             cluster_cidrs: vec![],
             ..node()
@@ -293,7 +260,7 @@ fn agrees_without_cluster_cidr_and_with_two() {
     );
     agree_with_iptables(&t);
     let (t, _) = plan(
-        &snapshot_of(Path::new("test.yaml"), &fixture_text()),
+        &snapshot(&fixture_text()),
         &NodeConfig {
             cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap(), "10.245.0.0/16".parse().unwrap()],
             ..node()
