@@ -1,44 +1,14 @@
-//! nftables mode only: `ferry render --what iptables --mode nftables`
-//! prints the golden `nft -f` script, and (as root, in namespaces this test
-//! creates) the canary notices a deleted table and a full resync restores
-//! it. The shared scenarios run in nftables mode from tests/proxy_e2e.rs.
+//! nftables mode only: as root, in namespaces this test creates, the
+//! canary notices a deleted table and a full resync restores it. The
+//! shared scenarios run in nftables mode from tests/proxy_e2e.rs; the
+//! golden script is checked in tests/proxy_render.rs.
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::netns::*;
 use common::proxy_scenarios::*;
-
-#[test]
-fn render_nftables_matches_the_golden_script() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "render",
-            "-f",
-            &format!("{root}/proxy/testdata/policies.yaml"),
-            "--what",
-            "iptables",
-            "--mode",
-            "nftables",
-            "--node-name",
-            "node-a",
-            "--node-ip",
-            "192.0.2.10",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let golden = std::fs::read_to_string(format!("{root}/proxy/testdata/policies.nft")).unwrap();
-    let header = "# nftables (table ip ferry)\n";
-    assert!(text.starts_with(header), "{text}");
-    assert_eq!(text.trim_start_matches(header), golden);
-}
 
 #[test]
 fn nftables_canary_recreates_a_deleted_table() {
