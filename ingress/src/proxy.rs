@@ -839,27 +839,10 @@ async fn forward(
     let mut attempts = 0usize;
     let mut last_status = StatusCode::BAD_GATEWAY;
     // Bounded: every turn either returns or consumes an attempt.
-    while attempts < config.max_attempts + 2 {
-        attempts += 1;
-        let Some(i) = upstream.pick(tried.as_slice()) else {
-            break;
-        };
-        tried.push(i);
+    while let Some((i, conn, fresh)) =
+        connect_next(s, upstream, &mut tried, &mut attempts, |ep| ep.connection(config)).await
+    {
         let ep = upstream.endpoints[i].clone();
-        let (conn, fresh) = match ep.connection(config).await {
-            Ok(c) => c,
-            Err(e) => {
-                connect_failed(s, upstream, &ep, &e);
-                if tried.len() >= config.max_attempts {
-                    break;
-                }
-                s.metrics.retries.inc();
-                continue;
-            }
-        };
-        if fresh {
-            ep.connect_succeeded();
-        }
         let in_flight = ep.track();
         let sent_at = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
@@ -948,6 +931,47 @@ async fn forward(
     }
 }
 
+/// The next untried endpoint, a connection to it made by `connect` (the
+/// hyper or the lean client), and whether that connection is new. A failed
+/// connect is recorded and, while
+/// attempts remain, the next endpoint is tried; `None` when no endpoint or
+/// attempt is left. Every call counts one attempt per endpoint it tries,
+/// so a caller's retry loop over it is bounded.
+async fn connect_next<'a, C, F>(
+    s: &Shared,
+    upstream: &'a LiveUpstream,
+    tried: &mut Tried,
+    attempts: &mut usize,
+    connect: impl Fn(&'a EndpointState) -> F,
+) -> Option<(usize, C, bool)>
+where
+    F: std::future::Future<Output = Result<(C, bool), upstream::ConnectError>>,
+{
+    let config = &s.config.upstream;
+    while *attempts < config.max_attempts + 2 {
+        *attempts += 1;
+        let i = upstream.pick(tried.as_slice())?;
+        tried.push(i);
+        let ep = &upstream.endpoints[i];
+        match connect(ep).await {
+            Ok((conn, fresh)) => {
+                if fresh {
+                    ep.connect_succeeded();
+                }
+                return Some((i, conn, fresh));
+            }
+            Err(e) => {
+                connect_failed(s, upstream, ep, &e);
+                if tried.len() >= config.max_attempts {
+                    return None;
+                }
+                s.metrics.retries.inc();
+            }
+        }
+    }
+    None
+}
+
 /// Counts and logs a failed upstream connect (ejecting the endpoint
 /// after too many in a row).
 fn connect_failed(s: &Shared, upstream: &LiveUpstream, ep: &EndpointState, e: &upstream::ConnectError) {
@@ -1001,27 +1025,10 @@ async fn forward_lean(
     let mut tried = Tried::default();
     let mut attempts = 0usize;
     // Bounded: every turn either returns or consumes an attempt.
-    while attempts < config.max_attempts + 2 {
-        attempts += 1;
-        let Some(i) = upstream.pick(tried.as_slice()) else {
-            break;
-        };
-        tried.push(i);
+    while let Some((i, mut conn, fresh)) =
+        connect_next(s, upstream, &mut tried, &mut attempts, |ep| ep.raw_connection(config)).await
+    {
         let ep = &upstream.endpoints[i];
-        let (mut conn, fresh) = match ep.raw_connection(config).await {
-            Ok(c) => c,
-            Err(e) => {
-                connect_failed(s, upstream, ep, &e);
-                if tried.len() >= config.max_attempts {
-                    break;
-                }
-                s.metrics.retries.inc();
-                continue;
-            }
-        };
-        if fresh {
-            ep.connect_succeeded();
-        }
         // Requests in flight matter only to the least-connection pickers.
         let in_flight = track_in_flight.then(|| ep.track());
         let sent_at = Instant::now();
