@@ -229,13 +229,19 @@ impl EndpointState {
                 }
             }
         }
+        Ok((RawConn::new(self.connect(config).await?), true))
+    }
+
+    /// A new TCP connection to the endpoint within the connect timeout,
+    /// with Nagle off.
+    async fn connect(&self, config: &UpstreamConfig) -> Result<TcpStream, ConnectError> {
         let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(self.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
             Err(_) => return Err(ConnectError::Timeout),
         };
         let _ = stream.set_nodelay(true);
-        Ok((RawConn::new(stream), true))
+        Ok(stream)
     }
 
     /// A pooled connection, or a new one (connect timeout applies).
@@ -244,13 +250,7 @@ impl EndpointState {
         if let Some(c) = self.take_idle() {
             return Ok((c, false));
         }
-        let stream = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Err(_) => return Err(ConnectError::Timeout),
-        };
-        let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(self.connect(config).await?);
         if self.h2c {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
