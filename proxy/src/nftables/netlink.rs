@@ -278,6 +278,11 @@ impl Exprs {
     fn mark_set_or(&mut self) {
         self.meta_load(3, reg(0));
         self.bitwise(4, &(!MASQ_MARK).to_ne_bytes(), &MASQ_MARK.to_ne_bytes());
+        self.meta_set_mark();
+    }
+
+    /// `meta mark set` from register 1.
+    fn meta_set_mark(&mut self) {
         self.expr("meta", |b| {
             b.u32(2, 3);
             b.u32(3, reg(0));
@@ -376,10 +381,7 @@ fn encode_rule(rule: &Rule, family: Family) -> Buf {
         Rule::ClearMark => {
             e.meta_load(3, reg(0));
             e.bitwise(4, &u32::MAX.to_ne_bytes(), &MASQ_MARK.to_ne_bytes());
-            e.expr("meta", |b| {
-                b.u32(2, 3);
-                b.u32(3, reg(0));
-            });
+            e.meta_set_mark();
         }
         Rule::MasqueradeFullyRandom => e.expr("masq", |b| b.u32(1, 0x10)),
         Rule::Step {
