@@ -4,6 +4,17 @@
 //! ferry's ratios. Also HTTPS against nginx with the same certificate, and
 //! ferry's RSS with 1,000 Ingresses and 10,000 endpoints loaded.
 //!
+//! The anchors keep upstream connections alive (nginx `keepalive 64`,
+//! haproxy `http-reuse always`), as ingress-nginx does. nginx with its
+//! stock proxy settings (a new upstream connection per request) is shown
+//! for reference only.
+//!
+//! Each run also charges CPU per request to the proxy (user, system), the
+//! backend and the whole machine, from /proc, and prints the rps ferry
+//! would reach with zero user-space time: the part of the gap to the
+//! anchors that proxy code can still close. All of these proxies make the
+//! same four socket calls per request, so the kernel's share is a floor.
+//!
 //! Everything listens on 127.0.0.1 high ports and runs as child processes
 //! from a temp dir that are killed at the end. Load is bounded by wrk's
 //! duration. `FERRY_BIN=path` benchmarks that binary instead of building one.
@@ -50,6 +61,99 @@ struct Result {
     name: String,
     rps: f64,
     p99_ms: f64,
+    /// CPU per request during the run, in microseconds.
+    cpu: CpuPerRequest,
+}
+
+/// CPU time (user, system) in clock ticks, summed over every thread of
+/// some processes, from `/proc/PID/task/TID/stat`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ticks {
+    user: u64,
+    sys: u64,
+}
+
+fn ticks(pids: &[u32]) -> Ticks {
+    let mut t = Ticks::default();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            t.user += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            t.sys += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    t
+}
+
+/// The whole machine's busy ticks (every CPU, all but idle and iowait),
+/// from the first line of `/proc/stat`.
+fn machine_busy() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0;
+    };
+    cpu.split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// `pid` and its direct children (nginx's workers under its master).
+fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(child) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0)
+}
+
+/// Microseconds of CPU per request: the proxy's user and system time, the
+/// backend's total, and the whole machine's (wrk included).
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuPerRequest {
+    proxy_user: f64,
+    proxy_sys: f64,
+    backend: f64,
+    machine: f64,
+}
+
+/// The processes whose CPU a run is charged with.
+struct Watched<'a> {
+    proxy: &'a [u32],
+    backend: u32,
 }
 
 fn parse_ms(s: &str) -> Option<f64> {
@@ -66,7 +170,8 @@ fn parse_ms(s: &str) -> Option<f64> {
     None
 }
 
-fn wrk(name: &str, url: &str, seconds: u64) -> anyhow::Result<Result> {
+fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result<Result> {
+    let (proxy0, backend0, machine0) = (ticks(watched.proxy), ticks(&[watched.backend]), machine_busy());
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -98,11 +203,25 @@ fn wrk(name: &str, url: &str, seconds: u64) -> anyhow::Result<Result> {
     if let Some(e) = errors {
         eprintln!("bench: {name}: {}", e.trim());
     }
-    eprintln!("bench: {name}: {rps:.0} rps, p99 {p99_ms:.2} ms");
+    let (proxy1, backend1, machine1) = (ticks(watched.proxy), ticks(&[watched.backend]), machine_busy());
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse::<f64>().ok())
+        .with_context(|| format!("no request count in wrk output for {name}:\n{text}"))?;
+    let us_per_request = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / requests.max(1.0);
+    let cpu = CpuPerRequest {
+        proxy_user: us_per_request(proxy1.user.saturating_sub(proxy0.user)),
+        proxy_sys: us_per_request(proxy1.sys.saturating_sub(proxy0.sys)),
+        backend: us_per_request((backend1.user + backend1.sys).saturating_sub(backend0.user + backend0.sys)),
+        machine: us_per_request(machine1.saturating_sub(machine0)),
+    };
+    eprintln!("bench: {name}: {rps:.0} rps, p99 {p99_ms:.2} ms, CPU/request {cpu:.2?}");
     Ok(Result {
         name: name.to_string(),
         rps,
         p99_ms,
+        cpu,
     })
 }
 
@@ -213,6 +332,27 @@ fn ratio_line(ferry: &Result, others: &[&Result]) -> String {
     }
 }
 
+/// What ferry's rps would be if its user-space time were zero and the
+/// machine spent the same CPU on everything else per request: the part of
+/// the gap that proxy code can still close. All three proxies make the
+/// same four socket calls per request, so their kernel time is a floor.
+fn user_space_ceiling(ferry: &Result, others: &[&Result]) -> String {
+    let c = ferry.cpu;
+    if c.machine <= c.proxy_user || c.machine <= 0.0 {
+        return String::new();
+    }
+    let ceiling = ferry.rps * c.machine / (c.machine - c.proxy_user);
+    let best = others.iter().map(|r| r.rps).fold(0.0, f64::max);
+    format!(
+        "{}: with zero user-space CPU ({:.2} of {:.2} us/req machine-wide) at most {:.0} rps = {:.2}x the best other",
+        ferry.name,
+        c.proxy_user,
+        c.machine,
+        ceiling,
+        if best > 0.0 { ceiling / best } else { 0.0 }
+    )
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let seconds: u64 = match args.first() {
         Some(s) => s.parse().context("usage: cargo xtask bench ingress [SECONDS]")?,
@@ -229,7 +369,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
 fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
     let backend = free_port()?;
-    let _echo = spawn(
+    let echo = spawn(
         Command::new(ferry)
             .args([
                 "echo",
@@ -282,7 +422,7 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
     )?;
 
     let (ferry_http, ferry_https) = (free_port()?, free_port()?);
-    let _ferry = spawn(
+    let ferry_proc = spawn(
         Command::new(ferry)
             .args(["serve", "-f"])
             .arg(&manifest_dir)
@@ -293,7 +433,7 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
         "ferry serve",
     )?;
 
-    let (nginx_http, nginx_https) = (free_port()?, free_port()?);
+    let (nginx_http, nginx_https, nginx_close) = (free_port()?, free_port()?, free_port()?);
     let nginx_conf = dir.join("nginx.conf");
     std::fs::write(
         &nginx_conf,
@@ -304,13 +444,15 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {d
   upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
   server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl http2;\n    server_name {HOST};\n\
     ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
-    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n}}\n",
+    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
+  upstream be_close {{ server 127.0.0.1:{backend}; }}\n\
+  server {{\n    listen 127.0.0.1:{nginx_close};\n    location / {{ proxy_pass http://be_close; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n}}\n",
             dir = dir.display(),
             cert = cert.display(),
             key = key.display(),
         ),
     )?;
-    let _nginx = spawn(
+    let nginx_proc = spawn(
         Command::new("nginx").arg("-c").arg(&nginx_conf).arg("-p").arg(dir),
         "nginx",
     )?;
@@ -326,12 +468,13 @@ frontend fe\n  bind 127.0.0.1:{haproxy_http}\n  default_backend be\n\
 backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         ),
     )?;
-    let _haproxy = spawn(Command::new("haproxy").arg("-f").arg(&haproxy_cfg), "haproxy")?;
+    let haproxy_proc = spawn(Command::new("haproxy").arg("-f").arg(&haproxy_cfg), "haproxy")?;
 
     for (port, what) in [
         (ferry_http, "ferry"),
         (ferry_https, "ferry https"),
         (nginx_http, "nginx"),
+        (nginx_close, "nginx (no upstream keep-alive)"),
         (nginx_https, "nginx https"),
         (haproxy_http, "haproxy"),
     ] {
@@ -340,12 +483,56 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     // Let ferry apply its first table.
     std::thread::sleep(Duration::from_millis(500));
 
-    let direct = wrk("direct (backend)", &format!("http://127.0.0.1:{backend}/"), seconds)?;
-    let nginx = wrk("nginx", &format!("http://127.0.0.1:{nginx_http}/"), seconds)?;
-    let haproxy = wrk("haproxy", &format!("http://127.0.0.1:{haproxy_http}/"), seconds)?;
-    let ferry_r = wrk("ferry", &format!("http://127.0.0.1:{ferry_http}/"), seconds)?;
-    let nginx_tls = wrk("nginx https", &format!("https://127.0.0.1:{nginx_https}/"), seconds)?;
-    let ferry_tls = wrk("ferry https", &format!("https://127.0.0.1:{ferry_https}/"), seconds)?;
+    let nginx_pids = with_children(nginx_proc.id());
+    let (ferry_pid, haproxy_pid) = ([ferry_proc.id()], [haproxy_proc.id()]);
+    let watch = |proxy| Watched {
+        proxy,
+        backend: echo.id(),
+    };
+    let direct = wrk(
+        "direct (backend)",
+        &format!("http://127.0.0.1:{backend}/"),
+        seconds,
+        &watch(&[]),
+    )?;
+    let nginx = wrk(
+        "nginx",
+        &format!("http://127.0.0.1:{nginx_http}/"),
+        seconds,
+        &watch(&nginx_pids),
+    )?;
+    // Informational, not an anchor of the ratios: nginx's stock proxy
+    // settings (HTTP/1.0, a new upstream connection per request).
+    let nginx_close = wrk(
+        "nginx no-keepalive",
+        &format!("http://127.0.0.1:{nginx_close}/"),
+        seconds,
+        &watch(&nginx_pids),
+    )?;
+    let haproxy = wrk(
+        "haproxy",
+        &format!("http://127.0.0.1:{haproxy_http}/"),
+        seconds,
+        &watch(&haproxy_pid),
+    )?;
+    let ferry_r = wrk(
+        "ferry",
+        &format!("http://127.0.0.1:{ferry_http}/"),
+        seconds,
+        &watch(&ferry_pid),
+    )?;
+    let nginx_tls = wrk(
+        "nginx https",
+        &format!("https://127.0.0.1:{nginx_https}/"),
+        seconds,
+        &watch(&nginx_pids),
+    )?;
+    let ferry_tls = wrk(
+        "ferry https",
+        &format!("https://127.0.0.1:{ferry_https}/"),
+        seconds,
+        &watch(&ferry_pid),
+    )?;
 
     // RSS with 1,000 Ingresses and 10,000 endpoints.
     let large_dir = dir.join("large");
@@ -380,19 +567,39 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     println!(
         "ingress benchmark: wrk -t2 -c{CONNECTIONS} -d{seconds}s, keep-alive, 3-byte body, one backend (ferry echo)"
     );
-    println!("{:<18} {:>10} {:>10} {:>14}", "target", "rps", "p99 ms", "rps/direct");
-    for r in [&direct, &nginx, &haproxy, &ferry_r, &nginx_tls, &ferry_tls] {
+    println!(
+        "{:<18} {:>10} {:>10} {:>11} {:>24}",
+        "target", "rps", "p99 ms", "rps/direct", "CPU us/req: proxy usr+sys  backend  machine"
+    );
+    for r in [
+        &direct,
+        &nginx,
+        &nginx_close,
+        &haproxy,
+        &ferry_r,
+        &nginx_tls,
+        &ferry_tls,
+    ] {
         println!(
-            "{:<18} {:>10.0} {:>10.2} {:>14.2}",
+            "{:<18} {:>10.0} {:>10.2} {:>11.2}              {:>5.2}+{:<5.2}   {:>6.2}   {:>6.2}",
             r.name,
             r.rps,
             r.p99_ms,
-            r.rps / direct.rps
+            r.rps / direct.rps,
+            r.cpu.proxy_user,
+            r.cpu.proxy_sys,
+            r.cpu.backend,
+            r.cpu.machine
         );
     }
     println!();
     println!("{}", ratio_line(&ferry_r, &[&nginx, &haproxy]));
     println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
+    println!("{}", user_space_ceiling(&ferry_r, &[&nginx, &haproxy]));
+    println!(
+        "ferry: {:.2}x the rps of nginx without upstream keep-alive (informational; not an anchor)",
+        ferry_r.rps / nginx_close.rps
+    );
     println!(
         "ferry RSS with 1,000 Ingresses / 10,000 endpoints: {:.1} MB",
         rss as f64 / 1024.0
