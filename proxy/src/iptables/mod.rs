@@ -441,10 +441,13 @@ pub(crate) fn sync_families<D: FamilySync>(
     match both() {
         Ok((rules, written, removed)) => {
             let state = d.remembered();
-            if let Some(prev) = &state.prev_table {
-                clear_udp_conntrack(prev, table);
+            match &mut state.prev_table {
+                Some(prev) => {
+                    clear_udp_conntrack(prev, table);
+                    prev.assign_from(table);
+                }
+                None => state.prev_table = Some(table.clone()),
             }
-            state.prev_table = Some(table.clone());
             Ok(SyncReport {
                 full,
                 rules,

@@ -923,13 +923,7 @@ impl Rendered {
             return None;
         }
         let family = self.family;
-        let mut names: Vec<&ServicePortName> = table
-            .services
-            .iter()
-            .filter(|(n, e)| prev_table.services.get(*n) != Some(*e))
-            .map(|(n, _)| n)
-            .collect();
-        names.extend(prev_table.services.keys().filter(|n| !table.services.contains_key(*n)));
+        let names = prev_table.differing_ports(table);
         let removed = names.iter().filter(|n| !table.services.contains_key(**n)).count();
         let mut changes = Vec::new();
         for n in names {
