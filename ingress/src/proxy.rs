@@ -378,7 +378,8 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, graceful: &Gracefu
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
+                .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(MAX_REQUEST_HEAD);
             builder.http2().timer(TokioTimer::new());
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
@@ -427,6 +428,12 @@ async fn accept_error(e: std::io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
+
+/// The largest HTTP/1 request head read (request line plus headers);
+/// a longer one is answered 431 and the connection closed. hyper's own
+/// default is about 400 KiB; ingress-nginx allows 4 × 8 KiB and Envoy
+/// 60 KiB.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 struct OpenConnection(IngressMetrics);
 
@@ -511,6 +518,7 @@ impl Body for ProxyBody {
 /// A short local answer that reveals nothing about the backends.
 fn local(status: StatusCode) -> Response<ProxyBody> {
     let text = match status {
+        StatusCode::BAD_REQUEST => "400 bad request\n",
         StatusCode::NOT_FOUND => "404 not found\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",
@@ -663,11 +671,22 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
         String::new()
     };
 
-    let matched = live.routes.route(authority_str, req.uri().path());
+    // RFC 9112 §3.2: an HTTP/1.1 request without a Host (or with an
+    // empty one) gets 400, as from nginx, not the default backend.
+    let missing_host = authority_str.is_empty() && req.version() == Version::HTTP_11;
+    let matched = if missing_host {
+        None
+    } else {
+        live.routes.route(authority_str, req.uri().path())
+    };
     let (outcome, host_label, upstream) = match matched {
         None => (
             Outcome {
-                response: local(StatusCode::NOT_FOUND),
+                response: local(if missing_host {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::NOT_FOUND
+                }),
                 endpoint: None,
             },
             "",

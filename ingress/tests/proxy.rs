@@ -197,6 +197,70 @@ async fn not_found_and_503_without_endpoints() {
     proxy.stop().await;
 }
 
+/// Sends `request` on a new connection and returns everything the proxy
+/// answers until it closes the connection.
+async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    // The proxy may answer and close before it has read an oversized head.
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(TIMEOUT, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the proxy never closed: {}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn missing_host_is_400_and_an_oversized_head_431() {
+    let cancel = CancellationToken::new();
+    let b = backend("dflt", &cancel).await;
+    let default_backend = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: d}\nspec:\n  ingressClassName: ferry\n  defaultBackend: {service: {name: s, port: {number: 80}}}\n---\n";
+    let yaml = CLASS.to_string() + &service("s", &[b], None) + default_backend;
+    let proxy = Proxy::start(parse(&yaml)).await;
+    // Any host reaches the default backend...
+    let ok = raw(
+        proxy.http,
+        b"GET / HTTP/1.1\r\nHost: any.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("dflt"), "{ok}");
+    // ...but an HTTP/1.1 request without one, or with an empty one, is malformed.
+    for req in [
+        &b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ] {
+        let resp = raw(proxy.http, req).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+        assert!(!resp.contains("dflt"), "{resp}");
+    }
+    // HTTP/1.0 needs no Host.
+    let old = raw(proxy.http, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(old.starts_with("HTTP/1.0 200") && old.contains("dflt"), "{old}");
+    // A 32 KiB header passes; a head over 64 KiB is refused, not forwarded.
+    let big = |n: usize| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: any.test\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(n)
+        )
+    };
+    let fine = raw(proxy.http, big(32 * 1024).as_bytes()).await;
+    assert!(fine.starts_with("HTTP/1.1 200"), "{}", &fine[..fine.len().min(200)]);
+    let refused = raw(proxy.http, big(70 * 1024).as_bytes()).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 431"),
+        "{}",
+        &refused[..refused.len().min(200)]
+    );
+    proxy.stop().await;
+    cancel.cancel();
+}
+
 #[tokio::test]
 async fn forwarded_headers_host_and_hop_by_hop() {
     let cancel = CancellationToken::new();
