@@ -262,6 +262,50 @@ async fn missing_host_is_400_and_an_oversized_head_431() {
 }
 
 #[tokio::test]
+async fn request_bodies_reach_the_backend_whole() {
+    let cancel = CancellationToken::new();
+    let b = backend("body", &cancel).await;
+    let yaml = CLASS.to_string() + &service("s", &[b], None) + &ingress("i", "b.test", "/", "s", "");
+    let proxy = Proxy::start(parse(&yaml)).await;
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // 1 MiB with a Content-Length, larger than any buffer on the way.
+    let req = Request::post("/upload")
+        .header("host", "b.test")
+        .body(http_body_util::Either::Left(Full::new(Bytes::from(vec![7u8; 1 << 20]))))
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.contains("POST /upload HTTP/1.1"), "{body}");
+    assert!(body.contains("body-bytes: 1048576"), "{body}");
+    // A chunked body of unknown length, sent in 100 pieces, on the same connection.
+    let chunks = futures::stream::iter(
+        (0..100).map(|_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![1u8; 3000])))),
+    );
+    let req = Request::put("/stream")
+        .header("host", "b.test")
+        .body(http_body_util::Either::Right(http_body_util::StreamBody::new(chunks)))
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.contains("PUT /stream HTTP/1.1"), "{body}");
+    assert!(body.contains("body-bytes: 300000"), "{body}");
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
 async fn forwarded_headers_host_and_hop_by_hop() {
     let cancel = CancellationToken::new();
     let b = backend("hdr", &cancel).await;
