@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
 use crate::metrics::{IngressMetrics, RequestLabels, UpstreamLabels};
-use crate::routes::{self, normalize_host, ClassSelection, LbMethod, RouteTable};
+use crate::routes::{self, normalize_host, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
 use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
 
@@ -80,6 +80,9 @@ struct Shared {
     logged_problems: Mutex<HashSet<String>>,
     /// Tables applied so far (readiness: at least one).
     applied: AtomicU64,
+    /// The HTTPS listener's port while serving (0: none), where plain
+    /// HTTP requests to TLS hosts are redirected.
+    https_port: AtomicU16,
 }
 
 /// The ingress engine: cheap to clone, shared by the listeners and the
@@ -140,6 +143,7 @@ impl Engine {
                 metrics,
                 logged_problems: Mutex::new(HashSet::new()),
                 applied: AtomicU64::new(0),
+                https_port: AtomicU16::new(0),
             }),
         })
     }
@@ -234,6 +238,7 @@ impl Engine {
         };
         let http_port = listeners.http_addr().map_or(0, |a| a.port());
         let https_port = listeners.https_addr().map_or(0, |a| a.port());
+        self.shared.https_port.store(https_port, Ordering::Relaxed);
         if let Some(a) = listeners.http_addr() {
             tracing::info!(addr = %a, "ingress listening (http)");
         }
@@ -519,6 +524,7 @@ impl Body for ProxyBody {
 fn local(status: StatusCode) -> Response<ProxyBody> {
     let text = match status {
         StatusCode::BAD_REQUEST => "400 bad request\n",
+        StatusCode::PERMANENT_REDIRECT => "308 permanent redirect\n",
         StatusCode::NOT_FOUND => "404 not found\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",
@@ -692,20 +698,18 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
             "",
             None,
         ),
-        Some(m) => match live.upstreams.get(m.upstream) {
-            None => (
+        Some(m) if m.https_only && !ctx.https => match https_redirect(&ctx.shared, authority_str, req.uri()) {
+            Some(response) => (
                 Outcome {
-                    response: local(StatusCode::SERVICE_UNAVAILABLE),
+                    response,
                     endpoint: None,
                 },
                 m.host,
                 None,
             ),
-            Some(upstream) => {
-                let outcome = forward(&ctx, upstream, req, authority.as_ref()).await;
-                (outcome, m.host, Some(upstream))
-            }
+            None => proxy_to(&ctx, &live, m, req, authority.as_ref()).await,
         },
+        Some(m) => proxy_to(&ctx, &live, m, req, authority.as_ref()).await,
     };
     let status = outcome.response.status().as_u16();
     count_request(&ctx.shared.metrics, host_label, status, upstream.map(|u| &**u));
@@ -724,6 +728,57 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
         );
     }
     outcome.response
+}
+
+/// Forwards a routed request to its upstream (503 when it has none).
+async fn proxy_to<'a>(
+    ctx: &ConnContext,
+    live: &'a LiveTable,
+    m: RouteMatch<'a>,
+    req: Request<Incoming>,
+    authority: Option<&HeaderValue>,
+) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
+    match live.upstreams.get(m.upstream) {
+        None => (
+            Outcome {
+                response: local(StatusCode::SERVICE_UNAVAILABLE),
+                endpoint: None,
+            },
+            m.host,
+            None,
+        ),
+        Some(upstream) => {
+            let outcome = forward(ctx, upstream, req, authority).await;
+            (outcome, m.host, Some(upstream))
+        }
+    }
+}
+
+/// The 308 to HTTPS for a plain HTTP request to a TLS host: same host
+/// (without the HTTP port), the HTTPS listener's port unless 443, same
+/// path and query. `None` when there is no HTTPS listener, and for ACME
+/// HTTP-01 challenges, which must stay reachable over HTTP (as in
+/// ingress-nginx).
+fn https_redirect(shared: &Shared, authority: &str, uri: &Uri) -> Option<Response<ProxyBody>> {
+    let port = shared.https_port.load(Ordering::Relaxed);
+    if port == 0 || uri.path().starts_with("/.well-known/acme-challenge/") {
+        return None;
+    }
+    let host = match authority.rsplit_once(':') {
+        // `host:port` or `[v6]:port`; a bare `[v6]` has no port to drop.
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h,
+        _ => authority,
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let location = HeaderValue::from_str(&location).ok()?;
+    let mut response = local(StatusCode::PERMANENT_REDIRECT);
+    response.headers_mut().insert(header::LOCATION, location);
+    Some(response)
 }
 
 /// `requests{host, status, upstream}` += 1, through the upstream's cached

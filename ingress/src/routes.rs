@@ -34,6 +34,14 @@ pub const BACKEND_PROTOCOL_ANNOTATION: &str = "ferry.dev/backend-protocol";
 pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = "nginx.ingress.kubernetes.io/backend-protocol";
 /// The `appProtocol` value that selects h2c to the upstream.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
+/// Annotations that turn off the redirect of plain HTTP to HTTPS for the
+/// TLS hosts of an Ingress with `"false"`: ingress-nginx's, NGINX Ingress
+/// Controller's and ours. On by default, as in both controllers.
+pub const SSL_REDIRECT_ANNOTATIONS: [&str; 3] = [
+    "nginx.ingress.kubernetes.io/ssl-redirect",
+    "ingress.kubernetes.io/ssl-redirect",
+    "ferry.dev/ssl-redirect",
+];
 
 /// Which Ingresses this controller serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +192,9 @@ pub struct Route {
     /// The rule's host as written (lowercased; empty for host-less rules
     /// and the default backend): a bounded metrics label.
     pub host: String,
+    /// The host is in the Ingress's `spec.tls` and the redirect is not
+    /// turned off: plain HTTP requests get a 308 to HTTPS.
+    pub https_only: bool,
 }
 
 /// The result of a lookup.
@@ -192,6 +203,18 @@ pub struct RouteMatch<'a> {
     pub upstream: usize,
     pub ingress: &'a ObjectKey,
     pub host: &'a str,
+    pub https_only: bool,
+}
+
+impl Route {
+    fn matched(&self) -> RouteMatch<'_> {
+        RouteMatch {
+            upstream: self.upstream,
+            ingress: &self.ingress,
+            host: &self.host,
+            https_only: self.https_only,
+        }
+    }
 }
 
 /// A `spec.tls` entry of an Ingress we serve.
@@ -260,11 +283,16 @@ pub fn normalize_host(authority: &str) -> Cow<'_, str> {
 }
 
 fn first_match<'a>(routes: &'a [Route], path: &str) -> Option<RouteMatch<'a>> {
-    routes.iter().find(|r| r.path.matches(path)).map(|r| RouteMatch {
-        upstream: r.upstream,
-        ingress: &r.ingress,
-        host: &r.host,
-    })
+    routes.iter().find(|r| r.path.matches(path)).map(Route::matched)
+}
+
+/// Whether a `spec.tls` host covers a rule host: the same name, or a
+/// `*.suffix` entry and a host one label above the suffix.
+fn tls_covers(tls_host: &str, host: &str) -> bool {
+    tls_host == host
+        || tls_host
+            .strip_prefix("*.")
+            .is_some_and(|suffix| host.split_once('.').is_some_and(|(_, rest)| rest == suffix))
 }
 
 impl RouteTable {
@@ -288,11 +316,7 @@ impl RouteTable {
         if let Some(m) = first_match(&self.any_host, path) {
             return Some(m);
         }
-        self.default_backend.as_ref().map(|r| RouteMatch {
-            upstream: r.upstream,
-            ingress: &r.ingress,
-            host: &r.host,
-        })
+        self.default_backend.as_ref().map(Route::matched)
     }
 
     pub fn upstream(&self, index: usize) -> Option<&Arc<UpstreamSpec>> {
@@ -341,10 +365,11 @@ impl RouteTable {
             for r in routes {
                 let _ = writeln!(
                     out,
-                    "  {:<28} {}  (ingress {})",
+                    "  {:<28} {}  (ingress {}){}",
                     r.path.to_string(),
                     upstream(r.upstream),
-                    r.ingress
+                    r.ingress,
+                    if r.https_only { ", http -> 308 https" } else { "" }
                 );
             }
         };
@@ -410,6 +435,25 @@ impl Compiler<'_> {
             field: field.into(),
             message: message.into(),
         });
+    }
+
+    /// Whether plain HTTP to this Ingress's TLS hosts is redirected: yes
+    /// unless an ssl-redirect annotation says `"false"`.
+    fn ssl_redirect(&mut self, ing: &Ingress) -> bool {
+        let mut redirect = true;
+        for name in SSL_REDIRECT_ANNOTATIONS {
+            match ing.annotations.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+                None => {}
+                Some(v) if v == "true" => {}
+                Some(v) if v == "false" => redirect = false,
+                Some(v) => self.problem(
+                    ing,
+                    format!("metadata.annotations[{name}]"),
+                    format!("{v:?} is neither \"true\" nor \"false\"; ignored"),
+                ),
+            }
+        }
+        redirect
     }
 
     /// Resolves a backend to an upstream index. Missing Services or ports
@@ -580,10 +624,12 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                         upstream,
                         ingress: ing.key.clone(),
                         host: String::new(),
+                        https_only: false,
                     });
                 }
             }
         }
+        let ssl_redirect = c.ssl_redirect(ing);
         for (i, rule) in ing.rules.iter().enumerate() {
             let host = match rule.host.as_deref().map(rule_host) {
                 None => None,
@@ -628,11 +674,18 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 }
                 claimed.insert(claim, ing.key.clone());
                 let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend);
+                let https_only = ssl_redirect
+                    && host.as_deref().is_some_and(|h| {
+                        ing.tls.iter().any(|t| {
+                            t.hosts.is_empty() || t.hosts.iter().any(|th| tls_covers(&th.to_ascii_lowercase(), h))
+                        })
+                    });
                 let route = Route {
                     path: matcher,
                     upstream,
                     ingress: ing.key.clone(),
                     host: host.clone().unwrap_or_default(),
+                    https_only,
                 };
                 match &host {
                     None => c.table.any_host.push(route),
@@ -1072,6 +1125,56 @@ endpoints:
         let t = table(&doc.replace("least_conn", "bogus"));
         assert_eq!(t.upstreams[0].lb, LbMethod::RoundRobin);
         assert_eq!(t.problems.len(), 1);
+    }
+
+    #[test]
+    fn plain_http_to_tls_hosts_is_redirected_unless_turned_off() {
+        let path = "http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: a, port: {number: 80}}}}]}";
+        let doc = |name: &str, annotations: &str, tls: &str, hosts: &[&str]| {
+            let rules: String = hosts
+                .iter()
+                .map(|h| format!("  - host: \"{h}\"\n    {path}\n"))
+                .collect();
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, annotations: {{{annotations}}}}}\nspec:\n  ingressClassName: ferry\n  tls: {tls}\n  defaultBackend: {{service: {{name: a, port: {{number: 80}}}}}}\n  rules:\n{rules}---\n"
+            )
+        };
+        let redirected = |t: &RouteTable, host: &str| t.route(host, "/x").map(|m| m.https_only);
+        // Listed hosts, wildcard entries, and the same wildcard as a rule host.
+        let t = table(&doc(
+            "t",
+            "",
+            "[{hosts: [A.test, \"*.w.test\"], secretName: s}]",
+            &["a.test", "x.w.test", "*.w.test", "b.test"],
+        ));
+        assert_eq!(redirected(&t, "A.TEST:80"), Some(true));
+        assert_eq!(redirected(&t, "x.w.test"), Some(true));
+        assert_eq!(redirected(&t, "y.w.test"), Some(true));
+        assert_eq!(redirected(&t, "b.test"), Some(false));
+        // The default backend is never redirected.
+        assert_eq!(redirected(&t, "elsewhere.test"), Some(false));
+        assert!(t.render().contains("http -> 308 https"));
+        // A tls entry without hosts covers every rule host; no secret still means TLS.
+        let t = table(&doc("t", "", "[{}]", &["c.test"]));
+        assert_eq!(redirected(&t, "c.test"), Some(true));
+        // Turned off by any of the three annotations.
+        for name in SSL_REDIRECT_ANNOTATIONS {
+            let t = table(&doc("t", &format!("{name}: \"false\""), "[{}]", &["c.test"]));
+            assert_eq!(redirected(&t, "c.test"), Some(false), "{name}");
+            assert!(t.problems.is_empty());
+        }
+        // A value that is neither true nor false is reported and ignored.
+        let t = table(&doc("t", "ferry.dev/ssl-redirect: \"maybe\"", "[{}]", &["c.test"]));
+        assert_eq!(redirected(&t, "c.test"), Some(true));
+        assert_eq!(t.problems.len(), 1);
+        assert!(
+            t.problems[0].field.contains("ferry.dev/ssl-redirect"),
+            "{:?}",
+            t.problems
+        );
+        // Without spec.tls nothing is redirected.
+        let t = table(&doc("t", "", "[]", &["c.test"]));
+        assert_eq!(redirected(&t, "c.test"), Some(false));
     }
 
     #[test]

@@ -673,6 +673,58 @@ async fn sni_picks_the_certificate_and_serves_h1_and_h2() {
 }
 
 #[tokio::test]
+async fn plain_http_to_a_tls_host_gets_a_308_to_https() {
+    let cancel = CancellationToken::new();
+    let b = backend("tls-backend", &cancel).await;
+    let (sa, ca) = tls_secret("a-tls", "a.test");
+    let off = tls_ingress("off", "off.test", "a-tls", "s").replace(
+        "metadata: {name: off}",
+        "metadata: {name: off, annotations: {nginx.ingress.kubernetes.io/ssl-redirect: \"false\"}}",
+    );
+    let yaml = CLASS.to_string()
+        + &service("s", &[b], None)
+        + &tls_ingress("a", "a.test", "a-tls", "s")
+        + &off
+        + &ingress("plain", "plain.test", "/", "s", "");
+    let mut objects = parse(&yaml);
+    objects.push(sa);
+    let proxy = Proxy::start(objects).await;
+    let c = client();
+    let https_port = proxy.https.port();
+
+    let req = Request::post(format!("http://{}/pay?x=1", proxy.http))
+        .header("host", "a.test:8080")
+        .body(Empty::new())
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, c.request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 308, "a TLS host over plain HTTP");
+    let location = resp.headers().get("location").unwrap().to_str().unwrap().to_string();
+    assert_eq!(location, format!("https://a.test:{https_port}/pay?x=1"));
+
+    // Following it reaches the backend over TLS.
+    let pem = ca.cert.pem();
+    let (_, _, tls) = tls_connect(proxy.https, "a.test", &[pem.as_bytes()], &[b"http/1.1"]).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/pay?x=1")
+        .header("host", "a.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+
+    // ACME HTTP-01 challenges, a host whose Ingress turns the redirect off,
+    // and a host without TLS are proxied over plain HTTP.
+    let (status, body) = get(&c, proxy.http, "a.test", "/.well-known/acme-challenge/token").await;
+    assert_eq!((status, first_line(&body)), (200, "tls-backend"));
+    let (status, _) = get(&c, proxy.http, "off.test", "/").await;
+    assert_eq!(status, 200);
+    let (status, _) = get(&c, proxy.http, "plain.test", "/").await;
+    assert_eq!(status, 200);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
 async fn drain_lets_in_flight_requests_finish() {
     // A backend that answers after a pause, so the request is in flight
     // when shutdown starts.

@@ -246,13 +246,15 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// The bench's Ingress serves the same host over HTTP and HTTPS (as nginx
+/// does here), so its HTTP-to-HTTPS redirect is turned off.
 fn manifests(backend_port: u16, cert: &[u8], key: &[u8]) -> String {
     format!(
         "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {{name: ferry}}\nspec: {{controller: ferry.dev/ingress-controller}}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {{name: echo}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: {backend_port}}}]\n---\n\
 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: echo-1, labels: {{kubernetes.io/service-name: echo}}}}\naddressType: IPv4\nports: [{{name: http, port: {backend_port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
 apiVersion: v1\nkind: Secret\nmetadata: {{name: bench-tls}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n---\n\
-apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: bench}}\nspec:\n  ingressClassName: ferry\n  tls: [{{hosts: [{HOST}], secretName: bench-tls}}]\n  rules:\n  - host: {HOST}\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: echo, port: {{number: 80}}}}}}}}]}}\n",
+apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: bench, annotations: {{nginx.ingress.kubernetes.io/ssl-redirect: \"false\"}}}}\nspec:\n  ingressClassName: ferry\n  tls: [{{hosts: [{HOST}], secretName: bench-tls}}]\n  rules:\n  - host: {HOST}\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: echo, port: {{number: 80}}}}}}}}]}}\n",
         base64(cert),
         base64(key)
     )
