@@ -321,6 +321,7 @@ async fn forwarded_headers_host_and_hop_by_hop() {
         .header("connection", "keep-alive, x-private")
         .header("x-private", "secret")
         .header("x-forwarded-for", "192.0.2.9")
+        .header("x-real-ip", "192.0.2.66")
         .body(Empty::<Bytes>::new())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
@@ -329,6 +330,7 @@ async fn forwarded_headers_host_and_hop_by_hop() {
     assert!(body.contains("GET /path?q=1 HTTP/1.1"), "{body}");
     assert!(body.contains("host: H.test:8080"), "{body}");
     assert!(body.contains("x-forwarded-for: 192.0.2.9, 127.0.0.1"), "{body}");
+    assert!(body.contains("x-real-ip: 127.0.0.1\n"), "{body}");
     assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
     assert!(body.contains("x-forwarded-host: H.test:8080"), "{body}");
     assert!(
@@ -336,6 +338,10 @@ async fn forwarded_headers_host_and_hop_by_hop() {
         "{body}"
     );
     assert!(!body.contains("x-private"), "{body}");
+    assert!(
+        !body.contains("192.0.2.66"),
+        "a client's own X-Real-IP is replaced: {body}"
+    );
     assert!(!body.contains("keep-alive"), "{body}");
     proxy.stop().await;
     cancel.cancel();
