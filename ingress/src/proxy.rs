@@ -22,7 +22,7 @@ use bytes::Bytes;
 use ferry_cluster::{ObjectKey, Snapshot, SnapshotRx};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Empty, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -527,6 +527,7 @@ fn local(status: StatusCode) -> Response<ProxyBody> {
     let text = match status {
         StatusCode::BAD_REQUEST => "400 bad request\n",
         StatusCode::PERMANENT_REDIRECT => "308 permanent redirect\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "413 request entity too large\n",
         StatusCode::NOT_FOUND => "404 not found\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",
@@ -733,6 +734,29 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
     outcome.response
 }
 
+/// The request's `Content-Length`, when it has exactly one valid value.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    v.to_str().ok()?.trim().parse().ok()
+}
+
+/// Whether sending the request failed because its body passed the
+/// route's limit (`Limited` ended it with a `LengthLimitError`).
+fn body_too_large(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// Forwards a routed request to its upstream (503 when it has none).
 async fn proxy_to<'a>(
     ctx: &ConnContext,
@@ -751,7 +775,7 @@ async fn proxy_to<'a>(
             None,
         ),
         Some(upstream) => {
-            let outcome = forward(ctx, upstream, req, authority).await;
+            let outcome = forward(ctx, upstream, req, authority, m.max_body).await;
             (outcome, m.host, Some(upstream))
         }
     }
@@ -889,6 +913,7 @@ async fn forward(
     upstream: &LiveUpstream,
     mut req: Request<Incoming>,
     authority: Option<&HeaderValue>,
+    max_body: Option<u64>,
 ) -> Outcome {
     let s = &ctx.shared;
     let config = &s.config.upstream;
@@ -897,6 +922,17 @@ async fn forward(
             response: local(StatusCode::SERVICE_UNAVAILABLE),
             endpoint: None,
         };
+    }
+    // A declared length over the limit is refused before any upstream is
+    // involved; a body without one is cut off where it passes the limit.
+    let declared = req.body().size_hint().exact().or_else(|| content_length(req.headers()));
+    if let (Some(limit), Some(len)) = (max_body, declared) {
+        if len > limit {
+            return Outcome {
+                response: local(StatusCode::PAYLOAD_TOO_LARGE),
+                endpoint: None,
+            };
+        }
     }
     let upgrade = is_upgrade_request(&req) && !upstream.spec.h2c;
     if !upgrade && !upstream.spec.h2c && idempotent(req.method()) && req.body().is_end_stream() {
@@ -911,7 +947,8 @@ async fn forward(
         headers: req.headers().clone(),
     });
     let (parts, body) = req.into_parts();
-    let mut req: Request<UpstreamBody> = Request::from_parts(parts, Either::Left(body));
+    let limit = max_body.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut req: Request<UpstreamBody> = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
     let mut tried = Tried::default();
     let mut attempts = 0usize;
     let mut last_status = StatusCode::BAD_GATEWAY;
@@ -987,6 +1024,13 @@ async fn forward(
                     tried.pop();
                 }
                 req = back;
+            }
+            Err(Some((None, e))) if body_too_large(&e) => {
+                tracing::debug!(upstream = %upstream.spec.name, limit = ?max_body, "request body over the limit");
+                return Outcome {
+                    response: local(StatusCode::PAYLOAD_TOO_LARGE),
+                    endpoint: Some(ep.addr),
+                };
             }
             Err(Some((None, e))) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e,

@@ -34,6 +34,16 @@ pub const BACKEND_PROTOCOL_ANNOTATION: &str = "ferry.dev/backend-protocol";
 pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = "nginx.ingress.kubernetes.io/backend-protocol";
 /// The `appProtocol` value that selects h2c to the upstream.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
+/// Annotations limiting the request body size (nginx size syntax: `8m`,
+/// `512k`, `1g`, bytes; `0` for no limit), in the order they are read:
+/// ours, NGINX Ingress Controller's, ingress-nginx's. Without one a body
+/// is not limited (both nginx controllers default to 1m; ferry streams
+/// bodies and leaves the limit to the Ingress).
+pub const BODY_SIZE_ANNOTATIONS: [&str; 3] = [
+    "ferry.dev/client-max-body-size",
+    "nginx.org/client-max-body-size",
+    "nginx.ingress.kubernetes.io/proxy-body-size",
+];
 /// Annotations that turn off the redirect of plain HTTP to HTTPS for the
 /// TLS hosts of an Ingress with `"false"`: ingress-nginx's, NGINX Ingress
 /// Controller's and ours. On by default, as in both controllers.
@@ -195,6 +205,9 @@ pub struct Route {
     /// The host is in the Ingress's `spec.tls` and the redirect is not
     /// turned off: plain HTTP requests get a 308 to HTTPS.
     pub https_only: bool,
+    /// Largest request body accepted (413 beyond), from the Ingress's
+    /// body-size annotation; `None`: no limit.
+    pub max_body: Option<u64>,
 }
 
 /// The result of a lookup.
@@ -204,6 +217,7 @@ pub struct RouteMatch<'a> {
     pub ingress: &'a ObjectKey,
     pub host: &'a str,
     pub https_only: bool,
+    pub max_body: Option<u64>,
 }
 
 impl Route {
@@ -213,6 +227,7 @@ impl Route {
             ingress: &self.ingress,
             host: &self.host,
             https_only: self.https_only,
+            max_body: self.max_body,
         }
     }
 }
@@ -284,6 +299,27 @@ pub fn normalize_host(authority: &str) -> Cow<'_, str> {
 
 fn first_match<'a>(routes: &'a [Route], path: &str) -> Option<RouteMatch<'a>> {
     routes.iter().find(|r| r.path.matches(path)).map(Route::matched)
+}
+
+/// An nginx size: bytes, or a number with `k`, `m` or `g` (any case).
+pub fn parse_size(value: &str) -> Option<u64> {
+    let v = value.trim();
+    let (digits, unit) = match v.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&v[..i], c.to_ascii_lowercase()),
+        _ => (v, 'b'),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let scale: u64 = match unit {
+        'b' => 1,
+        'k' => 1 << 10,
+        'm' => 1 << 20,
+        'g' => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale)
 }
 
 /// Whether a `spec.tls` host covers a rule host: the same name, or a
@@ -365,11 +401,12 @@ impl RouteTable {
             for r in routes {
                 let _ = writeln!(
                     out,
-                    "  {:<28} {}  (ingress {}){}",
+                    "  {:<28} {}  (ingress {}){}{}",
                     r.path.to_string(),
                     upstream(r.upstream),
                     r.ingress,
-                    if r.https_only { ", http -> 308 https" } else { "" }
+                    if r.https_only { ", http -> 308 https" } else { "" },
+                    r.max_body.map(|n| format!(", body <= {n} bytes")).unwrap_or_default()
                 );
             }
         };
@@ -454,6 +491,27 @@ impl Compiler<'_> {
             }
         }
         redirect
+    }
+
+    /// The request body limit of this Ingress: the first body-size
+    /// annotation present; `0` or none means no limit. A value that does
+    /// not parse is reported and means no limit.
+    fn max_body(&mut self, ing: &Ingress) -> Option<u64> {
+        let (name, value) = BODY_SIZE_ANNOTATIONS
+            .iter()
+            .find_map(|n| ing.annotations.get(*n).map(|v| (*n, v)))?;
+        match parse_size(value) {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => {
+                self.problem(
+                    ing,
+                    format!("metadata.annotations[{name}]"),
+                    format!("{value:?} is not a size (like 8m, 512k, 1g or bytes); no limit"),
+                );
+                None
+            }
+        }
     }
 
     /// Resolves a backend to an upstream index. Missing Services or ports
@@ -619,17 +677,20 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 }
                 None => {
                     let upstream = c.upstream(ing, "spec.defaultBackend", b);
+                    let max_body = c.max_body(ing);
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
                         upstream,
                         ingress: ing.key.clone(),
                         host: String::new(),
                         https_only: false,
+                        max_body,
                     });
                 }
             }
         }
         let ssl_redirect = c.ssl_redirect(ing);
+        let max_body = c.max_body(ing);
         for (i, rule) in ing.rules.iter().enumerate() {
             let host = match rule.host.as_deref().map(rule_host) {
                 None => None,
@@ -686,6 +747,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     ingress: ing.key.clone(),
                     host: host.clone().unwrap_or_default(),
                     https_only,
+                    max_body,
                 };
                 match &host {
                     None => c.table.any_host.push(route),
@@ -1175,6 +1237,50 @@ endpoints:
         // Without spec.tls nothing is redirected.
         let t = table(&doc("t", "", "[]", &["c.test"]));
         assert_eq!(redirected(&t, "c.test"), Some(false));
+    }
+
+    #[test]
+    fn body_size_annotations() {
+        for (v, want) in [
+            ("8m", Some(8 << 20)),
+            ("512K", Some(512 << 10)),
+            ("1g", Some(1 << 30)),
+            ("100", Some(100)),
+            (" 0 ", Some(0)),
+            ("1.5m", None),
+            ("m", None),
+            ("10x", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_size(v), want, "{v:?}");
+        }
+        let r = rules(&[path_rule(Some("x.test"), &[("/", "Prefix", "a")])]);
+        let doc = |annotations: &str| {
+            ingress("i", "2024-01-01T00:00:00Z", "ferry", &r).replace(
+                "metadata: {name: i,",
+                &format!("metadata: {{annotations: {{{annotations}}}, name: i,"),
+            )
+        };
+        let limit = |t: &RouteTable| t.route("x.test", "/").and_then(|m| m.max_body);
+        assert_eq!(limit(&table(&doc(""))), None);
+        assert_eq!(
+            limit(&table(&doc("nginx.ingress.kubernetes.io/proxy-body-size: 2m"))),
+            Some(2 << 20)
+        );
+        assert_eq!(
+            limit(&table(&doc("nginx.org/client-max-body-size: 10k"))),
+            Some(10 << 10)
+        );
+        // Ours is read first; 0 means no limit.
+        let both = "ferry.dev/client-max-body-size: \"0\", nginx.org/client-max-body-size: 10k";
+        assert_eq!(limit(&table(&doc(both))), None);
+        let t = table(&doc("nginx.org/client-max-body-size: lots"));
+        assert_eq!(limit(&t), None);
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        assert!(!t.render().contains("body <= "));
+        assert!(table(&doc("nginx.org/client-max-body-size: 1k"))
+            .render()
+            .contains("body <= 1024 bytes"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Empty, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,8 +28,9 @@ use tokio::net::TcpStream;
 use crate::h1::RawConn;
 use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
 
-/// What is sent upstream: the client's body, or nothing (rebuilt retries).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// What is sent upstream: the client's body (cut off with an error past
+/// the route's size limit), or nothing (rebuilt retries).
+pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
 
 /// Idle HTTP/1.1 connections kept per endpoint and pool slot.
 const MAX_IDLE_PER_ENDPOINT: usize = 512;

@@ -306,6 +306,64 @@ async fn request_bodies_reach_the_backend_whole() {
 }
 
 #[tokio::test]
+async fn bodies_over_the_annotated_limit_get_413() {
+    let cancel = CancellationToken::new();
+    let b = backend("body", &cancel).await;
+    let yaml = CLASS.to_string()
+        + &service("s", &[b], None)
+        + &ingress("i", "small.test", "/", "s", "nginx.org/client-max-body-size: 1k");
+    let proxy = Proxy::start(parse(&yaml)).await;
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let full = |n: usize| Full::new(Bytes::from(vec![7u8; n]));
+    // Within the limit: proxied.
+    let req = Request::post("/up")
+        .header("host", "small.test")
+        .body(full(1024))
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.contains("body-bytes: 1024"), "{body}");
+    // A declared length over it: refused before any upstream is involved.
+    let req = Request::post("/up")
+        .header("host", "small.test")
+        .body(full(1025))
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    // A chunked body that passes it on the way.
+    let stream = TcpStream::connect(proxy.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let chunks = futures::stream::iter(
+        (0..4).map(|_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![1u8; 400])))),
+    );
+    let req = Request::put("/up")
+        .header("host", "small.test")
+        .body(http_body_util::StreamBody::new(chunks))
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
+#[tokio::test]
 async fn forwarded_headers_host_and_hop_by_hop() {
     let cancel = CancellationToken::new();
     let b = backend("hdr", &cancel).await;
