@@ -154,6 +154,44 @@ async fn get(client: &HttpClient, proxy: SocketAddr, host: &str, path: &str) -> 
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A proxy with one echo backend answering `body` behind Service `s`,
+/// routed for `host` by an Ingress with `annotations`.
+async fn proxy_for(host: &str, body: &str, annotations: &str) -> (Proxy, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let b = backend(body, &cancel).await;
+    let yaml = CLASS.to_string() + &service("s", &[b], None) + &ingress("i", host, "/", "s", annotations);
+    (Proxy::start(parse(&yaml)).await, cancel)
+}
+
+/// An HTTP/1.1 client connection to `proxy`.
+async fn h1_client<B>(proxy: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Sends `req` on `send`; returns (status, body as text).
+async fn send_text<B>(send: &mut hyper::client::conn::http1::SendRequest<B>, req: Request<B>) -> (u16, String)
+where
+    B: hyper::body::Body + Send + 'static,
+{
+    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 fn first_line(body: &str) -> &str {
     body.lines().next().unwrap_or("")
 }
@@ -263,26 +301,15 @@ async fn missing_host_is_400_and_an_oversized_head_431() {
 
 #[tokio::test]
 async fn request_bodies_reach_the_backend_whole() {
-    let cancel = CancellationToken::new();
-    let b = backend("body", &cancel).await;
-    let yaml = CLASS.to_string() + &service("s", &[b], None) + &ingress("i", "b.test", "/", "s", "");
-    let proxy = Proxy::start(parse(&yaml)).await;
-    let stream = TcpStream::connect(proxy.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (proxy, cancel) = proxy_for("b.test", "body", "").await;
+    let mut send = h1_client(proxy.http).await;
     // 1 MiB with a Content-Length, larger than any buffer on the way.
     let req = Request::post("/upload")
         .header("host", "b.test")
         .body(http_body_util::Either::Left(Full::new(Bytes::from(vec![7u8; 1 << 20]))))
         .unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (status, body) = send_text(&mut send, req).await;
+    assert_eq!(status, 200);
     assert!(body.contains("POST /upload HTTP/1.1"), "{body}");
     assert!(body.contains("body-bytes: 1048576"), "{body}");
     // A chunked body of unknown length, sent in 100 pieces, on the same connection.
@@ -293,12 +320,8 @@ async fn request_bodies_reach_the_backend_whole() {
         .header("host", "b.test")
         .body(http_body_util::Either::Right(http_body_util::StreamBody::new(chunks)))
         .unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (status, body) = send_text(&mut send, req).await;
+    assert_eq!(status, 200);
     assert!(body.contains("PUT /stream HTTP/1.1"), "{body}");
     assert!(body.contains("body-bytes: 300000"), "{body}");
     proxy.stop().await;
@@ -307,46 +330,25 @@ async fn request_bodies_reach_the_backend_whole() {
 
 #[tokio::test]
 async fn bodies_over_the_annotated_limit_get_413() {
-    let cancel = CancellationToken::new();
-    let b = backend("body", &cancel).await;
-    let yaml = CLASS.to_string()
-        + &service("s", &[b], None)
-        + &ingress("i", "small.test", "/", "s", "nginx.org/client-max-body-size: 1k");
-    let proxy = Proxy::start(parse(&yaml)).await;
-    let stream = TcpStream::connect(proxy.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (proxy, cancel) = proxy_for("small.test", "body", "nginx.org/client-max-body-size: 1k").await;
+    let mut send = h1_client(proxy.http).await;
     let full = |n: usize| Full::new(Bytes::from(vec![7u8; n]));
     // Within the limit: proxied.
     let req = Request::post("/up")
         .header("host", "small.test")
         .body(full(1024))
         .unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (status, body) = send_text(&mut send, req).await;
+    assert_eq!(status, 200);
     assert!(body.contains("body-bytes: 1024"), "{body}");
     // A declared length over it: refused before any upstream is involved.
     let req = Request::post("/up")
         .header("host", "small.test")
         .body(full(1025))
         .unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 413);
+    assert_eq!(send_text(&mut send, req).await.0, 413);
     // A chunked body that passes it on the way.
-    let stream = TcpStream::connect(proxy.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1_client(proxy.http).await;
     let chunks = futures::stream::iter(
         (0..4).map(|_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![1u8; 400])))),
     );
@@ -354,26 +356,15 @@ async fn bodies_over_the_annotated_limit_get_413() {
         .header("host", "small.test")
         .body(http_body_util::StreamBody::new(chunks))
         .unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 413);
+    assert_eq!(send_text(&mut send, req).await.0, 413);
     proxy.stop().await;
     cancel.cancel();
 }
 
 #[tokio::test]
 async fn forwarded_headers_host_and_hop_by_hop() {
-    let cancel = CancellationToken::new();
-    let b = backend("hdr", &cancel).await;
-    let yaml = CLASS.to_string() + &service("s", &[b], None) + &ingress("i", "h.test", "/", "s", "");
-    let proxy = Proxy::start(parse(&yaml)).await;
-    let stream = TcpStream::connect(proxy.http).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (proxy, cancel) = proxy_for("h.test", "hdr", "").await;
+    let mut send = h1_client(proxy.http).await;
     let req = Request::get("/path?q=1")
         .header("host", "H.test:8080")
         .header("connection", "keep-alive, x-private")
@@ -382,9 +373,8 @@ async fn forwarded_headers_host_and_hop_by_hop() {
         .header("x-real-ip", "192.0.2.66")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let (status, body) = send_text(&mut send, req).await;
+    assert_eq!(status, 200);
     assert!(body.contains("GET /path?q=1 HTTP/1.1"), "{body}");
     assert!(body.contains("host: H.test:8080"), "{body}");
     assert!(body.contains("x-forwarded-for: 192.0.2.9, 127.0.0.1"), "{body}");
