@@ -666,6 +666,8 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
 
     for ing in ingresses {
         c.table.served.push(ing.key.clone());
+        let ssl_redirect = c.ssl_redirect(ing);
+        let max_body = c.max_body(ing);
         if let Some(b) = &ing.default_backend {
             match &c.table.default_backend {
                 Some(existing) => {
@@ -677,7 +679,6 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 }
                 None => {
                     let upstream = c.upstream(ing, "spec.defaultBackend", b);
-                    let max_body = c.max_body(ing);
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
                         upstream,
@@ -689,8 +690,6 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 }
             }
         }
-        let ssl_redirect = c.ssl_redirect(ing);
-        let max_body = c.max_body(ing);
         for (i, rule) in ing.rules.iter().enumerate() {
             let host = match rule.host.as_deref().map(rule_host) {
                 None => None,
@@ -1234,6 +1233,13 @@ endpoints:
             "{:?}",
             t.problems
         );
+        // Annotations are read once per Ingress: one problem, even with a
+        // default backend and rules; the limit applies to both.
+        let t = table(&doc("t", "nginx.org/client-max-body-size: 2x", "[]", &["c.test"]));
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        let t = table(&doc("t", "nginx.org/client-max-body-size: 2k", "[]", &["c.test"]));
+        assert_eq!(t.route("c.test", "/").and_then(|m| m.max_body), Some(2048));
+        assert_eq!(t.route("other.test", "/").and_then(|m| m.max_body), Some(2048));
         // Without spec.tls nothing is redirected.
         let t = table(&doc("t", "", "[]", &["c.test"]));
         assert_eq!(redirected(&t, "c.test"), Some(false));
