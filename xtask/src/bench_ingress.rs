@@ -95,7 +95,8 @@ fn ticks(pids: &[u32]) -> Ticks {
     t
 }
 
-/// The whole machine's busy ticks (every CPU, all but idle and iowait),
+/// The whole machine's busy ticks (every CPU: user, nice, system, irq,
+/// softirq; not idle, iowait, steal, or guest, which user already holds),
 /// from the first line of `/proc/stat`.
 fn machine_busy() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -105,7 +106,7 @@ fn machine_busy() -> u64 {
     cpu.split_whitespace()
         .skip(1)
         .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6))
         .filter_map(|(_, v)| v.parse::<u64>().ok())
         .sum()
 }
