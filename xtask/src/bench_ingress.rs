@@ -210,7 +210,8 @@ fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result
         .find_map(|l| l.trim().split_once(" requests in "))
         .and_then(|(n, _)| n.trim().parse::<f64>().ok())
         .with_context(|| format!("no request count in wrk output for {name}:\n{text}"))?;
-    let us_per_request = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / requests.max(1.0);
+    let tick_us = 1e6 / clock_ticks_per_second();
+    let us_per_request = |ticks: u64| ticks as f64 * tick_us / requests.max(1.0);
     let cpu = CpuPerRequest {
         proxy_user: us_per_request(proxy1.user.saturating_sub(proxy0.user)),
         proxy_sys: us_per_request(proxy1.sys.saturating_sub(proxy0.sys)),
