@@ -699,6 +699,13 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     continue;
                 }
             };
+            // Once per rule: whether its host is one of the Ingress's TLS hosts.
+            let https_only = ssl_redirect
+                && host.as_deref().is_some_and(|h| {
+                    ing.tls
+                        .iter()
+                        .any(|t| t.hosts.is_empty() || t.hosts.iter().any(|th| tls_covers(&th.to_ascii_lowercase(), h)))
+                });
             for (j, p) in rule.paths.iter().enumerate() {
                 let field = format!("spec.rules[{i}].http.paths[{j}]");
                 let path = match (&p.path, p.path_type) {
@@ -734,12 +741,6 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 }
                 claimed.insert(claim, ing.key.clone());
                 let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend);
-                let https_only = ssl_redirect
-                    && host.as_deref().is_some_and(|h| {
-                        ing.tls.iter().any(|t| {
-                            t.hosts.is_empty() || t.hosts.iter().any(|th| tls_covers(&th.to_ascii_lowercase(), h))
-                        })
-                    });
                 let route = Route {
                     path: matcher,
                     upstream,
