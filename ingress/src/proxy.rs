@@ -734,16 +734,6 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
     outcome.response
 }
 
-/// The request's `Content-Length`, when it has exactly one valid value.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let v = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    v.to_str().ok()?.trim().parse().ok()
-}
-
 /// Whether sending the request failed because its body passed the
 /// route's limit (`Limited` ended it with a `LengthLimitError`).
 fn body_too_large(e: &hyper::Error) -> bool {
@@ -782,7 +772,7 @@ async fn proxy_to<'a>(
 }
 
 /// The 308 to HTTPS for a plain HTTP request to a TLS host: same host
-/// (without the HTTP port), the HTTPS listener's port unless 443, same
+/// (normalized: lowercase, without the HTTP port), the HTTPS listener's port unless 443, same
 /// path and query. `None` when there is no HTTPS listener, and for ACME
 /// HTTP-01 challenges, which must stay reachable over HTTP (as in
 /// ingress-nginx).
@@ -791,11 +781,8 @@ fn https_redirect(shared: &Shared, authority: &str, uri: &Uri) -> Option<Respons
     if port == 0 || uri.path().starts_with("/.well-known/acme-challenge/") {
         return None;
     }
-    let host = match authority.rsplit_once(':') {
-        // `host:port` or `[v6]:port`; a bare `[v6]` has no port to drop.
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h,
-        _ => authority,
-    };
+    // Only DNS names reach here (they matched a TLS rule host).
+    let host = normalize_host(authority);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let location = if port == 443 {
         format!("https://{host}{path}")
@@ -925,7 +912,8 @@ async fn forward(
     }
     // A declared length over the limit is refused before any upstream is
     // involved; a body without one is cut off where it passes the limit.
-    let declared = req.body().size_hint().exact().or_else(|| content_length(req.headers()));
+    // hyper sets an exact size hint from Content-Length (HTTP/1 and h2).
+    let declared = req.body().size_hint().exact();
     if let (Some(limit), Some(len)) = (max_body, declared) {
         if len > limit {
             return Outcome {
