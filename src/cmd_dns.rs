@@ -43,6 +43,10 @@ pub struct DnsOpts {
     /// resolv.conf to take default upstreams from.
     #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    /// Set by `ferry node --dns-service`: the Service whose ClusterIPs this
+    /// node answers itself.
+    #[arg(skip)]
+    pub takeover: Option<ferry_cluster::ObjectKey>,
 }
 
 impl Default for DnsOpts {
@@ -57,6 +61,7 @@ impl Default for DnsOpts {
             upstream_timeout_ms: 2000,
             dns_cache_size: 10_000,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            takeover: None,
         }
     }
 }
@@ -137,6 +142,16 @@ pub async fn spawn(
         }
     });
     tracing::info!(addr = %local, "dns: bound");
+    if let Some(service) = opts.takeover.clone() {
+        let cfg = ferry_dns::takeover::TakeoverConfig {
+            service,
+            label: ferry_dns::link::DEFAULT_LABEL.into(),
+            port: opts.listen.port(),
+            workers,
+        };
+        let (server, snapshots, cancel) = (server.clone(), snapshots.clone(), rt.cancel.clone());
+        tokio::spawn(ferry_dns::takeover::run(cfg, server, snapshots, cancel));
+    }
     let cancel = rt.cancel.clone();
     Ok(tokio::spawn(async move {
         server.serve(sockets, snapshots, cancel).await?;

@@ -90,6 +90,10 @@ pub struct ProxyOpts {
     /// eBPF mode: bpffs directory for pinned maps and links.
     #[arg(long, value_name = "PATH")]
     pub bpffs: Option<PathBuf>,
+    /// Set by `ferry node --dns-service`: the Service whose port 53 this
+    /// node's DNS answers itself, so the proxy leaves it alone.
+    #[arg(skip)]
+    pub local_dns: Option<ferry_cluster::ObjectKey>,
 }
 
 /// `30s`, `1m`, `500ms`, or plain seconds.
@@ -128,6 +132,7 @@ impl ProxyOpts {
             cluster_cidrs: self.cluster_cidrs.clone(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             localhost_nodeports: self.localhost_nodeports,
+            local_dns: self.local_dns.clone(),
         }
     }
 
@@ -223,6 +228,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    crate::source::warn_if_proxy_needs_apiserver(&args.run.source);
     let mut rt = crate::runtime::Runtime::new();
     let rx = rt.source(&args.run.source).await?;
     let handle = spawn(&mut rt, rx, &args.opts).await?;

@@ -37,7 +37,15 @@ pub struct NodeConfig {
     /// addresses be routed off the host and so exposes services bound to
     /// localhost to the node's neighbours (CVE-2020-8558). Opt in knowingly.
     pub localhost_nodeports: bool,
+    /// The cluster DNS Service that this node answers itself (`ferry node
+    /// --dns-service`): its ClusterIPs on port 53 are local addresses of
+    /// ferry's DNS, so the proxy programs nothing for them.
+    pub local_dns: Option<ObjectKey>,
 }
+
+/// DNS port of the cluster DNS Service that `NodeConfig::local_dns` leaves
+/// to the node's own DNS server.
+const DNS_PORT: u16 = 53;
 
 /// `namespace/name:port-name/PROTOCOL`: one Service port, the unit every
 /// dataplane programs (kube-proxy's `ServicePortName`).
@@ -332,7 +340,10 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
                 protocol: port.protocol,
             };
             let mut frontends = Vec::new();
-            for ip in &svc.cluster_ips {
+            let answered_locally = port.port == DNS_PORT
+                && matches!(port.protocol, Protocol::Udp | Protocol::Tcp)
+                && node.local_dns.as_ref() == Some(&svc.key);
+            for ip in svc.cluster_ips.iter().filter(|_| !answered_locally) {
                 frontends.push(Frontend {
                     ip: *ip,
                     port: port.port,
@@ -382,6 +393,9 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
                 });
             }
 
+            if answered_locally && frontends.is_empty() {
+                continue;
+            }
             let all = snap.backends(svc, port);
             let to_backend = |b: &ferry_cluster::Backend| Backend {
                 ip: b.ip,
@@ -504,6 +518,32 @@ endpoints:
   conditions: {ready: false, serving: true, terminating: true}
   nodeName: node-b
 "#;
+
+    #[test]
+    fn the_locally_answered_dns_service_keeps_only_its_other_frontends() {
+        let snap = snapshot(SVC);
+        let mut cfg = node();
+        cfg.local_dns = Some(ObjectKey::new("shop", "web"));
+        let (table, _) = plan(&snap, &cfg);
+        let dns = table
+            .services
+            .values()
+            .find(|e| e.name.port == "dns")
+            .expect("the NodePort and externalIP of port 53 stay");
+        assert!(dns.frontends.iter().all(|f| f.kind != FrontendKind::ClusterIp));
+        assert!(
+            dns.frontends.iter().any(|f| f.kind == FrontendKind::NodePort)
+                || dns.frontends.iter().any(|f| f.kind == FrontendKind::ExternalIp)
+        );
+        let http = table.services.values().find(|e| e.name.port == "http").unwrap();
+        assert!(
+            http.frontends.iter().any(|f| f.kind == FrontendKind::ClusterIp),
+            "other ports untouched"
+        );
+        // Another Service's port 53 is proxied as usual.
+        cfg.local_dns = Some(ObjectKey::new("kube-system", "kube-dns"));
+        assert_eq!(plan(&snap, &cfg).0, plan(&snap, &node()).0);
+    }
 
     #[test]
     fn differing_ports_and_assign_from_follow_the_next_table() {
