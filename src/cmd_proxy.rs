@@ -37,7 +37,7 @@ pub enum ProxyMode {
     #[default]
     Iptables,
     Ebpf,
-    /// ferry's own nftables table (`table ip ferry`), written with `nft -f`.
+    /// ferry's own nftables table (`table ip ferry`), written by netlink batches.
     Nftables,
 }
 
@@ -169,6 +169,12 @@ pub struct ProxyArgs {
     pub cleanup: bool,
 }
 
+fn bpffs_dir(opts: &ProxyOpts) -> PathBuf {
+    opts.bpffs
+        .clone()
+        .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into())
+}
+
 /// The one place that maps `--mode` to a dataplane.
 pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
     match opts.mode {
@@ -182,14 +188,31 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
             Ok(Box::new(NftablesDataplane::new()))
         }
         ProxyMode::Ebpf => Ok(Box::new(
-            ferry_proxy::ebpf::EbpfDataplane::new(
-                opts.bpffs
-                    .clone()
-                    .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
-                opts.cgroup.clone(),
-            )
-            .with_devices(opts.devices.clone()),
+            ferry_proxy::ebpf::EbpfDataplane::new(bpffs_dir(opts), opts.cgroup.clone())
+                .with_devices(opts.devices.clone()),
         )),
+    }
+}
+
+/// Removes what the other modes left on this node (a switch from nftables
+/// to eBPF must not leave `table ip ferry` serving stale endpoints), as
+/// kube-proxy cleans up after its other modes at start. Failures are logged:
+/// a tool or kernel feature that is missing had nothing to leave.
+fn remove_other_modes(opts: &ProxyOpts) {
+    for mode in [ProxyMode::Iptables, ProxyMode::Nftables, ProxyMode::Ebpf] {
+        if mode == opts.mode {
+            continue;
+        }
+        let mut dataplane: Box<dyn Dataplane> = match mode {
+            // Removes both back ends' chains, whichever this one names.
+            ProxyMode::Iptables => Box::new(IptablesDataplane::new(IptablesBackend::Nft)),
+            ProxyMode::Nftables => Box::new(NftablesDataplane::new()),
+            ProxyMode::Ebpf => Box::new(ferry_proxy::ebpf::EbpfDataplane::new(bpffs_dir(opts), None)),
+        };
+        match dataplane.cleanup() {
+            Ok(()) => tracing::debug!(mode = ?mode, "removed what that mode left, if anything"),
+            Err(e) => tracing::warn!(mode = ?mode, error = %format!("{e:#}"), "could not remove what that mode left"),
+        }
     }
 }
 
@@ -213,6 +236,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             .await
             .context("loading the cluster")?;
         let node = args.opts.node_config();
+        remove_other_modes(&args.opts);
         let mut dp = make_dataplane(&args.opts)?;
         let started = Instant::now();
         let table = plan_logged(&snap, &node);
@@ -295,6 +319,10 @@ pub async fn spawn(
     snapshots: SnapshotRx,
     opts: &ProxyOpts,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let others = opts.clone();
+    tokio::task::spawn_blocking(move || remove_other_modes(&others))
+        .await
+        .context("cleanup task")?;
     let dataplane = make_dataplane(opts)?;
     let metrics = SyncMetrics::new(&mut rt.admin.registry);
     let health = Arc::new(Mutex::new(SyncHealth::default()));

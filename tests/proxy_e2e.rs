@@ -73,6 +73,14 @@ fn nftables_restart_and_cleanup() {
     run_mode("restart_and_cleanup", Mode::nftables(), scenarios::restart_and_cleanup);
 }
 
+#[test]
+fn switching_between_iptables_and_nftables_leaves_nothing_behind() {
+    run(
+        "switching_modes_leaves_nothing_behind",
+        scenarios::switching_modes_leaves_nothing_behind,
+    );
+}
+
 /// iptables only: someone flushing the nat table (a firewall reload) is
 /// noticed by the canary check and repaired by a full resync.
 #[test]

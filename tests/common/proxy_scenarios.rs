@@ -465,3 +465,36 @@ pub fn restart_and_cleanup(mode: &Mode) -> anyhow::Result<()> {
     ensure!(left.is_empty(), "left after --cleanup: {left:#?}");
     Ok(())
 }
+
+/// Switching modes (stop one, start another on the same node) leaves
+/// nothing of the old mode: nftables → iptables → nftables, each serving.
+pub fn switching_modes_leaves_nothing_behind(_: &Mode) -> anyhow::Result<()> {
+    let topo = Topology::new("fyM")?;
+    let m = Manifests::new(&cluster_yaml(&[0, 1, 2]))?;
+    let web = addr(WEB_VIP, 80);
+    let mut previous: Option<Mode> = None;
+    for mode in [Mode::nftables(), Mode::iptables(), Mode::nftables()] {
+        let mut ferry = Ferry::start(&topo, &mode, &m.dir)?;
+        let names = in_netns(&topo.node, move || tcp_names(web, 30))?;
+        ensure!(distinct(&names) == all_pods(), "{}: {names:?}", mode.name);
+        if let Some(prev) = &previous {
+            let left: Vec<String> = (prev.leftovers)(&topo.node)
+                .into_iter()
+                .filter(|l| match mode.name {
+                    // What the running mode programs itself is not a leftover.
+                    "iptables" => l.starts_with("nft:"),
+                    _ => !l.starts_with("nft:"),
+                })
+                .collect();
+            ensure!(
+                left.is_empty(),
+                "{} after {}: the old mode's rules are still there: {left:#?}",
+                mode.name,
+                prev.name
+            );
+        }
+        ferry.stop()?;
+        previous = Some(mode);
+    }
+    Ok(())
+}
