@@ -74,7 +74,7 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
         args.proxy.local_dns = local_dns.clone();
         args.dns.takeover = local_dns.clone();
         if local_dns.is_none() {
-            ferry_dns::takeover::disable(ferry_dns::link::DEFAULT_LABEL);
+            crate::cmd_dns::disable_takeover();
         }
     }
     if !args.no_proxy {

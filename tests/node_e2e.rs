@@ -217,7 +217,8 @@ fn dig(ns: &str, args: &[&str]) -> String {
 /// `ferry node` with its default `--dns-service kube-system/kube-dns`
 /// answers queries that pods send to the kube-dns ClusterIP on the node
 /// itself (UDP and TCP), in the iptables and nftables modes, although the
-/// Service has no endpoints; and it never forwards to that IP.
+/// Service has no endpoints, without conntrack entries; and it never
+/// forwards to that IP.
 #[test]
 fn node_answers_the_cluster_dns_service_ip_itself() {
     if !netns::is_root() {
@@ -250,6 +251,14 @@ fn node_answers_the_cluster_dns_service_ip_itself() {
         // SERVFAIL rather than a loop.
         let out = dig(&pod, &["@10.96.0.10", "example.test", "A"]);
         assert!(out.contains("status: SERVFAIL"), "{mode}: {out}");
+        // NOTRACK: the queries above left no conntrack entry.
+        let tracked = netns::ns_sh(&topo.node, "conntrack", &["-L", "-d", "10.96.0.10"]).unwrap_or_default();
+        assert!(
+            !tracked.contains("dport=53"),
+            "{mode}: DNS flows were tracked: {tracked}"
+        );
+        let table = netns::ns_sh(&topo.node, "nft", &["list", "table", "ip", "ferry-dns"]).unwrap();
+        assert!(table.contains("notrack"), "{mode}: {table}");
         let addrs = netns::ns_sh(
             &topo.node,
             "ip",

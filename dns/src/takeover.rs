@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_cluster::{ObjectKey, Snapshot, SnapshotRx};
@@ -24,8 +25,12 @@ use crate::server::{BoundSockets, DnsServer};
 /// Retry period after a failure to program the device or bind.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// Called with the taken-over addresses after each change (ferry node
+/// installs the NOTRACK rules with it); an error is logged, not retried.
+pub type AddressHook = Arc<dyn Fn(&[IpAddr]) -> Result<(), String> + Send + Sync>;
+
 /// What to take over and how.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TakeoverConfig {
     /// The cluster DNS Service (`kube-system/kube-dns`).
     pub service: ObjectKey,
@@ -35,6 +40,7 @@ pub struct TakeoverConfig {
     pub port: u16,
     /// UDP sockets per address.
     pub workers: usize,
+    pub on_change: Option<AddressHook>,
 }
 
 /// Parses `NS/NAME`; empty means "no takeover".
@@ -91,8 +97,16 @@ pub async fn run(cfg: TakeoverConfig, server: DnsServer, mut snapshots: Snapshot
             let want = service_ips(&snap, &cfg.service);
             server.forbid_upstreams(want.clone());
             if programmed.as_ref() != Some(&want) {
-                let (label, ips) = (cfg.label.clone(), want.clone());
-                match tokio::task::spawn_blocking(move || crate::link::ensure(&label, &ips)).await {
+                let (label, ips, hook) = (cfg.label.clone(), want.clone(), cfg.on_change.clone());
+                let programmed_now = tokio::task::spawn_blocking(move || {
+                    let added = crate::link::ensure(&label, &ips)?;
+                    if let Some(Err(e)) = hook.map(|h| h(&ips)) {
+                        tracing::warn!(error = %e, "dns takeover: addresses in place, but their NOTRACK rules are not (queries make conntrack entries)");
+                    }
+                    Ok::<_, std::io::Error>(added)
+                })
+                .await;
+                match programmed_now {
                     Ok(Ok(added)) => {
                         if !added.is_empty() {
                             tracing::info!(service = %cfg.service, label = %cfg.label, addresses = ?want, "dns: answering the cluster DNS Service's addresses on this node");

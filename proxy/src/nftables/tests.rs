@@ -525,6 +525,7 @@ fn netlink_batches_equal_nft_scripts_in_the_kernel() {
     let before = kernel_listing(&by_netlink, "ip");
     let bad = render::Script {
         family: Family::V4,
+        table: render::TABLE,
         cmds: vec![
             Cmd::AddChain("new-one".into(), None),
             Cmd::AddRule(
@@ -638,7 +639,7 @@ fn the_canary_reads_the_dispatch_rule_back_over_netlink() {
     }
     let ns = Netns::new("canary");
     let nl = super::netlink::chain_looks_up;
-    let exists = super::netlink::table_exists;
+    let exists = |f| super::netlink::table_exists(f, render::TABLE);
     let (chain, map) = (render::CANARY_CHAIN, render::SERVICES);
     assert!(!in_netns(&ns, || exists(Family::V4)).unwrap());
     assert!(!in_netns(&ns, || nl(Family::V4, chain, map)).unwrap());
