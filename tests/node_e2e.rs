@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::netns::{self, Topology, NODE_IP};
+use common::skip::require_root;
 
 const CLUSTER_IP: &str = "10.96.0.50";
 const DNS_PORT: u16 = 5300;
@@ -109,8 +110,7 @@ fn start_node(topo: &Topology, dir: &std::path::Path, mode: &str, extra: &[&str]
 
 #[test]
 fn node_runs_proxy_dns_and_ingress_over_one_snapshot() {
-    if !netns::is_root() {
-        eprintln!("skipping: needs root (network namespaces, iptables)");
+    if !require_root() {
         return;
     }
     let topo = Topology::new("fn").unwrap();

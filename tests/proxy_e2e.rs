@@ -4,16 +4,15 @@
 
 mod common;
 
-use common::netns::is_root;
 use common::proxy_scenarios::{self as scenarios, Mode};
+use common::skip::require_root;
 
 fn run(name: &str, f: fn(&Mode) -> anyhow::Result<()>) {
     run_mode(name, Mode::iptables(), f)
 }
 
 fn run_mode(name: &str, mode: Mode, f: fn(&Mode) -> anyhow::Result<()>) {
-    if !is_root() {
-        eprintln!("skipping {name}: needs root (network namespaces, iptables)");
+    if !require_root() {
         return;
     }
     if let Err(e) = f(&mode) {
@@ -85,8 +84,7 @@ fn switching_between_iptables_and_nftables_leaves_nothing_behind() {
 /// noticed by the canary check and repaired by a full resync.
 #[test]
 fn iptables_canary_repairs_a_flushed_nat_table() {
-    if !is_root() {
-        eprintln!("skipping iptables_canary_repairs_a_flushed_nat_table: needs root");
+    if !require_root() {
         return;
     }
     use common::netns::*;

@@ -29,10 +29,11 @@ use std::sync::{Mutex, OnceLock};
 use std::net::SocketAddr;
 
 use anyhow::ensure;
-use common::netns::{http_get, in_netns, is_root, tcp_names, udp_names, Topology};
+use common::netns::{http_get, in_netns, tcp_names, udp_names, Topology};
 use common::proxy_scenarios::{
     self as scenarios, addr, all_pods, cluster_yaml, distinct, Ferry, Manifests, Mode, ADMIN,
 };
+use common::skip::require_root;
 
 /// The test cgroup and pin directory, per test process. `ip netns exec`
 /// remounts /sys, hiding the cgroup2 and bpffs mounts there from ferry, so
@@ -151,8 +152,7 @@ fn mode() -> Mode {
 }
 
 fn run(name: &str, f: fn(&Mode) -> anyhow::Result<()>) {
-    if !is_root() {
-        eprintln!("skipping {name}: needs root (network namespaces, BPF, cgroups)");
+    if !require_root() {
         return;
     }
     // One scenario at a time: they share this process's cgroup and pins.
