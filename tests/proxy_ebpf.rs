@@ -189,6 +189,7 @@ fn entry(name: &str, proto: Protocol, vip: Ipv4Addr, port: u16, backends: &[Sock
             ip: (*a.ip()).into(),
             port: a.port(),
             local: true,
+            hairpin: true,
             ready: true,
             serving: true,
             terminating: false,

@@ -146,6 +146,7 @@ fn mode() -> Mode {
             "--devices".into(),
             "ext0,br0".into(),
         ],
+        wrap: Vec::new(),
         leftovers: ebpf_leftovers,
     }
 }
