@@ -49,7 +49,7 @@ impl Env {
     fn new() -> Env {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("ferry-ebpf-test-{}-{n}", std::process::id());
-        let root = ebpf::cgroup2_root().unwrap();
+        let root = ebpf::cgroup2_root().unwrap().expect("a cgroup2 mount").mount_point;
         let cgroup = root.join(&tag);
         std::fs::create_dir(&cgroup).unwrap();
         let pins = Path::new(ebpf::DEFAULT_BPFFS_DIR).parent().unwrap().join(&tag);

@@ -34,11 +34,17 @@ use common::proxy_scenarios::{
     self as scenarios, addr, all_pods, cluster_yaml, distinct, Ferry, Manifests, Mode, ADMIN,
 };
 
-/// The test cgroup and pin directory, per test process. `ip netns exec`
-/// remounts /sys, hiding the cgroup2 and bpffs mounts there from ferry, so
-/// the test mounts its own cgroup2 and bpffs under /run.
+/// The test cgroup and pin directory, per test process. The cgroup is a
+/// child of the host's cgroup2 root (found in mountinfo, as ferry's
+/// default does: /sys/fs/cgroup/unified on hybrid hosts); the test process
+/// moves into it. `ip netns exec` remounts /sys, hiding the host's cgroup2
+/// and bpffs from ferry: ferry mounts cgroup2 itself (its default), and the
+/// pins live on a bpffs the test mounts under /run so they outlive one
+/// ferry process (the restart scenario needs that).
 struct Place {
     base: PathBuf,
+    /// The host's cgroup2 mount.
+    root: PathBuf,
     cgroup: PathBuf,
     pins: PathBuf,
 }
@@ -47,8 +53,13 @@ fn place() -> &'static Place {
     static PLACE: OnceLock<Place> = OnceLock::new();
     PLACE.get_or_init(|| {
         let base = PathBuf::from(format!("/run/ferry-ebpf-e2e-{}", std::process::id()));
+        let root = ferry_proxy::ebpf::cgroup2_root()
+            .unwrap()
+            .expect("a cgroup2 mount on the host")
+            .mount_point;
         Place {
-            cgroup: base.join("cg").join("ferry-ebpf-e2e"),
+            cgroup: root.join(format!("ferry-ebpf-e2e-{}", std::process::id())),
+            root,
             pins: base.join("bpf").join("pins"),
             base,
         }
@@ -59,23 +70,16 @@ fn sh(cmd: &str, args: &[&str]) {
     let _ = Command::new(cmd).args(args).status();
 }
 
-/// Mounts cgroup2 and bpffs under /run, creates the cgroup and moves this
-/// process into it; on drop moves it back, removes pins, cgroup and mounts.
+/// Mounts bpffs under /run, creates the cgroup and moves this process into
+/// it; on drop moves it back, removes pins, cgroup and mount.
 struct InCgroup;
 
 impl InCgroup {
     fn enter() -> InCgroup {
         let p = place();
         let guard = InCgroup;
-        let (cg, bpf) = (p.base.join("cg"), p.base.join("bpf"));
-        std::fs::create_dir_all(&cg).unwrap();
+        let bpf = p.base.join("bpf");
         std::fs::create_dir_all(&bpf).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "cgroup2", "none"])
-            .arg(&cg)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount cgroup2");
         let ok = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
             .arg(&bpf)
@@ -92,16 +96,22 @@ impl Drop for InCgroup {
     fn drop(&mut self) {
         let p = place();
         let _ = ferry_proxy::ebpf::cleanup(&p.pins);
-        let (cg, bpf) = (p.base.join("cg"), p.base.join("bpf"));
-        let _ = std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string());
+        let bpf = p.base.join("bpf");
+        let _ = std::fs::write(p.root.join("cgroup.procs"), std::process::id().to_string());
         let _ = std::fs::remove_dir(&p.cgroup);
-        sh("umount", &[&cg.to_string_lossy()]);
         sh("umount", &[&bpf.to_string_lossy()]);
-        let _ = std::fs::remove_dir(&cg);
         let _ = std::fs::remove_dir(&bpf);
         let _ = std::fs::remove_dir(&p.base);
     }
 }
+
+/// ferry runs as a container would: in its own cgroup namespace, whose
+/// root is the test cgroup (so ferry's default cgroup — its own cgroup2
+/// mount, nothing else being visible — serves the test's processes only,
+/// not the machine's), with no cgroup2 mount of the host visible (`ip netns
+/// exec` hid /sys; any other one, e.g. of a concurrent test, is unmounted
+/// in ferry's private mount namespace).
+const WRAP: &str = "grep ' - cgroup2 ' /proc/self/mountinfo | cut -d' ' -f5 | xargs -r -n1 umount -l; exec \"$@\"";
 
 fn ebpf_leftovers(node_ns: &str) -> Vec<String> {
     let p = place();
@@ -139,14 +149,14 @@ fn mode() -> Mode {
         args: vec![
             "--mode".into(),
             "ebpf".into(),
-            "--cgroup".into(),
-            p.cgroup.display().to_string(),
             "--bpffs".into(),
             p.pins.display().to_string(),
             "--devices".into(),
             "ext0,br0".into(),
         ],
-        wrap: Vec::new(),
+        wrap: ["unshare", "--cgroup", "sh", "-c", WRAP, "ferry-wrap"]
+            .map(String::from)
+            .to_vec(),
         leftovers: ebpf_leftovers,
     }
 }
@@ -182,14 +192,12 @@ fn ebpf_restart_and_cleanup() {
 /// leave the test cgroup first (they stand for hosts outside the node);
 /// each line is the name of the pod that answered, or `ERR`.
 fn outside_names(client_ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<String>> {
-    let root = place().base.join("cg");
+    let inner = format!("for i in $(seq {n}); do curl -s --max-time 5 http://{to}/ || echo ERR; done");
     let script = format!(
-        "echo $$ > {}/cgroup.procs && for i in $(seq {n}); do curl -s --max-time 5 http://{to}/ || echo ERR; done",
-        root.display()
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {client_ns} sh -c '{inner}'",
+        place().root.display()
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", client_ns, "sh", "-c", &script])
-        .output()?;
+    let out = Command::new("sh").args(["-c", &script]).output()?;
     ensure!(
         out.status.success(),
         "outside client: {}",
@@ -294,4 +302,9 @@ fn ebpf_affinity_and_local_policy() {
         "affinity_and_local_policy (ebpf variant)",
         affinity_and_local_policy_ebpf,
     );
+}
+
+#[test]
+fn ebpf_hairpin_without_node_name() {
+    run("hairpin_without_node_name", scenarios::hairpin_without_node_name);
 }

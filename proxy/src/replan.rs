@@ -271,7 +271,11 @@ mod tests {
         let a = |eps: &[&str]| service("a", "10.96.0.1", false, 0, eps);
         let b = service("b", "10.96.0.2", false, 0, &["10.244.0.3"]);
         let mut rp = Replanner::default();
-        rp.update(&snapshot(1, &(other.to_string() + &a(&["10.244.0.1"]) + &b)), &node(), false);
+        rp.update(
+            &snapshot(1, &(other.to_string() + &a(&["10.244.0.1"]) + &b)),
+            &node(),
+            false,
+        );
         let snap = snapshot(2, &(other.to_string() + &a(&["10.244.0.1", "10.244.0.2"]) + &b));
         let r = rp.update(&snap, &node(), false);
         assert!(!r.whole);
@@ -283,6 +287,11 @@ mod tests {
         assert!(r.whole);
         assert_eq!(rp.table(), &plan(&snap, &node()).0);
         // service() puts every endpoint on node-a: all local again.
-        assert!(rp.table().services.values().flat_map(|e| &e.backends).all(|b| b.local && b.hairpin));
+        assert!(rp
+            .table()
+            .services
+            .values()
+            .flat_map(|e| &e.backends)
+            .all(|b| b.local && b.hairpin));
     }
 }

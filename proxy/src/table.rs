@@ -400,14 +400,14 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
             let to_backend = |b: &ferry_cluster::Backend| {
                 let local = !node.node_name.is_empty() && b.node_name.as_deref() == Some(node.node_name.as_str());
                 Backend {
-                ip: b.ip,
-                port: b.port,
-                local,
-                hairpin: local || !known || b.node_name.as_deref().is_none_or(str::is_empty),
-                ready: b.conditions.ready,
-                serving: b.conditions.serving,
-                terminating: b.conditions.terminating,
-            }
+                    ip: b.ip,
+                    port: b.port,
+                    local,
+                    hairpin: local || !known || b.node_name.as_deref().is_none_or(str::is_empty),
+                    ready: b.conditions.ready,
+                    serving: b.conditions.serving,
+                    terminating: b.conditions.terminating,
+                }
             };
             // Backends whose family matches no frontend could never be dialled.
             let mut mixed = false;
@@ -606,7 +606,10 @@ endpoints:
             flags,
             vec![("10.244.1.5".into(), false, true), ("10.244.2.5".into(), false, false)]
         );
-        assert!(e.local_backends.is_empty(), "no nodeName is not local for Local policies");
+        assert!(
+            e.local_backends.is_empty(),
+            "no nodeName is not local for Local policies"
+        );
         // No node name at all: every endpoint may be local.
         let nameless = NodeConfig {
             node_name: String::new(),

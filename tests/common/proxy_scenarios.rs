@@ -493,7 +493,10 @@ pub fn hairpin_without_node_name(mode: &Mode) -> anyhow::Result<()> {
     let topo = Topology::new("fyH")?;
     let mut eps = String::new();
     for i in 0..3 {
-        eps.push_str(&format!("- addresses: [10.244.0.{}]\n  conditions: {{ready: true}}\n", 10 + i));
+        eps.push_str(&format!(
+            "- addresses: [10.244.0.{}]\n  conditions: {{ready: true}}\n",
+            10 + i
+        ));
     }
     let yaml = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: e2e}}\n{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 8080, protocol: TCP}}\nendpoints:\n{eps}",

@@ -8,8 +8,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
+use super::cgroup::default_cgroup;
 use super::entries::{Incremental, Op};
-use super::loader::{attach_tc, cgroup2_root, cleanup, devices_with, EbpfError, SockLb};
+use super::loader::{attach_tc, cleanup, devices_with, EbpfError, SockLb};
 use crate::dataplane::{Dataplane, SyncReport};
 use crate::error::ProxyError;
 use crate::table::ServiceTable;
@@ -27,8 +28,9 @@ pub struct EbpfDataplane {
 }
 
 impl EbpfDataplane {
-    /// `dir`: bpffs pin directory; `cgroup`: where to attach (default: the
-    /// root of the cgroup2 mount, so every process on the node is served).
+    /// `dir`: bpffs pin directory; `cgroup`: where to attach (default:
+    /// `default_cgroup`, the root of the cgroup2 hierarchy, so every
+    /// process on the node is served).
     pub fn new(dir: PathBuf, cgroup: Option<PathBuf>) -> Self {
         Self {
             dir,
@@ -85,7 +87,7 @@ impl EbpfDataplane {
         if self.lb.is_none() {
             let cgroup = match &self.cgroup {
                 Some(c) => c.clone(),
-                None => cgroup2_root()?,
+                None => default_cgroup()?,
             };
             let lb = SockLb::open(&self.dir, &cgroup)?;
             tracing::info!(dir = %self.dir.display(), cgroup = %cgroup.display(), adopted = lb.adopted, "eBPF socket LB ready");

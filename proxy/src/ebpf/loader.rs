@@ -26,7 +26,7 @@ use ferry_ebpf::{Backend, BackendKey, SvcKey, SvcVal};
 use super::entries::{MapEntries, Op};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+pub(crate) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Default pin directory: where a restarted ferry finds its maps and links.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/ferry";
@@ -81,7 +81,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EbpfError + '_ {
     }
 }
 
-fn statfs_magic(path: &Path) -> io::Result<i64> {
+pub(crate) fn statfs_magic(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out pointer.
@@ -119,25 +119,6 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// The root of the cgroup v2 hierarchy (the default `--cgroup`), from
-/// /proc/self/mountinfo.
-pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
-    let info = "/proc/self/mountinfo";
-    let text = std::fs::read_to_string(info).map_err(io_err(Path::new(info)))?;
-    text.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            Some(PathBuf::from(pre.split_whitespace().nth(4)?))
-        })
-        .ok_or_else(|| EbpfError::Cgroup {
-            path: PathBuf::from("/sys/fs/cgroup"),
-            reason: "no cgroup2 filesystem is mounted (mount -t cgroup2 none /sys/fs/cgroup)".into(),
-        })
 }
 
 fn check_cgroup(path: &Path) -> Result<File, EbpfError> {
