@@ -1,35 +1,40 @@
 //! Privileged e2e of `ferry proxy --mode ebpf` with the shared scenarios of
 //! tests/common/proxy_scenarios.rs, in network namespaces the scenarios
-//! create. The eBPF programs attach to a cgroup this test creates and the
-//! whole test process (so every client it spawns, and ferry itself) is
-//! moved into it; the node namespace has no route for the service range —
-//! the connect is rewritten before routing.
+//! create, with ferry's default cgroup and devices. The test process moves
+//! into a cgroup of its own; ferry runs in a cgroup namespace rooted there
+//! and sees no cgroup2 mount, so it mounts its own (its default), which
+//! shows that cgroup: every client the test spawns, and ferry itself, is
+//! served, and nothing else on the machine. The node namespace has no
+//! route for the service range — the connect is rewritten before routing.
 //!
 //! Runs the shared scenarios whose clients are on the node or in pods
 //! (socket-level LB): endpoint removal, immediate refusal, restart keeping a
-//! connection, cleanup. "cluster IP and node port" and "affinity and local
-//! policy" also send traffic from the client namespace, i.e. from *outside*
-//! the node, which the TC program serves; a client outside the node is not
-//! in the node's cgroup, so those two run here as eBPF variants whose
-//! outside clients are curl processes that first move themselves to the
-//! cgroup root (the shared versions run them as threads of this process,
-//! which sits in the test cgroup). The TC program is attached to ext0 (the
-//! node IP's device) and br0: pod1 and pod2 are declared on node-b, so
-//! their SNATed replies stand for traffic from the other node, and here
-//! they arrive on br0.
+//! connection, cleanup, hairpin without nodeName. "cluster IP and node
+//! port" and "affinity and local policy" also send traffic from the client
+//! namespace, i.e. from *outside* the node, which the TC program serves; a
+//! client outside the node is not in the node's cgroup, so those two run
+//! here as eBPF variants whose outside clients are curl processes that
+//! first move themselves to the cgroup root (the shared versions run them
+//! as threads of this process, which sits in the test cgroup). The TC
+//! program lands on the default devices: ext0 (the node IP's) and br0 (the
+//! pods'): pod1 and pod2 are declared on node-b, so their SNATed replies
+//! stand for traffic from the other node, and here they arrive on br0; and
+//! ext1, a second client interface added while ferry runs.
 //! Skipped with a message when not root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use std::net::SocketAddr;
 
 use anyhow::ensure;
-use common::netns::{http_get, in_netns, is_root, tcp_names, udp_names, Topology};
+use common::netns::{http_get, in_netns, is_root, ns_sh, tcp_names, udp_names, wait_until, Topology};
 use common::proxy_scenarios::{
     self as scenarios, addr, all_pods, cluster_yaml, distinct, Ferry, Manifests, Mode, ADMIN,
 };
@@ -117,17 +122,7 @@ fn ebpf_leftovers(node_ns: &str) -> Vec<String> {
     let p = place();
     let mut out = Vec::new();
     // tcx links of the TC program on the node's devices.
-    if let Ok(o) = Command::new("ip")
-        .args(["netns", "exec", node_ns, "bpftool", "net", "show"])
-        .output()
-    {
-        out.extend(
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.contains("ferry_tc"))
-                .map(|l| format!("tc: {l}")),
-        );
-    }
+    out.extend(tc_devices(node_ns).into_iter().map(|d| format!("tc program on {d}")));
     if p.pins.exists() {
         out.push(format!("pin directory {} still exists", p.pins.display()));
     }
@@ -142,6 +137,31 @@ fn ebpf_leftovers(node_ns: &str) -> Vec<String> {
     out
 }
 
+/// Devices of `node_ns` with a ferry TC program (tcx), as the kernel
+/// reports them (bpftool before 7.3 does not list tcx links).
+fn tc_devices(node_ns: &str) -> BTreeSet<String> {
+    let links = ns_sh(node_ns, "ip", &["-o", "link", "show"]).unwrap_or_default();
+    let devs: Vec<String> = links
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|d| d.trim().split('@').next().unwrap_or_default().to_string())
+        .collect();
+    in_netns(node_ns, move || {
+        devs.into_iter()
+            .filter(|d| {
+                ferry_proxy::ebpf::loader::tcx_programs(d)
+                    .map(|p| p.iter().any(|n| n.starts_with("ferry_tc")))
+                    .unwrap_or(false)
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn names(n: &[&str]) -> BTreeSet<String> {
+    n.iter().map(|s| s.to_string()).collect()
+}
+
 fn mode() -> Mode {
     let p = place();
     Mode {
@@ -151,8 +171,6 @@ fn mode() -> Mode {
             "ebpf".into(),
             "--bpffs".into(),
             p.pins.display().to_string(),
-            "--devices".into(),
-            "ext0,br0".into(),
         ],
         wrap: ["unshare", "--cgroup", "sh", "-c", WRAP, "ferry-wrap"]
             .map(String::from)
@@ -212,7 +230,7 @@ fn outside_names(client_ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Ve
 
 /// The shared "cluster IP and node port" scenario, NodePort from outside via TC.
 fn cluster_ip_and_node_port_ebpf(mode: &Mode) -> anyhow::Result<()> {
-    let topo = Topology::new("feA")?;
+    let mut topo = Topology::new("feA")?;
     let m = Manifests::new(&cluster_yaml(&[0, 1, 2]))?;
     let _ferry = Ferry::start(&topo, mode, &m.dir)?;
     let web = addr(scenarios::WEB_VIP, 80);
@@ -236,6 +254,24 @@ fn cluster_ip_and_node_port_ebpf(mode: &Mode) -> anyhow::Result<()> {
     ensure!(
         distinct(&from_client) == all_pods(),
         "NodePort from client: {from_client:?}"
+    );
+    // Default devices: the node IP's and the pod bridge (eTP Cluster
+    // replies come back through br0), not the bridge ports nor lo.
+    let node = topo.node.clone();
+    ensure!(
+        tc_devices(&node) == names(&["br0", "ext0"]),
+        "TC devices: {:?}",
+        tc_devices(&node)
+    );
+    // A client on a second interface, added while ferry runs: the device
+    // gets the program (rescan) and NodePort works from there too.
+    let client2 = topo.add_client2()?;
+    let attached = wait_until(Duration::from_secs(20), || tc_devices(&node).contains("ext1"));
+    ensure!(attached, "ext1 never got the TC program: {:?}", tc_devices(&node));
+    let from_client2 = outside_names(&client2, addr("192.0.2.1", 30080), 40)?;
+    ensure!(
+        distinct(&from_client2) == all_pods(),
+        "NodePort from a client behind ext1: {from_client2:?}"
     );
     // The node itself reaching its NodePort: socket LB.
     let np = addr("192.0.2.1", 30080);

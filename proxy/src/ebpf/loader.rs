@@ -275,20 +275,63 @@ impl SockLb {
     }
 }
 
-fn tc_link_pin(dir: &Path, ingress: bool, device: &str) -> PathBuf {
-    dir.join(format!("link_tc_{}_{device}", if ingress { "in" } else { "out" }))
+/// A TC link's pin: `link_tc_{in,out}_<ifindex>_<device>`. The ifindex
+/// tells a link on a device that was since deleted (and maybe re-created
+/// under the same name) from a live one.
+fn tc_link_pin(dir: &Path, ingress: bool, ifindex: u32, device: &str) -> PathBuf {
+    dir.join(format!(
+        "link_tc_{}_{ifindex}_{device}",
+        if ingress { "in" } else { "out" }
+    ))
+}
+
+/// The device's index, None when no such device exists.
+pub fn ifindex(device: &str) -> Option<u32> {
+    let c = CString::new(device).ok()?;
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Unpins TC links whose device is gone or is another device now (a
+/// different ifindex): the kernel detached them when the device went.
+/// Returns how many pins were removed.
+pub fn prune_tc(dir: &Path) -> Result<usize, EbpfError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("link_tc_in_")
+            .or_else(|| name.strip_prefix("link_tc_out_"))
+        else {
+            continue;
+        };
+        let live = rest
+            .split_once('_')
+            .and_then(|(idx, dev)| Some((idx.parse::<u32>().ok()?, dev)))
+            .is_some_and(|(idx, dev)| ifindex(dev) == Some(idx));
+        if !live {
+            unpin_link(&e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Attaches the TC programs (tcx ingress and egress) to each of `devices`
-/// unless their link pins are already there (a restart adopts them), pins
-/// the links, and writes the SNAT address the program uses for
-/// `externalTrafficPolicy: Cluster` flows. Needs the shared maps pinned in
-/// `dir` first (`SockLb::open`). Returns how many links were created.
-pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Result<usize, EbpfError> {
-    let missing: Vec<(&String, bool)> = devices
+/// unless their link pins are already there (a restart adopts them), and
+/// pins the links. A device that does not exist (any more) is skipped.
+/// Needs the shared maps pinned in `dir` first (`SockLb::open`). Returns
+/// how many links were created.
+pub fn attach_tc(dir: &Path, devices: &[String]) -> Result<usize, EbpfError> {
+    let present: Vec<(&String, u32)> = devices.iter().filter_map(|d| Some((d, ifindex(d)?))).collect();
+    let missing: Vec<(&String, u32, bool)> = present
         .iter()
-        .flat_map(|d| [(d, true), (d, false)])
-        .filter(|(d, ingress)| !tc_link_pin(dir, *ingress, d).exists())
+        .flat_map(|(d, idx)| [(*d, *idx, true), (*d, *idx, false)])
+        .filter(|(d, idx, ingress)| !tc_link_pin(dir, *ingress, *idx, d).exists())
         .collect();
     let mut created = 0;
     if !missing.is_empty() {
@@ -305,7 +348,7 @@ pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Resu
                 .map_err(perr)?;
             prog.load().map_err(perr)?;
             let ingress = name == ferry_ebpf::PROG_TC_INGRESS;
-            for (dev, _) in missing.iter().filter(|(_, i)| *i == ingress) {
+            for (dev, idx, _) in missing.iter().filter(|(_, _, i)| *i == ingress) {
                 let attach_type = if ingress {
                     TcAttachType::Ingress
                 } else {
@@ -316,60 +359,40 @@ pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Resu
                     .map_err(perr)?;
                 let link = prog.take_link(link_id).map_err(perr)?;
                 let fd_link: FdLink = link.try_into().map_err(|source| EbpfError::Link { name, source })?;
-                let path = tc_link_pin(dir, ingress, dev);
+                let path = tc_link_pin(dir, ingress, *idx, dev);
                 fd_link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
                 created += 1;
             }
         }
     }
+    Ok(created)
+}
+
+/// Names of the programs attached with tcx to `device` (ingress, then
+/// egress), as the kernel reports them: what is really attached, whatever
+/// the pins say.
+pub fn tcx_programs(device: &str) -> Result<Vec<String>, EbpfError> {
+    let mut out = Vec::new();
+    for (name, at) in [
+        ("tcx ingress", TcAttachType::Ingress),
+        ("tcx egress", TcAttachType::Egress),
+    ] {
+        let (_, progs) =
+            SchedClassifier::query_tcx(device, at).map_err(|source| EbpfError::Program { name, source })?;
+        out.extend(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()));
+    }
+    Ok(out)
+}
+
+/// Writes the SNAT address the TC program uses for
+/// `externalTrafficPolicy: Cluster` flows (None: the frontend address).
+pub fn set_tc_snat(dir: &Path, snat: Option<Ipv4Addr>) -> Result<(), EbpfError> {
     let name = ferry_ebpf::MAP_TC_CONFIG;
     let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
     let map = Map::from_map_data(md).map_err(map_err(name))?;
     let mut config: Array<MapData, u32> = Array::try_from(map).map_err(map_err(name))?;
     let addr = snat.map_or(0, |ip| u32::from(ip).to_be());
-    config.set(0, addr, 0).map_err(map_err(name))?;
-    Ok(created)
-}
-
-/// The network devices holding any of `ips` (the default for `--devices`).
-pub fn devices_with(ips: &[Ipv4Addr]) -> Result<Vec<String>, EbpfError> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return Err(EbpfError::Io {
-            path: PathBuf::from("getifaddrs"),
-            source: io::Error::last_os_error(),
-        });
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: non-null address of the family it says.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: AF_INET addresses are sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        if ips.contains(&ip) {
-            // SAFETY: a NUL-terminated interface name.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            if !out.contains(&name) {
-                out.push(name);
-            }
-        }
-    }
-    // SAFETY: the list from getifaddrs, freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
+    config.set(0, addr, 0).map_err(map_err(name))
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

@@ -3,11 +3,13 @@
 //!
 //! `entries` is the pure half (ServiceTable → map entries, diff); `loader`
 //! owns the kernel objects (bpffs pins, programs, cgroup links, maps);
-//! `cgroup` finds (or mounts) the cgroup v2 to attach to;
+//! `cgroup` finds (or mounts) the cgroup v2 to attach to; `devices` picks
+//! the network devices for the TC program;
 //! `dataplane` glues them behind the `Dataplane` trait.
 
 pub mod cgroup;
 pub mod dataplane;
+pub mod devices;
 pub mod entries;
 pub mod loader;
 
