@@ -86,7 +86,7 @@ pub struct ProxyOpts {
     /// hybrid hosts), else a cgroup2 ferry mounts at /run/ferry/cgroup2.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// eBPF mode: devices for the TC program. Default: every device carrying node
+    /// eBPF mode: devices for the TC program. Default, given a node IP: every device carrying node
     /// or pod traffic (holding a node IP, routed to endpoints or the cluster CIDR,
     /// or up with a global address; not lo, dummies, bridge ports), re-checked every 2 s.
     #[arg(long, value_name = "DEV", value_delimiter = ',')]

@@ -60,10 +60,14 @@ impl TcState {
     /// first IPv4 node IP) when it changed.
     fn scan(&mut self) -> Result<(), EbpfError> {
         let pruned = prune_tc(&self.dir)?;
-        let devices = if self.explicit.is_empty() {
-            self.scanner.scan()?
-        } else {
+        // Without a node IP ferry cannot tell the node's outside from its
+        // inside (and a bench or test on a host must not grab its devices).
+        let devices = if !self.explicit.is_empty() {
             self.explicit.clone()
+        } else if self.scanner.node_ips().is_empty() {
+            Vec::new()
+        } else {
+            self.scanner.scan()?
         };
         let created = attach_tc(&self.dir, &devices)?;
         let snat = self.scanner.node_ips().first().copied();
@@ -72,7 +76,7 @@ impl TcState {
             self.snat = Some(snat);
         }
         if devices.is_empty() && (!self.scanned || !self.devices.is_empty()) {
-            tracing::warn!("no device for the TC program: NodePorts are served to this node's own connections only");
+            tracing::warn!("no node IP (--node-ip or the Node object) and no --devices, or no device found: no TC program, so NodePorts are served to this node's own connections only");
         }
         if created > 0 || pruned > 0 || devices != self.devices {
             tracing::info!(devices = ?devices, links = created, pruned, "eBPF TC programs attached");
@@ -126,7 +130,7 @@ impl EbpfDataplane {
 
     /// Devices for the TC program (traffic from outside the node); empty:
     /// every device that carries node or pod traffic, re-checked every few
-    /// seconds (`devices::select`).
+    /// seconds (`devices::select`) — once the node has an IPv4 node IP.
     pub fn with_devices(mut self, devices: Vec<String>) -> Self {
         self.devices = devices;
         self

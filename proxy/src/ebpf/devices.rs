@@ -14,7 +14,9 @@
 //! or bond (their master carries the routed traffic), dummy devices (they
 //! carry nothing; e.g. kube-ipvs0) and ferry's own (`ferry*`, e.g. the DNS
 //! dummy `ferry-dns`). The dataplane re-runs this every few seconds, so new
-//! devices get the program; a vanished device's links die with it.
+//! devices get the program; a vanished device's links die with it. Without
+//! any node IP the dataplane attaches nowhere (it cannot tell the node's
+//! outside from its inside).
 
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
