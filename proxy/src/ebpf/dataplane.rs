@@ -216,12 +216,12 @@ impl EbpfDataplane {
 
     fn lb(&mut self) -> Result<&mut SockLb, EbpfError> {
         if self.lb.is_none() {
-            let cgroup = match &self.cgroup {
-                Some(c) => c.clone(),
-                None => default_cgroup()?,
-            };
-            let lb = SockLb::open(&self.dir, &cgroup)?;
-            tracing::info!(dir = %self.dir.display(), cgroup = %cgroup.display(), adopted = lb.adopted, "eBPF socket LB ready");
+            let explicit = self.cgroup.clone();
+            let lb = SockLb::open_with(&self.dir, || match explicit {
+                Some(c) => Ok(c),
+                None => default_cgroup(),
+            })?;
+            tracing::info!(dir = %self.dir.display(), adopted = lb.adopted, "eBPF socket LB ready");
             self.lb = Some(lb);
         }
         match self.lb.as_mut() {

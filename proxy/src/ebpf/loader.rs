@@ -176,6 +176,12 @@ impl SockLb {
     /// loads the object (reusing any pinned maps), attaches the programs to
     /// `cgroup` and pins the links.
     pub fn open(dir: &Path, cgroup: &Path) -> Result<SockLb, EbpfError> {
+        SockLb::open_with(dir, || Ok(cgroup.to_path_buf()))
+    }
+
+    /// `open`, finding the cgroup only when it is needed (not when the
+    /// pinned links are adopted: a restart then needs no cgroup at all).
+    pub fn open_with(dir: &Path, cgroup: impl FnOnce() -> Result<PathBuf, EbpfError>) -> Result<SockLb, EbpfError> {
         let all_linked = ferry_ebpf::SOCK_PROGRAMS.iter().all(|p| link_pin(dir, p).exists());
         let all_maps = [ferry_ebpf::MAP_SERVICES, ferry_ebpf::MAP_BACKENDS]
             .iter()
@@ -184,7 +190,10 @@ impl SockLb {
         let cg = if all_linked && all_maps {
             None
         } else {
-            Some(check_cgroup(cgroup)?)
+            let path = cgroup()?;
+            let file = check_cgroup(&path)?;
+            tracing::info!(cgroup = %path.display(), "attaching the socket LB");
+            Some(file)
         };
         ensure_bpffs(dir)?;
         let Some(cg) = cg else {
