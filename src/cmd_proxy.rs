@@ -81,10 +81,14 @@ pub struct ProxyOpts {
     /// Minimum time between syncs; bursts of changes are batched.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub min_sync_interval: Option<Duration>,
-    /// eBPF mode: cgroup v2 to attach socket programs to.
+    /// eBPF mode: cgroup v2 to attach socket programs to. Default: the cgroup2
+    /// root in /proc/self/mountinfo (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    /// hybrid hosts), else a cgroup2 ferry mounts at /run/ferry/cgroup2.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// eBPF mode: devices for the TC program (default: those holding --node-ip).
+    /// eBPF mode: devices for the TC program. Default, given a node IP: every device carrying node
+    /// or pod traffic (holding a node IP, routed to endpoints or the cluster CIDR,
+    /// or up with a global address; not lo, dummies, bridge ports), re-checked every 2 s.
     #[arg(long, value_name = "DEV", value_delimiter = ',')]
     pub devices: Vec<String>,
     /// eBPF mode: bpffs directory for pinned maps and links.

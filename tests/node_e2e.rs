@@ -221,8 +221,7 @@ fn dig(ns: &str, args: &[&str]) -> String {
 /// forwards to that IP.
 #[test]
 fn node_answers_the_cluster_dns_service_ip_itself() {
-    if !netns::is_root() {
-        eprintln!("skipping: needs root (network namespaces, iptables)");
+    if !require_root() {
         return;
     }
     for mode in ["iptables", "nftables"] {

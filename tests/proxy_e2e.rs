@@ -68,6 +68,20 @@ fn nftables_reject_and_endpoint_removal() {
 }
 
 #[test]
+fn iptables_hairpin_without_node_name() {
+    run("hairpin_without_node_name", scenarios::hairpin_without_node_name);
+}
+
+#[test]
+fn nftables_hairpin_without_node_name() {
+    run_mode(
+        "hairpin_without_node_name",
+        Mode::nftables(),
+        scenarios::hairpin_without_node_name,
+    );
+}
+
+#[test]
 fn nftables_restart_and_cleanup() {
     run_mode("restart_and_cleanup", Mode::nftables(), scenarios::restart_and_cleanup);
 }

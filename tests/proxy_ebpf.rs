@@ -43,7 +43,7 @@ impl Env {
     fn new() -> Env {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("ferry-ebpf-test-{}-{n}", std::process::id());
-        let root = ebpf::cgroup2_root().unwrap();
+        let root = ebpf::cgroup2_root().unwrap().expect("a cgroup2 mount").mount_point;
         let cgroup = root.join(&tag);
         std::fs::create_dir(&cgroup).unwrap();
         let pins = Path::new(ebpf::DEFAULT_BPFFS_DIR).parent().unwrap().join(&tag);
@@ -183,6 +183,7 @@ fn entry(name: &str, proto: Protocol, vip: Ipv4Addr, port: u16, backends: &[Sock
             ip: (*a.ip()).into(),
             port: a.port(),
             local: true,
+            hairpin: true,
             ready: true,
             serving: true,
             terminating: false,

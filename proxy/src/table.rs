@@ -105,6 +105,11 @@ pub struct Backend {
     pub port: u16,
     /// The endpoint's `nodeName` is this node.
     pub local: bool,
+    /// The endpoint may be on this node: it is local, or its node is
+    /// unknown (no `nodeName`, or this node's own name is unknown, see
+    /// `node_known`). Hairpin masquerade covers every such endpoint, as
+    /// kube-proxy's covers all; `Local` traffic policies use `local` only.
+    pub hairpin: bool,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -293,6 +298,14 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
+/// Whether this node can tell its endpoints from other nodes' by
+/// `nodeName`: false when it has no name, or when the snapshot has Node
+/// objects and none carries its name (a wrong `--node-name`). In files
+/// without Node objects the configured name is trusted.
+pub fn node_known(snap: &Snapshot, node: &NodeConfig) -> bool {
+    !node.node_name.is_empty() && (snap.node(&node.node_name).is_some() || snap.nodes().next().is_none())
+}
+
 /// Plans the node's service table from a snapshot. Pure: no I/O.
 pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarning>) {
     let mut warnings = Vec::new();
@@ -317,6 +330,7 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
         ..ServiceTable::default()
     };
     let mut warned_no_node_ip = false;
+    let known = node_known(snap, node);
 
     for svc in snap.services() {
         if !crate::is_proxied(svc) {
@@ -397,13 +411,17 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
                 continue;
             }
             let all = snap.backends(svc, port);
-            let to_backend = |b: &ferry_cluster::Backend| Backend {
-                ip: b.ip,
-                port: b.port,
-                local: !node.node_name.is_empty() && b.node_name.as_deref() == Some(node.node_name.as_str()),
-                ready: b.conditions.ready,
-                serving: b.conditions.serving,
-                terminating: b.conditions.terminating,
+            let to_backend = |b: &ferry_cluster::Backend| {
+                let local = !node.node_name.is_empty() && b.node_name.as_deref() == Some(node.node_name.as_str());
+                Backend {
+                    ip: b.ip,
+                    port: b.port,
+                    local,
+                    hairpin: local || !known || b.node_name.as_deref().is_none_or(str::is_empty),
+                    ready: b.conditions.ready,
+                    serving: b.conditions.serving,
+                    terminating: b.conditions.terminating,
+                }
             };
             // Backends whose family matches no frontend could never be dialled.
             let mut mixed = false;
@@ -612,6 +630,34 @@ endpoints:
         let dns = &t.services[&key("dns", Protocol::Udp)];
         assert_eq!(dns.frontends.len(), 2, "no nodePort on the dns port");
         assert_eq!(dns.backends[0].port, 5353);
+    }
+
+    #[test]
+    fn endpoint_without_node_name_is_hairpin_but_not_local() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: ns, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.1.5]}\n- {addresses: [10.244.2.5], nodeName: node-b}\n";
+        let (t, _) = plan(&snapshot(yaml), &node());
+        let e = t.services.values().next().unwrap();
+        let flags: Vec<(String, bool, bool)> = e
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.local, b.hairpin))
+            .collect();
+        assert_eq!(
+            flags,
+            vec![("10.244.1.5".into(), false, true), ("10.244.2.5".into(), false, false)]
+        );
+        assert!(
+            e.local_backends.is_empty(),
+            "no nodeName is not local for Local policies"
+        );
+        // No node name at all: every endpoint may be local.
+        let nameless = NodeConfig {
+            node_name: String::new(),
+            ..node()
+        };
+        let (t, _) = plan(&snapshot(yaml), &nameless);
+        let e = t.services.values().next().unwrap();
+        assert!(e.backends.iter().all(|b| b.hairpin && !b.local));
     }
 
     #[test]

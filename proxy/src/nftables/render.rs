@@ -29,7 +29,7 @@
 //!   `@no-endpoints`, whose elements reject (TCP reset / ICMP port
 //!   unreachable) or drop (Local policy without a local endpoint);
 //! - `nat-postrouting` masquerades hairpin traffic (`@hairpin`, source =
-//!   destination = a local endpoint) and packets marked 0x4000.
+//!   destination = an endpoint that may be local) and packets marked 0x4000.
 //!
 //! Scripts: `script_full` replaces the whole table in one transaction
 //! (`add table; delete table; add table ...` on a fresh start; in place,
@@ -476,7 +476,7 @@ pub struct ServiceNft {
     pub slots: Vec<(u64, u32)>,
     /// Its frontends: (map, key, verdict).
     pub frontends: Vec<(&'static str, FrontendKey, Verdict)>,
-    /// Its local endpoints (hairpin masquerade).
+    /// Its endpoints that may be local (hairpin masquerade).
     pub hairpin: Vec<IpAddr>,
 }
 
@@ -778,7 +778,7 @@ fn render_service(e: &ServiceEntry, family: Family, cidrs: &[IpNet], taken: &mut
         .backends
         .iter()
         .chain(e.local_backends.iter())
-        .filter(|b| b.local && Family::of(b.ip) == family)
+        .filter(|b| b.hairpin && Family::of(b.ip) == family)
         .map(|b| b.ip)
         .collect::<BTreeSet<_>>()
         .into_iter()
