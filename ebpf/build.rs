@@ -1,11 +1,17 @@
-//! Compiles the BPF programs (`src/*.bpf.c`) with clang into OUT_DIR, and
-//! builds + runs a host program (`src/layout.c`) that prints the C layout of
-//! the shared structs into OUT_DIR/layout.txt for the ABI test.
+//! Puts the BPF objects (`sock.bpf.o`, `tc.bpf.o`) and the C layout of the
+//! shared structs (`layout.txt`, for the ABI test) into OUT_DIR.
+//!
+//! With a working clang (`$CLANG`, else `clang`) the objects are compiled
+//! from `src/*.bpf.c`; when clang is missing or fails, the objects shipped in
+//! `obj/` are used instead (refreshed by `cargo xtask bpf`; a test keeps them
+//! equal to the sources), so a machine with only the Rust toolchain builds.
+//! The layout is printed by `src/layout.c` built with clang, else the host C
+//! compiler (`$CC`, else `cc`), else taken from `obj/layout.txt`.
+
+#[path = "compile.rs"]
+mod compile;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const PROGRAMS: &[&str] = &["sock", "tc"];
 
 fn main() {
     if let Err(e) = build() {
@@ -16,67 +22,60 @@ fn main() {
 
 fn build() -> Result<(), String> {
     let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
-    let src = Path::new("src");
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").map_err(|e| format!("CARGO_MANIFEST_DIR: {e}"))?);
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     println!("cargo:rerun-if-env-changed=CLANG");
-    println!("cargo:rerun-if-changed=src/ferry_maps.h");
-    println!("cargo:rerun-if-changed=src/shared_maps.bpf.h");
+    println!("cargo:rerun-if-env-changed=CC");
+    println!("cargo:rerun-if-changed=compile.rs");
     println!("cargo:rerun-if-changed=src/layout.c");
+    println!("cargo:rerun-if-changed=obj");
+    for h in compile::HEADERS {
+        println!("cargo:rerun-if-changed=src/{h}");
+    }
+    for name in compile::PROGRAMS {
+        println!("cargo:rerun-if-changed=src/{name}.bpf.c");
+    }
 
-    match Command::new(&clang).arg("--version").output() {
-        Ok(o) if o.status.success() => {}
-        _ => {
-            return Err(format!(
-                "ferry-ebpf needs clang to compile its BPF programs, and `{clang} --version` failed. \
-                 Install it (Debian/Ubuntu: apt-get install clang llvm libbpf-dev) or set CLANG=/path/to/clang."
-            ))
+    let compiled = match compile::clang_version(&clang) {
+        None => Err(format!("`{clang} --version` failed")),
+        Some(_) => compile::PROGRAMS
+            .iter()
+            .try_for_each(|name| compile::compile_program(&clang, &dir, name, &out.join(format!("{name}.bpf.o")))),
+    };
+    if let Err(e) = compiled {
+        let first = e.lines().next().unwrap_or_default().to_string();
+        println!(
+            "cargo:warning=using the BPF objects shipped in ebpf/obj/ (clang could not compile src/*.bpf.c: {first}); \
+             install clang and libbpf-dev to build them from source"
+        );
+        if e.lines().count() > 1 {
+            eprintln!("{e}");
+        }
+        for name in compile::PROGRAMS {
+            copy(
+                &dir.join("obj").join(format!("{name}.bpf.o")),
+                &out.join(format!("{name}.bpf.o")),
+            )?;
         }
     }
-    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
-        println!("cargo:warning=/usr/include/bpf/bpf_helpers.h not found; install libbpf-dev if the BPF build fails");
-    }
 
-    let arch_include = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
-    for name in PROGRAMS {
-        let input = src.join(format!("{name}.bpf.c"));
-        println!("cargo:rerun-if-changed={}", input.display());
-        let output = out.join(format!("{name}.bpf.o"));
-        run(Command::new(&clang)
-            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
-            .arg(&arch_include)
-            .arg("-Isrc")
-            .arg("-c")
-            .arg(&input)
-            .arg("-o")
-            .arg(&output))?;
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let layout = compile::c_layout(&clang, &dir, &out).or_else(|_| compile::c_layout(&cc, &dir, &out));
+    match layout {
+        Ok(text) => std::fs::write(out.join("layout.txt"), text).map_err(|e| format!("writing layout.txt: {e}"))?,
+        Err(e) => {
+            println!(
+                "cargo:warning=no C compiler could build src/layout.c ({}); the ABI test uses ebpf/obj/layout.txt",
+                e.lines().next().unwrap_or_default()
+            );
+            copy(&dir.join("obj/layout.txt"), &out.join("layout.txt"))?;
+        }
     }
-
-    let layout_bin = out.join("layout");
-    run(Command::new(&clang)
-        .arg("-O0")
-        .arg("-Isrc")
-        .arg(src.join("layout.c"))
-        .arg("-o")
-        .arg(&layout_bin))?;
-    let printed = Command::new(&layout_bin)
-        .output()
-        .map_err(|e| format!("running {}: {e}", layout_bin.display()))?;
-    if !printed.status.success() {
-        return Err(format!("{} failed: {}", layout_bin.display(), printed.status));
-    }
-    std::fs::write(out.join("layout.txt"), &printed.stdout).map_err(|e| format!("writing layout.txt: {e}"))?;
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let shown = format!("{cmd:?}");
-    let o = cmd.output().map_err(|e| format!("{shown}: {e}"))?;
-    if !o.status.success() {
-        return Err(format!(
-            "{shown} failed ({}):\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        ));
-    }
-    Ok(())
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
 }

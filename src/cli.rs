@@ -52,9 +52,23 @@ pub struct SourceArgs {
     /// Kubeconfig for the kube source (default: $KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// The apiserver's real address (`https://HOST:PORT`), used instead of the
+    /// URL of the kubeconfig or of the in-cluster config. A node's Service
+    /// proxy needs it: the in-cluster URL is the `kubernetes` ClusterIP, which
+    /// only a running Service proxy makes reachable. minikube:
+    /// `https://control-plane.minikube.internal:8443`. Empty: not set.
+    #[arg(long, value_name = "URL")]
+    pub apiserver: Option<String>,
     /// Debounce between a change and the snapshot it produces.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     pub debounce_ms: u64,
+}
+
+impl SourceArgs {
+    /// `--apiserver`, with an empty value (an unset ConfigMap key) as none.
+    pub fn apiserver(&self) -> Option<&str> {
+        self.apiserver.as_deref().map(str::trim).filter(|s| !s.is_empty())
+    }
 }
 
 #[derive(Args, Debug, Clone)]

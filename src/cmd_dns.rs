@@ -43,6 +43,10 @@ pub struct DnsOpts {
     /// resolv.conf to take default upstreams from.
     #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
+    /// Set by `ferry node --dns-service`: the Service whose ClusterIPs this
+    /// node answers itself.
+    #[arg(skip)]
+    pub takeover: Option<ferry_cluster::ObjectKey>,
 }
 
 impl Default for DnsOpts {
@@ -57,6 +61,7 @@ impl Default for DnsOpts {
             upstream_timeout_ms: 2000,
             dns_cache_size: 10_000,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            takeover: None,
         }
     }
 }
@@ -137,6 +142,17 @@ pub async fn spawn(
         }
     });
     tracing::info!(addr = %local, "dns: bound");
+    if let Some(service) = opts.takeover.clone() {
+        let cfg = ferry_dns::takeover::TakeoverConfig {
+            service,
+            label: ferry_dns::link::DEFAULT_LABEL.into(),
+            port: opts.listen.port(),
+            workers,
+            on_change: Some(notrack_hook(opts.listen.port())),
+        };
+        let (server, snapshots, cancel) = (server.clone(), snapshots.clone(), rt.cancel.clone());
+        tokio::spawn(ferry_dns::takeover::run(cfg, server, snapshots, cancel));
+    }
     let cancel = rt.cancel.clone();
     Ok(tokio::spawn(async move {
         server.serve(sockets, snapshots, cancel).await?;
@@ -147,4 +163,20 @@ pub async fn spawn(
 pub fn render_zone(snap: &ferry_cluster::Snapshot, opts: &DnsOpts) -> anyhow::Result<String> {
     let zone = Zone::build(snap, &opts.zone_config())?;
     Ok(ferry_dns::master_file(&zone))
+}
+
+/// NOTRACK for the taken-over addresses, in ferry's own nftables table
+/// whatever the proxy mode (a kernel without nf_tables keeps tracking).
+fn notrack_hook(port: u16) -> ferry_dns::takeover::AddressHook {
+    std::sync::Arc::new(move |ips: &[std::net::IpAddr]| {
+        ferry_proxy::nftables::notrack::apply(ips, port).map_err(|e| e.to_string())
+    })
+}
+
+/// `ferry node --dns-service ""`: remove what an earlier takeover left.
+pub fn disable_takeover() {
+    ferry_dns::takeover::disable(ferry_dns::link::DEFAULT_LABEL);
+    if let Err(e) = ferry_proxy::nftables::notrack::apply(&[], 53) {
+        tracing::debug!(error = %e, "no NOTRACK table to remove");
+    }
 }

@@ -220,7 +220,7 @@ pub async fn run_ingress(args: IngressArgs) -> anyhow::Result<()> {
     let snapshots = rt.source(&args.run.source).await?;
     let handle = spawn(&mut rt, snapshots.clone(), &args.opts).await?;
     if args.run.source.files.is_empty() {
-        let client = ferry_cluster::kube::client(args.run.source.kubeconfig.as_deref())
+        let client = ferry_cluster::kube::client(args.run.source.kubeconfig.as_deref(), args.run.source.apiserver())
             .await
             .context("connecting to the apiserver for Ingress status")?;
         let opts = args.opts.clone();

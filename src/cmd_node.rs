@@ -44,6 +44,12 @@ pub struct NodeArgs {
     /// Name of that Lease.
     #[arg(long, value_name = "NAME", default_value = "ferry-ingress-status")]
     pub lease_name: String,
+    /// The cluster DNS Service (`NAMESPACE/NAME`) whose ClusterIPs this node
+    /// answers itself, whatever its endpoints: pods keep their resolv.conf
+    /// and CoreDNS can be scaled to zero. Empty disables it. Its port is
+    /// the one of `--listen`.
+    #[arg(long, value_name = "NS/NAME", default_value = "kube-system/kube-dns")]
+    pub dns_service: String,
 }
 
 /// Part name → why it is not running.
@@ -56,9 +62,23 @@ fn record(failures: &Failures, part: &'static str, why: String) {
     }
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     if args.no_proxy && args.no_dns && args.no_ingress {
         anyhow::bail!("--no-proxy, --no-dns and --no-ingress together leave nothing to run");
+    }
+    let local_dns = ferry_dns::takeover::parse_service(&args.dns_service).map_err(anyhow::Error::msg)?;
+    if args.no_dns {
+        // Nothing answers those IPs here: the proxy must program them.
+        args.proxy.local_dns = None;
+    } else {
+        args.proxy.local_dns = local_dns.clone();
+        args.dns.takeover = local_dns.clone();
+        if local_dns.is_none() {
+            crate::cmd_dns::disable_takeover();
+        }
+    }
+    if !args.no_proxy {
+        crate::source::warn_if_proxy_needs_apiserver(&args.run.source);
     }
     let mut rt = crate::runtime::Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;

@@ -37,7 +37,7 @@ pub enum ProxyMode {
     #[default]
     Iptables,
     Ebpf,
-    /// ferry's own nftables table (`table ip ferry`), written with `nft -f`.
+    /// ferry's own nftables table (`table ip ferry`), written by netlink batches.
     Nftables,
 }
 
@@ -81,15 +81,23 @@ pub struct ProxyOpts {
     /// Minimum time between syncs; bursts of changes are batched.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub min_sync_interval: Option<Duration>,
-    /// eBPF mode: cgroup v2 to attach socket programs to.
+    /// eBPF mode: cgroup v2 to attach socket programs to. Default: the cgroup2
+    /// root in /proc/self/mountinfo (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    /// hybrid hosts), else a cgroup2 ferry mounts at /run/ferry/cgroup2.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// eBPF mode: devices for the TC program (default: those holding --node-ip).
+    /// eBPF mode: devices for the TC program. Default, given a node IP: every device carrying node
+    /// or pod traffic (holding a node IP, routed to endpoints or the cluster CIDR,
+    /// or up with a global address; not lo, dummies, bridge ports), re-checked every 2 s.
     #[arg(long, value_name = "DEV", value_delimiter = ',')]
     pub devices: Vec<String>,
     /// eBPF mode: bpffs directory for pinned maps and links.
     #[arg(long, value_name = "PATH")]
     pub bpffs: Option<PathBuf>,
+    /// Set by `ferry node --dns-service`: the Service whose port 53 this
+    /// node's DNS answers itself, so the proxy leaves it alone.
+    #[arg(skip)]
+    pub local_dns: Option<ferry_cluster::ObjectKey>,
 }
 
 /// `30s`, `1m`, `500ms`, or plain seconds.
@@ -128,6 +136,7 @@ impl ProxyOpts {
             cluster_cidrs: self.cluster_cidrs.clone(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             localhost_nodeports: self.localhost_nodeports,
+            local_dns: self.local_dns.clone(),
         }
     }
 
@@ -164,6 +173,12 @@ pub struct ProxyArgs {
     pub cleanup: bool,
 }
 
+fn bpffs_dir(opts: &ProxyOpts) -> PathBuf {
+    opts.bpffs
+        .clone()
+        .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into())
+}
+
 /// The one place that maps `--mode` to a dataplane.
 pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
     match opts.mode {
@@ -177,14 +192,31 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
             Ok(Box::new(NftablesDataplane::new()))
         }
         ProxyMode::Ebpf => Ok(Box::new(
-            ferry_proxy::ebpf::EbpfDataplane::new(
-                opts.bpffs
-                    .clone()
-                    .unwrap_or_else(|| ferry_proxy::ebpf::DEFAULT_BPFFS_DIR.into()),
-                opts.cgroup.clone(),
-            )
-            .with_devices(opts.devices.clone()),
+            ferry_proxy::ebpf::EbpfDataplane::new(bpffs_dir(opts), opts.cgroup.clone())
+                .with_devices(opts.devices.clone()),
         )),
+    }
+}
+
+/// Removes what the other modes left on this node (a switch from nftables
+/// to eBPF must not leave `table ip ferry` serving stale endpoints), as
+/// kube-proxy cleans up after its other modes at start. Failures are logged:
+/// a tool or kernel feature that is missing had nothing to leave.
+fn remove_other_modes(opts: &ProxyOpts) {
+    for mode in [ProxyMode::Iptables, ProxyMode::Nftables, ProxyMode::Ebpf] {
+        if mode == opts.mode {
+            continue;
+        }
+        let mut dataplane: Box<dyn Dataplane> = match mode {
+            // Removes both back ends' chains, whichever this one names.
+            ProxyMode::Iptables => Box::new(IptablesDataplane::new(IptablesBackend::Nft)),
+            ProxyMode::Nftables => Box::new(NftablesDataplane::new()),
+            ProxyMode::Ebpf => Box::new(ferry_proxy::ebpf::EbpfDataplane::new(bpffs_dir(opts), None)),
+        };
+        match dataplane.cleanup() {
+            Ok(()) => tracing::debug!(mode = ?mode, "removed what that mode left, if anything"),
+            Err(e) => tracing::warn!(mode = ?mode, error = %format!("{e:#}"), "could not remove what that mode left"),
+        }
     }
 }
 
@@ -208,6 +240,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             .await
             .context("loading the cluster")?;
         let node = args.opts.node_config();
+        remove_other_modes(&args.opts);
         let mut dp = make_dataplane(&args.opts)?;
         let started = Instant::now();
         let table = plan_logged(&snap, &node);
@@ -223,6 +256,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    crate::source::warn_if_proxy_needs_apiserver(&args.run.source);
     let mut rt = crate::runtime::Runtime::new();
     let rx = rt.source(&args.run.source).await?;
     let handle = spawn(&mut rt, rx, &args.opts).await?;
@@ -289,6 +323,10 @@ pub async fn spawn(
     snapshots: SnapshotRx,
     opts: &ProxyOpts,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let others = opts.clone();
+    tokio::task::spawn_blocking(move || remove_other_modes(&others))
+        .await
+        .context("cleanup task")?;
     let dataplane = make_dataplane(opts)?;
     let metrics = SyncMetrics::new(&mut rt.admin.registry);
     let health = Arc::new(Mutex::new(SyncHealth::default()));

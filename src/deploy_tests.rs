@@ -151,7 +151,6 @@ fn daemonset_args_parse_with_the_real_cli() {
         .collect();
     let cli = Cli::try_parse_from(std::iter::once("ferry".to_string()).chain(args.clone()))
         .unwrap_or_else(|e| panic!("DaemonSet args {args:?} do not parse: {e}"));
-    assert!(matches!(cli.command, Command::Node(_)));
     // Probes hit the admin server the args configure.
     let admin = args.iter().find_map(|a| a.strip_prefix("--admin-addr=")).unwrap();
     let port: u16 = admin.rsplit(':').next().unwrap().parse().unwrap();
@@ -165,6 +164,36 @@ fn daemonset_args_parse_with_the_real_cli() {
     let caps = c.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
     for cap in ["NET_ADMIN", "BPF"] {
         assert!(caps.add.iter().flatten().any(|c| c == cap), "missing capability {cap}");
+    }
+    // Some VMs refuse every pod that asks for SYS_RESOURCE (kube-kit README).
+    assert!(!caps.add.iter().flatten().any(|c| c == "SYS_RESOURCE"));
+    // ferry's own resolvers are the node's: with ClusterFirst* it would
+    // forward to the cluster DNS IP, i.e. to itself.
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    // Metrics on loopback only, like kube-proxy; the probes use it too.
+    assert!(admin.starts_with("127.0.0.1:"), "{admin}");
+    // No layout-specific cgroup path: ferry finds the cgroup2 mount itself.
+    assert!(!args.iter().any(|a| a.starts_with("--cgroup")), "{args:?}");
+    // The shipped values mean: no --apiserver until the user sets it, the
+    // kube-dns takeover on.
+    let Command::Node(node) = cli.command else {
+        unreachable!()
+    };
+    assert_eq!(node.run.source.apiserver(), None);
+    assert_eq!(node.dns_service, "kube-system/kube-dns");
+    // /lib/modules may be absent on the host.
+    let modules = pod.volumes.iter().flatten().find(|v| v.name == "modules").unwrap();
+    assert_ne!(modules.host_path.as_ref().unwrap().type_.as_deref(), Some("Directory"));
+}
+
+#[test]
+fn daemonset_takes_the_apiserver_from_the_config() {
+    let text = crate::render::manifests("ferry:1", &["APISERVER=https://127.0.0.1:6443".into()]).unwrap();
+    assert!(text.contains("APISERVER: \"https://127.0.0.1:6443\""), "{text}");
+    assert!(text.contains("--apiserver=$(APISERVER)"));
+    assert!(ferry_cluster::kube::parse_apiserver("https://control-plane.minikube.internal:8443").is_ok());
+    for bad in ["control-plane:8443", "ftp://x", "https://"] {
+        assert!(ferry_cluster::kube::parse_apiserver(bad).is_err(), "{bad}");
     }
 }
 

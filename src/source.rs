@@ -32,7 +32,7 @@ pub async fn start(
             }
         });
     } else {
-        let kube = ferry_cluster::kube::client(args.kubeconfig.as_deref())
+        let kube = ferry_cluster::kube::client(args.kubeconfig.as_deref(), args.apiserver())
             .await
             .context("connecting to the apiserver (or pass -f PATH for the file source)")?;
         let source = KubeSource::new(kube.clone(), metrics);
@@ -76,4 +76,22 @@ fn check_paths(args: &SourceArgs) -> anyhow::Result<()> {
         std::fs::metadata(p).with_context(|| format!("-f {}", p.display()))?;
     }
     Ok(())
+}
+
+/// A Service proxy that reads the apiserver through the in-cluster URL dials
+/// the `kubernetes` ClusterIP, which nothing programs until the proxy has
+/// synced once: on a node without another proxy it never connects.
+pub fn warn_if_proxy_needs_apiserver(args: &SourceArgs) {
+    if args.files.is_empty()
+        && args.kubeconfig.is_none()
+        && std::env::var_os("KUBECONFIG").is_none()
+        && args.apiserver().is_none()
+        && ferry_cluster::kube::in_cluster()
+    {
+        tracing::warn!(
+            "the Service proxy reads the apiserver through the in-cluster address (the `kubernetes` ClusterIP), \
+             which only a running Service proxy makes reachable; without another proxy on this node it never connects. \
+             Pass --apiserver https://HOST:PORT (ConfigMap key APISERVER; minikube: https://control-plane.minikube.internal:8443)"
+        );
+    }
 }

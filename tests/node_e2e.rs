@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::netns::{self, Topology, NODE_IP};
+use common::skip::require_root;
 
 const CLUSTER_IP: &str = "10.96.0.50";
 const DNS_PORT: u16 = 5300;
@@ -78,33 +79,22 @@ spec:
     )
 }
 
-#[test]
-fn node_runs_proxy_dns_and_ingress_over_one_snapshot() {
-    if !netns::is_root() {
-        eprintln!("skipping: needs root (network namespaces, iptables)");
-        return;
-    }
-    let topo = Topology::new("fn").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("web.yaml"), manifests(&topo)).unwrap();
-
+/// Starts `ferry node` in the node namespace over the manifests in `dir` and
+/// waits until `/readyz` answers 200.
+fn start_node(topo: &Topology, dir: &std::path::Path, mode: &str, extra: &[&str]) -> Ferry {
     let child = Command::new("ip")
         .args(["netns", "exec", &topo.node, env!("CARGO_BIN_EXE_ferry"), "node"])
         .arg("-f")
-        .arg(dir.path())
-        .args(["--admin-addr", ADMIN, "--mode", "iptables", "--node-name", "node"])
+        .arg(dir)
+        .args(["--admin-addr", ADMIN, "--mode", mode, "--node-name", "node"])
         .args(["--node-ip", &NODE_IP.to_string(), "--cluster-cidr", netns::POD_CIDR])
-        .args(["--listen", &format!("{NODE_IP}:{DNS_PORT}")])
-        // Never forward to the host's resolvers: nothing listens here.
-        .args(["--upstream", "127.0.0.1:9"])
         .args(["--http-addr", &format!("{NODE_IP}:{HTTP_PORT}")])
         .args(["--https-addr", &format!("{NODE_IP}:8443")])
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let _ferry = Ferry(child);
-
-    // Ready once the snapshot is in and every part is up.
+    let ferry = Ferry(child);
     let admin: SocketAddr = ADMIN.parse().unwrap();
     let node = topo.node.clone();
     let ready = netns::wait_until(Duration::from_secs(60), || {
@@ -114,7 +104,32 @@ fn node_runs_proxy_dns_and_ingress_over_one_snapshot() {
             .and_then(Result::ok)
             .is_some_and(|(status, _)| status.contains("200"))
     });
-    assert!(ready, "ferry node never became ready");
+    assert!(ready, "ferry node ({mode}) never became ready");
+    ferry
+}
+
+#[test]
+fn node_runs_proxy_dns_and_ingress_over_one_snapshot() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new("fn").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), manifests(&topo)).unwrap();
+
+    let _ferry = start_node(
+        &topo,
+        dir.path(),
+        "iptables",
+        // Never forward to the host's resolvers: nothing listens here.
+        &[
+            "--listen",
+            &format!("{NODE_IP}:{DNS_PORT}"),
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+    );
+    let admin: SocketAddr = ADMIN.parse().unwrap();
 
     // DNS: a pod resolves the Service through ferry.
     let pod_ns = topo.pods[0].ns.clone();
@@ -176,5 +191,93 @@ fn node_runs_proxy_dns_and_ingress_over_one_snapshot() {
         "ferry_proxy_rules",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in /metrics");
+    }
+}
+
+/// The cluster DNS Service as a cluster with CoreDNS scaled to zero has it:
+/// a ClusterIP and no endpoints.
+const KUBE_DNS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+  - {name: metrics, port: 9153, protocol: TCP}
+"#;
+
+fn dig(ns: &str, args: &[&str]) -> String {
+    let mut all = vec!["+time=2", "+tries=3"];
+    all.extend(args);
+    netns::ns_sh(ns, "dig", &all).unwrap()
+}
+
+/// `ferry node` with its default `--dns-service kube-system/kube-dns`
+/// answers queries that pods send to the kube-dns ClusterIP on the node
+/// itself (UDP and TCP), in the iptables and nftables modes, although the
+/// Service has no endpoints, without conntrack entries; and it never
+/// forwards to that IP.
+#[test]
+fn node_answers_the_cluster_dns_service_ip_itself() {
+    if !require_root() {
+        return;
+    }
+    for mode in ["iptables", "nftables"] {
+        let topo = Topology::new("fd").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), manifests(&topo)).unwrap();
+        std::fs::write(dir.path().join("kube-dns.yaml"), KUBE_DNS).unwrap();
+        // Port 53 as on a real node; the upstream is the cluster DNS IP
+        // itself, as a resolv.conf written for ClusterFirst would say.
+        let _ferry = start_node(
+            &topo,
+            dir.path(),
+            mode,
+            &["--listen", &format!("{NODE_IP}:53"), "--upstream", "10.96.0.10"],
+        );
+        let pod = topo.pods[0].ns.clone();
+        let name = "web.default.svc.cluster.local";
+        let udp = dig(&pod, &["+short", "@10.96.0.10", name, "A"]);
+        assert_eq!(udp.trim(), CLUSTER_IP, "{mode}: UDP answer through the kube-dns IP");
+        let tcp = dig(&pod, &["+short", "+tcp", "@10.96.0.10", name, "A"]);
+        assert_eq!(tcp.trim(), CLUSTER_IP, "{mode}: TCP answer through the kube-dns IP");
+        // From the node itself too (host-network pods).
+        let node = dig(&topo.node, &["+short", "@10.96.0.10", name, "A"]);
+        assert_eq!(node.trim(), CLUSTER_IP, "{mode}: answer on the node");
+        // A name outside the cluster: the only upstream is ferry itself, so
+        // SERVFAIL rather than a loop.
+        let out = dig(&pod, &["@10.96.0.10", "example.test", "A"]);
+        assert!(out.contains("status: SERVFAIL"), "{mode}: {out}");
+        // NOTRACK: the queries above left no conntrack entry.
+        let tracked = netns::ns_sh(&topo.node, "conntrack", &["-L", "-d", "10.96.0.10"]).unwrap_or_default();
+        assert!(
+            !tracked.contains("dport=53"),
+            "{mode}: DNS flows were tracked: {tracked}"
+        );
+        let table = netns::ns_sh(&topo.node, "nft", &["list", "table", "ip", "ferry-dns"]).unwrap();
+        assert!(table.contains("notrack"), "{mode}: {table}");
+        let addrs = netns::ns_sh(
+            &topo.node,
+            "ip",
+            &["addr", "show", "dev", "lo", "label", "lo:ferry-dns"],
+        )
+        .unwrap();
+        assert!(
+            addrs.contains("10.96.0.10/32"),
+            "{mode}: the node holds the IP: {addrs}"
+        );
+        // The metrics port of the same Service is still proxied: no
+        // endpoints, so it is refused rather than answered by anyone.
+        let refused = netns::in_netns(&pod, || {
+            std::net::TcpStream::connect_timeout(&"10.96.0.10:9153".parse().unwrap(), Duration::from_secs(3))
+        })
+        .unwrap();
+        assert_eq!(
+            refused.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{mode}: port 9153 of kube-dns has no endpoints"
+        );
     }
 }

@@ -4,16 +4,15 @@
 
 mod common;
 
-use common::netns::is_root;
 use common::proxy_scenarios::{self as scenarios, Mode};
+use common::skip::require_root;
 
 fn run(name: &str, f: fn(&Mode) -> anyhow::Result<()>) {
     run_mode(name, Mode::iptables(), f)
 }
 
 fn run_mode(name: &str, mode: Mode, f: fn(&Mode) -> anyhow::Result<()>) {
-    if !is_root() {
-        eprintln!("skipping {name}: needs root (network namespaces, iptables)");
+    if !require_root() {
         return;
     }
     if let Err(e) = f(&mode) {
@@ -69,16 +68,37 @@ fn nftables_reject_and_endpoint_removal() {
 }
 
 #[test]
+fn iptables_hairpin_without_node_name() {
+    run("hairpin_without_node_name", scenarios::hairpin_without_node_name);
+}
+
+#[test]
+fn nftables_hairpin_without_node_name() {
+    run_mode(
+        "hairpin_without_node_name",
+        Mode::nftables(),
+        scenarios::hairpin_without_node_name,
+    );
+}
+
+#[test]
 fn nftables_restart_and_cleanup() {
     run_mode("restart_and_cleanup", Mode::nftables(), scenarios::restart_and_cleanup);
+}
+
+#[test]
+fn switching_between_iptables_and_nftables_leaves_nothing_behind() {
+    run(
+        "switching_modes_leaves_nothing_behind",
+        scenarios::switching_modes_leaves_nothing_behind,
+    );
 }
 
 /// iptables only: someone flushing the nat table (a firewall reload) is
 /// noticed by the canary check and repaired by a full resync.
 #[test]
 fn iptables_canary_repairs_a_flushed_nat_table() {
-    if !is_root() {
-        eprintln!("skipping iptables_canary_repairs_a_flushed_nat_table: needs root");
+    if !require_root() {
         return;
     }
     use common::netns::*;

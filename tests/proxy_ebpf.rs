@@ -9,6 +9,8 @@
 //! pin directory, links, maps — is removed by Drop guards, also on failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -19,21 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::skip::require_root;
 use ferry_cluster::{ObjectKey, Protocol};
 use ferry_proxy::ebpf::{self, MapEntries, SockLb};
 use ferry_proxy::{Backend, Frontend, FrontendKind, ServiceEntry, ServicePortName, ServiceTable};
 
 const CLIENT_ENV: &str = "FERRY_EBPF_TEST_CLIENT";
 static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 /// A cgroup, a bpffs pin directory and the socket LB attached there;
 /// removes all three on drop.
@@ -49,7 +43,7 @@ impl Env {
     fn new() -> Env {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("ferry-ebpf-test-{}-{n}", std::process::id());
-        let root = ebpf::cgroup2_root().unwrap();
+        let root = ebpf::cgroup2_root().unwrap().expect("a cgroup2 mount").mount_point;
         let cgroup = root.join(&tag);
         std::fs::create_dir(&cgroup).unwrap();
         let pins = Path::new(ebpf::DEFAULT_BPFFS_DIR).parent().unwrap().join(&tag);
@@ -189,6 +183,7 @@ fn entry(name: &str, proto: Protocol, vip: Ipv4Addr, port: u16, backends: &[Sock
             ip: (*a.ip()).into(),
             port: a.port(),
             local: true,
+            hairpin: true,
             ready: true,
             serving: true,
             terminating: false,
@@ -238,8 +233,7 @@ fn names_and_peers(lines: &[String], kind: &str) -> (Vec<String>, BTreeSet<Strin
 
 #[test]
 fn tcp_and_udp_through_a_cluster_ip() {
-    if !is_root() {
-        eprintln!("skipped: needs root (CAP_BPF, cgroup writes)");
+    if !require_root() {
         return;
     }
     let mut env = Env::new();
@@ -288,8 +282,7 @@ fn tcp_and_udp_through_a_cluster_ip() {
 
 #[test]
 fn no_backends_is_refused_at_once_and_removal_takes_effect() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !require_root() {
         return;
     }
     let mut env = Env::new();
@@ -323,8 +316,7 @@ fn no_backends_is_refused_at_once_and_removal_takes_effect() {
 
 #[test]
 fn client_ip_affinity_pins_a_client() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !require_root() {
         return;
     }
     let mut env = Env::new();
@@ -345,8 +337,7 @@ fn client_ip_affinity_pins_a_client() {
 
 #[test]
 fn restart_adopts_pins_and_keeps_connections_then_cleanup_removes_all() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !require_root() {
         return;
     }
     let mut env = Env::new();

@@ -1,44 +1,56 @@
 //! Privileged e2e of `ferry proxy --mode ebpf` with the shared scenarios of
 //! tests/common/proxy_scenarios.rs, in network namespaces the scenarios
-//! create. The eBPF programs attach to a cgroup this test creates and the
-//! whole test process (so every client it spawns, and ferry itself) is
-//! moved into it; the node namespace has no route for the service range —
-//! the connect is rewritten before routing.
+//! create, with ferry's default cgroup and devices. The test process moves
+//! into a cgroup of its own; ferry runs in a cgroup namespace rooted there
+//! and sees no cgroup2 mount, so it mounts its own (its default), which
+//! shows that cgroup: every client the test spawns, and ferry itself, is
+//! served, and nothing else on the machine. The node namespace has no
+//! route for the service range — the connect is rewritten before routing.
 //!
 //! Runs the shared scenarios whose clients are on the node or in pods
 //! (socket-level LB): endpoint removal, immediate refusal, restart keeping a
-//! connection, cleanup. "cluster IP and node port" and "affinity and local
-//! policy" also send traffic from the client namespace, i.e. from *outside*
-//! the node, which the TC program serves; a client outside the node is not
-//! in the node's cgroup, so those two run here as eBPF variants whose
-//! outside clients are curl processes that first move themselves to the
-//! cgroup root (the shared versions run them as threads of this process,
-//! which sits in the test cgroup). The TC program is attached to ext0 (the
-//! node IP's device) and br0: pod1 and pod2 are declared on node-b, so
-//! their SNATed replies stand for traffic from the other node, and here
-//! they arrive on br0.
+//! connection, cleanup, hairpin without nodeName. "cluster IP and node
+//! port" and "affinity and local policy" also send traffic from the client
+//! namespace, i.e. from *outside* the node, which the TC program serves; a
+//! client outside the node is not in the node's cgroup, so those two run
+//! here as eBPF variants whose outside clients are curl processes that
+//! first move themselves to the cgroup root (the shared versions run them
+//! as threads of this process, which sits in the test cgroup). The TC
+//! program lands on the default devices: ext0 (the node IP's) and br0 (the
+//! pods'): pod1 and pod2 are declared on node-b, so their SNATed replies
+//! stand for traffic from the other node, and here they arrive on br0; and
+//! ext1, a second client interface added while ferry runs.
 //! Skipped with a message when not root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use std::net::SocketAddr;
 
 use anyhow::ensure;
-use common::netns::{http_get, in_netns, is_root, tcp_names, udp_names, Topology};
+use common::netns::{http_get, in_netns, ns_sh, tcp_names, udp_names, wait_until, Topology};
 use common::proxy_scenarios::{
     self as scenarios, addr, all_pods, cluster_yaml, distinct, Ferry, Manifests, Mode, ADMIN,
 };
+use common::skip::require_root;
 
-/// The test cgroup and pin directory, per test process. `ip netns exec`
-/// remounts /sys, hiding the cgroup2 and bpffs mounts there from ferry, so
-/// the test mounts its own cgroup2 and bpffs under /run.
+/// The test cgroup and pin directory, per test process. The cgroup is a
+/// child of the host's cgroup2 root (found in mountinfo, as ferry's
+/// default does: /sys/fs/cgroup/unified on hybrid hosts); the test process
+/// moves into it. `ip netns exec` remounts /sys, hiding the host's cgroup2
+/// and bpffs from ferry: ferry mounts cgroup2 itself (its default), and the
+/// pins live on a bpffs the test mounts under /run so they outlive one
+/// ferry process (the restart scenario needs that).
 struct Place {
     base: PathBuf,
+    /// The host's cgroup2 mount.
+    root: PathBuf,
     cgroup: PathBuf,
     pins: PathBuf,
 }
@@ -47,8 +59,13 @@ fn place() -> &'static Place {
     static PLACE: OnceLock<Place> = OnceLock::new();
     PLACE.get_or_init(|| {
         let base = PathBuf::from(format!("/run/ferry-ebpf-e2e-{}", std::process::id()));
+        let root = ferry_proxy::ebpf::cgroup2_root()
+            .unwrap()
+            .expect("a cgroup2 mount on the host")
+            .mount_point;
         Place {
-            cgroup: base.join("cg").join("ferry-ebpf-e2e"),
+            cgroup: root.join(format!("ferry-ebpf-e2e-{}", std::process::id())),
+            root,
             pins: base.join("bpf").join("pins"),
             base,
         }
@@ -59,23 +76,16 @@ fn sh(cmd: &str, args: &[&str]) {
     let _ = Command::new(cmd).args(args).status();
 }
 
-/// Mounts cgroup2 and bpffs under /run, creates the cgroup and moves this
-/// process into it; on drop moves it back, removes pins, cgroup and mounts.
+/// Mounts bpffs under /run, creates the cgroup and moves this process into
+/// it; on drop moves it back, removes pins, cgroup and mount.
 struct InCgroup;
 
 impl InCgroup {
     fn enter() -> InCgroup {
         let p = place();
         let guard = InCgroup;
-        let (cg, bpf) = (p.base.join("cg"), p.base.join("bpf"));
-        std::fs::create_dir_all(&cg).unwrap();
+        let bpf = p.base.join("bpf");
         std::fs::create_dir_all(&bpf).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "cgroup2", "none"])
-            .arg(&cg)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount cgroup2");
         let ok = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
             .arg(&bpf)
@@ -92,32 +102,28 @@ impl Drop for InCgroup {
     fn drop(&mut self) {
         let p = place();
         let _ = ferry_proxy::ebpf::cleanup(&p.pins);
-        let (cg, bpf) = (p.base.join("cg"), p.base.join("bpf"));
-        let _ = std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string());
+        let bpf = p.base.join("bpf");
+        let _ = std::fs::write(p.root.join("cgroup.procs"), std::process::id().to_string());
         let _ = std::fs::remove_dir(&p.cgroup);
-        sh("umount", &[&cg.to_string_lossy()]);
         sh("umount", &[&bpf.to_string_lossy()]);
-        let _ = std::fs::remove_dir(&cg);
         let _ = std::fs::remove_dir(&bpf);
         let _ = std::fs::remove_dir(&p.base);
     }
 }
 
+/// ferry runs as a container would: in its own cgroup namespace, whose
+/// root is the test cgroup (so ferry's default cgroup — its own cgroup2
+/// mount, nothing else being visible — serves the test's processes only,
+/// not the machine's), with no cgroup2 mount of the host visible (`ip netns
+/// exec` hid /sys; any other one, e.g. of a concurrent test, is unmounted
+/// in ferry's private mount namespace).
+const WRAP: &str = "grep ' - cgroup2 ' /proc/self/mountinfo | cut -d' ' -f5 | xargs -r -n1 umount -l; exec \"$@\"";
+
 fn ebpf_leftovers(node_ns: &str) -> Vec<String> {
     let p = place();
     let mut out = Vec::new();
     // tcx links of the TC program on the node's devices.
-    if let Ok(o) = Command::new("ip")
-        .args(["netns", "exec", node_ns, "bpftool", "net", "show"])
-        .output()
-    {
-        out.extend(
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.contains("ferry_tc"))
-                .map(|l| format!("tc: {l}")),
-        );
-    }
+    out.extend(tc_devices(node_ns).into_iter().map(|d| format!("tc program on {d}")));
     if p.pins.exists() {
         out.push(format!("pin directory {} still exists", p.pins.display()));
     }
@@ -132,6 +138,31 @@ fn ebpf_leftovers(node_ns: &str) -> Vec<String> {
     out
 }
 
+/// Devices of `node_ns` with a ferry TC program (tcx), as the kernel
+/// reports them (bpftool before 7.3 does not list tcx links).
+fn tc_devices(node_ns: &str) -> BTreeSet<String> {
+    let links = ns_sh(node_ns, "ip", &["-o", "link", "show"]).unwrap_or_default();
+    let devs: Vec<String> = links
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|d| d.trim().split('@').next().unwrap_or_default().to_string())
+        .collect();
+    in_netns(node_ns, move || {
+        devs.into_iter()
+            .filter(|d| {
+                ferry_proxy::ebpf::loader::tcx_programs(d)
+                    .map(|p| p.iter().any(|n| n.starts_with("ferry_tc")))
+                    .unwrap_or(false)
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn names(n: &[&str]) -> BTreeSet<String> {
+    n.iter().map(|s| s.to_string()).collect()
+}
+
 fn mode() -> Mode {
     let p = place();
     Mode {
@@ -139,20 +170,18 @@ fn mode() -> Mode {
         args: vec![
             "--mode".into(),
             "ebpf".into(),
-            "--cgroup".into(),
-            p.cgroup.display().to_string(),
             "--bpffs".into(),
             p.pins.display().to_string(),
-            "--devices".into(),
-            "ext0,br0".into(),
         ],
+        wrap: ["unshare", "--cgroup", "sh", "-c", WRAP, "ferry-wrap"]
+            .map(String::from)
+            .to_vec(),
         leftovers: ebpf_leftovers,
     }
 }
 
 fn run(name: &str, f: fn(&Mode) -> anyhow::Result<()>) {
-    if !is_root() {
-        eprintln!("skipping {name}: needs root (network namespaces, BPF, cgroups)");
+    if !require_root() {
         return;
     }
     // One scenario at a time: they share this process's cgroup and pins.
@@ -181,14 +210,12 @@ fn ebpf_restart_and_cleanup() {
 /// leave the test cgroup first (they stand for hosts outside the node);
 /// each line is the name of the pod that answered, or `ERR`.
 fn outside_names(client_ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<String>> {
-    let root = place().base.join("cg");
+    let inner = format!("for i in $(seq {n}); do curl -s --max-time 5 http://{to}/ || echo ERR; done");
     let script = format!(
-        "echo $$ > {}/cgroup.procs && for i in $(seq {n}); do curl -s --max-time 5 http://{to}/ || echo ERR; done",
-        root.display()
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {client_ns} sh -c '{inner}'",
+        place().root.display()
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", client_ns, "sh", "-c", &script])
-        .output()?;
+    let out = Command::new("sh").args(["-c", &script]).output()?;
     ensure!(
         out.status.success(),
         "outside client: {}",
@@ -203,7 +230,7 @@ fn outside_names(client_ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Ve
 
 /// The shared "cluster IP and node port" scenario, NodePort from outside via TC.
 fn cluster_ip_and_node_port_ebpf(mode: &Mode) -> anyhow::Result<()> {
-    let topo = Topology::new("feA")?;
+    let mut topo = Topology::new("feA")?;
     let m = Manifests::new(&cluster_yaml(&[0, 1, 2]))?;
     let _ferry = Ferry::start(&topo, mode, &m.dir)?;
     let web = addr(scenarios::WEB_VIP, 80);
@@ -227,6 +254,24 @@ fn cluster_ip_and_node_port_ebpf(mode: &Mode) -> anyhow::Result<()> {
     ensure!(
         distinct(&from_client) == all_pods(),
         "NodePort from client: {from_client:?}"
+    );
+    // Default devices: the node IP's and the pod bridge (eTP Cluster
+    // replies come back through br0), not the bridge ports nor lo.
+    let node = topo.node.clone();
+    ensure!(
+        tc_devices(&node) == names(&["br0", "ext0"]),
+        "TC devices: {:?}",
+        tc_devices(&node)
+    );
+    // A client on a second interface, added while ferry runs: the device
+    // gets the program (rescan) and NodePort works from there too.
+    let client2 = topo.add_client2()?;
+    let attached = wait_until(Duration::from_secs(20), || tc_devices(&node).contains("ext1"));
+    ensure!(attached, "ext1 never got the TC program: {:?}", tc_devices(&node));
+    let from_client2 = outside_names(&client2, addr("192.0.2.1", 30080), 40)?;
+    ensure!(
+        distinct(&from_client2) == all_pods(),
+        "NodePort from a client behind ext1: {from_client2:?}"
     );
     // The node itself reaching its NodePort: socket LB.
     let np = addr("192.0.2.1", 30080);
@@ -293,4 +338,9 @@ fn ebpf_affinity_and_local_policy() {
         "affinity_and_local_policy (ebpf variant)",
         affinity_and_local_policy_ebpf,
     );
+}
+
+#[test]
+fn ebpf_hairpin_without_node_name() {
+    run("hairpin_without_node_name", scenarios::hairpin_without_node_name);
 }

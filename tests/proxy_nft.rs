@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use common::netns::*;
 use common::proxy_scenarios::*;
+use common::skip::require_root;
 
 #[test]
 fn nftables_canary_recreates_a_deleted_table() {
-    if !is_root() {
-        eprintln!("skipping nftables_canary_recreates_a_deleted_table: needs root");
+    if !require_root() {
         return;
     }
     let mode = Mode::nftables();

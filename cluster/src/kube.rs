@@ -27,8 +27,14 @@ use crate::store::Change;
 
 /// Builds a client from `--kubeconfig`, else the usual inference
 /// (`$KUBECONFIG`, `~/.kube/config`, then in-cluster service account).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
-    let config = match kubeconfig {
+///
+/// `apiserver` replaces the URL the configuration names (its credentials and
+/// CA stay). In a pod the in-cluster URL is the `kubernetes` Service's
+/// ClusterIP, which only a running Service proxy makes reachable: a node's
+/// Service proxy must dial the apiserver's real address instead, as
+/// kube-proxy does with its kubeconfig and Cilium with `k8sServiceHost`.
+pub async fn client(kubeconfig: Option<&Path>, apiserver: Option<&str>) -> Result<Client, SourceError> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| SourceError::KubeConfig(format!("{}: {e}", path.display())))?;
@@ -40,7 +46,31 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
             .await
             .map_err(|e| SourceError::KubeConfig(e.to_string()))?,
     };
+    if let Some(url) = apiserver {
+        config.cluster_url = parse_apiserver(url)?;
+    }
     Client::try_from(config).map_err(SourceError::Kube)
+}
+
+/// `--apiserver`: an absolute `https://HOST[:PORT]` (or `http://`) URL.
+pub fn parse_apiserver(url: &str) -> Result<http::Uri, SourceError> {
+    let bad = |why: &str| SourceError::KubeConfig(format!("--apiserver {url:?}: {why}"));
+    let uri: http::Uri = url.parse().map_err(|e| bad(&format!("not a URL ({e})")))?;
+    match uri.scheme_str() {
+        Some("https") | Some("http") => {}
+        _ => return Err(bad("expected https://HOST[:PORT]")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    Ok(uri)
+}
+
+/// True when this process runs in a pod with the in-cluster configuration
+/// (kubelet's `KUBERNETES_SERVICE_HOST`), i.e. would dial the `kubernetes`
+/// Service's ClusterIP without `--apiserver`.
+pub fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
 /// One API permission ferry's code uses. `deploy/` RBAC is tested against

@@ -5,11 +5,12 @@
 //! coming back to us (a forwarding loop).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::RData;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -161,6 +162,10 @@ pub struct Forwarder {
     inflight: Mutex<HashMap<InflightKey, usize>>,
     /// Index of the upstream that answered last; tried first.
     preferred: AtomicUsize,
+    /// Addresses that are ferry itself (the cluster DNS Service's IPs,
+    /// known only from snapshots): never upstreams, even when resolv.conf
+    /// names them (a pod with `dnsPolicy: ClusterFirstWithHostNet`).
+    forbidden: ArcSwap<Vec<IpAddr>>,
     metrics: DnsMetrics,
 }
 
@@ -187,12 +192,25 @@ impl Forwarder {
             cfg,
             inflight: Mutex::new(HashMap::new()),
             preferred: AtomicUsize::new(0),
+            forbidden: ArcSwap::from_pointee(Vec::new()),
             metrics,
         })
     }
 
     pub fn upstreams(&self) -> &[SocketAddr] {
         &self.cfg.upstreams
+    }
+
+    /// Sets the addresses that answer as ferry itself; upstreams among them
+    /// are skipped (logged once per change).
+    pub fn forbid(&self, ips: Vec<IpAddr>) {
+        if **self.forbidden.load() == ips {
+            return;
+        }
+        for u in self.cfg.upstreams.iter().filter(|u| ips.contains(&u.ip())) {
+            tracing::error!(upstream = %u, "dns: upstream is the cluster DNS Service, i.e. ferry itself; not forwarding to it");
+        }
+        self.forbidden.store(Arc::new(ips));
     }
 
     /// `true` when `req` is one of our own upstream queries: forwarding it
@@ -229,6 +247,12 @@ impl Forwarder {
             let Some(&upstream) = self.cfg.upstreams.get(idx) else {
                 continue;
             };
+            if self.forbidden.load().contains(&upstream.ip()) {
+                last = Err(DnsError::NoUpstream(format!(
+                    "upstream {upstream} is the cluster DNS Service (ferry itself)"
+                )));
+                continue;
+            }
             let id = req.metadata.id;
             let inflight_key = (id, req.key.clone(), key.qtype);
             if let Ok(mut s) = self.inflight.lock() {

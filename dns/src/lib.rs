@@ -4,14 +4,18 @@
 //! `wire` turns a request packet into a reply or a forwarding decision
 //! (pure, the fuzzed request path); `forward` talks to upstream nameservers
 //! with a TTL cache; `server` owns the sockets, the `ArcSwap<Zone>` and the
-//! task that rebuilds the zone on each snapshot; `metrics` what they count.
+//! task that rebuilds the zone on each snapshot; `takeover` answers the
+//! cluster DNS Service's ClusterIPs on this node (local addresses, `link`);
+//! `metrics` what they count.
 
 pub mod error;
 pub mod fast;
 pub mod forward;
+pub mod link;
 pub mod metrics;
 pub mod resolv;
 pub mod server;
+pub mod takeover;
 pub mod udp;
 pub mod wire;
 pub mod zone;

@@ -165,6 +165,13 @@ impl DnsServer {
         self.state.zone.load_full()
     }
 
+    /// Addresses that are ferry itself, never to be forwarded to.
+    pub fn forbid_upstreams(&self, ips: Vec<std::net::IpAddr>) {
+        if let Some(f) = &self.state.forwarder {
+            f.forbid(ips);
+        }
+    }
+
     /// Readiness: a zone from a snapshot is being served.
     pub fn zone_loaded(&self) -> bool {
         self.state.zone.load().is_some()
@@ -240,6 +247,15 @@ impl DnsServer {
         cancel: CancellationToken,
     ) -> Result<(), DnsError> {
         let follower = tokio::spawn(self.clone().follow_snapshots(snapshots, cancel.clone()));
+        let served = self.serve_sockets(sockets, cancel).await;
+        let _ = follower.await;
+        served
+    }
+
+    /// Answers on `sockets` until `cancel` fires, with the zone that the
+    /// `serve` task keeps current: how more addresses (the cluster DNS
+    /// Service's ClusterIPs) are served by the same server.
+    pub async fn serve_sockets(self, sockets: BoundSockets, cancel: CancellationToken) -> Result<(), DnsError> {
         let handle = tokio::runtime::Handle::current();
         let mut threads = Vec::new();
         for (i, sock) in sockets.udp.into_iter().enumerate() {
@@ -268,7 +284,6 @@ impl DnsServer {
         })?;
         tracing::info!(addr = %sockets.local, udp_workers = threads.len(), "dns server listening");
         self.tcp_accept_loop(tcp, cancel.clone()).await;
-        let _ = follower.await;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();

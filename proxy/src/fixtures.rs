@@ -35,6 +35,7 @@ pub fn node() -> NodeConfig {
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         nodeport_addresses: vec![],
         localhost_nodeports: false,
+        local_dns: None,
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ferry_cluster::{EndpointSlice, Object, ObjectKey, Protocol, Snapshot};
 
-use crate::table::{plan, NodeConfig, PlanWarning, ServicePortName, ServiceTable};
+use crate::table::{node_known, plan, NodeConfig, PlanWarning, ServicePortName, ServiceTable};
 
 #[derive(Debug, Default)]
 pub struct Replanner {
@@ -55,7 +55,9 @@ impl Replanner {
             (Some(a), Some(b)) => !(Arc::ptr_eq(a, b) || a == b),
             _ => true,
         };
-        if node_changed {
+        // Whether endpoints of unknown node get hairpin masquerade depends
+        // on every Node object, not on one Service.
+        if node_changed || node_known(&prev, node) != node_known(snap, node) {
             return self.plan_whole(snap, node);
         }
         let changed = changed_services(&prev, snap);
@@ -87,7 +89,10 @@ impl Replanner {
             };
             let mut objects = vec![Object::Service(svc.clone())];
             objects.extend(snap.slices(key).iter().map(|s| Object::EndpointSlice(s.clone())));
-            if let Some(n) = snap.node(&node.node_name) {
+            // This node's Node object; without it, any one Node, so that
+            // `plan` sees, as over the whole snapshot, that this node's name
+            // is unknown.
+            if let Some(n) = snap.node(&node.node_name).or_else(|| snap.nodes().next()) {
                 objects.push(Object::Node(n.clone()));
             }
             let one = Snapshot::from_objects(snap.generation, objects);
@@ -254,5 +259,39 @@ mod tests {
         let r = rp.update(&snap, &cfg, false);
         assert!(r.whole);
         assert_eq!(rp.table(), &plan(&snap, &cfg).0);
+    }
+
+    /// With Node objects but none named like this node, every endpoint
+    /// gets hairpin masquerade; a one-service re-plan must agree, and the
+    /// node's Node object appearing re-plans whole.
+    #[test]
+    fn unknown_node_name_marks_every_endpoint_hairpin_in_partial_plans() {
+        let other = "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n---\n";
+        let mine = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n";
+        let a = |eps: &[&str]| service("a", "10.96.0.1", false, 0, eps);
+        let b = service("b", "10.96.0.2", false, 0, &["10.244.0.3"]);
+        let mut rp = Replanner::default();
+        rp.update(
+            &snapshot(1, &(other.to_string() + &a(&["10.244.0.1"]) + &b)),
+            &node(),
+            false,
+        );
+        let snap = snapshot(2, &(other.to_string() + &a(&["10.244.0.1", "10.244.0.2"]) + &b));
+        let r = rp.update(&snap, &node(), false);
+        assert!(!r.whole);
+        assert_eq!(rp.table(), &plan(&snap, &node()).0);
+        let all_hairpin = |t: &ServiceTable| t.services.values().flat_map(|e| &e.backends).all(|b| b.hairpin);
+        assert!(all_hairpin(rp.table()));
+        let snap = snapshot(3, &(other.to_string() + mine + &a(&["10.244.0.1", "10.244.0.2"]) + &b));
+        let r = rp.update(&snap, &node(), false);
+        assert!(r.whole);
+        assert_eq!(rp.table(), &plan(&snap, &node()).0);
+        // service() puts every endpoint on node-a: all local again.
+        assert!(rp
+            .table()
+            .services
+            .values()
+            .flat_map(|e| &e.backends)
+            .all(|b| b.local && b.hairpin));
     }
 }

@@ -37,7 +37,15 @@ pub struct NodeConfig {
     /// addresses be routed off the host and so exposes services bound to
     /// localhost to the node's neighbours (CVE-2020-8558). Opt in knowingly.
     pub localhost_nodeports: bool,
+    /// The cluster DNS Service that this node answers itself (`ferry node
+    /// --dns-service`): its ClusterIPs on port 53 are local addresses of
+    /// ferry's DNS, so the proxy programs nothing for them.
+    pub local_dns: Option<ObjectKey>,
 }
+
+/// DNS port of the cluster DNS Service that `NodeConfig::local_dns` leaves
+/// to the node's own DNS server.
+const DNS_PORT: u16 = 53;
 
 /// `namespace/name:port-name/PROTOCOL`: one Service port, the unit every
 /// dataplane programs (kube-proxy's `ServicePortName`).
@@ -97,6 +105,11 @@ pub struct Backend {
     pub port: u16,
     /// The endpoint's `nodeName` is this node.
     pub local: bool,
+    /// The endpoint may be on this node: it is local, or its node is
+    /// unknown (no `nodeName`, or this node's own name is unknown, see
+    /// `node_known`). Hairpin masquerade covers every such endpoint, as
+    /// kube-proxy's covers all; `Local` traffic policies use `local` only.
+    pub hairpin: bool,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -285,6 +298,14 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
+/// Whether this node can tell its endpoints from other nodes' by
+/// `nodeName`: false when it has no name, or when the snapshot has Node
+/// objects and none carries its name (a wrong `--node-name`). In files
+/// without Node objects the configured name is trusted.
+pub fn node_known(snap: &Snapshot, node: &NodeConfig) -> bool {
+    !node.node_name.is_empty() && (snap.node(&node.node_name).is_some() || snap.nodes().next().is_none())
+}
+
 /// Plans the node's service table from a snapshot. Pure: no I/O.
 pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarning>) {
     let mut warnings = Vec::new();
@@ -309,6 +330,7 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
         ..ServiceTable::default()
     };
     let mut warned_no_node_ip = false;
+    let known = node_known(snap, node);
 
     for svc in snap.services() {
         if !crate::is_proxied(svc) {
@@ -332,7 +354,10 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
                 protocol: port.protocol,
             };
             let mut frontends = Vec::new();
-            for ip in &svc.cluster_ips {
+            let answered_locally = port.port == DNS_PORT
+                && matches!(port.protocol, Protocol::Udp | Protocol::Tcp)
+                && node.local_dns.as_ref() == Some(&svc.key);
+            for ip in svc.cluster_ips.iter().filter(|_| !answered_locally) {
                 frontends.push(Frontend {
                     ip: *ip,
                     port: port.port,
@@ -382,14 +407,21 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
                 });
             }
 
+            if answered_locally && frontends.is_empty() {
+                continue;
+            }
             let all = snap.backends(svc, port);
-            let to_backend = |b: &ferry_cluster::Backend| Backend {
-                ip: b.ip,
-                port: b.port,
-                local: !node.node_name.is_empty() && b.node_name.as_deref() == Some(node.node_name.as_str()),
-                ready: b.conditions.ready,
-                serving: b.conditions.serving,
-                terminating: b.conditions.terminating,
+            let to_backend = |b: &ferry_cluster::Backend| {
+                let local = !node.node_name.is_empty() && b.node_name.as_deref() == Some(node.node_name.as_str());
+                Backend {
+                    ip: b.ip,
+                    port: b.port,
+                    local,
+                    hairpin: local || !known || b.node_name.as_deref().is_none_or(str::is_empty),
+                    ready: b.conditions.ready,
+                    serving: b.conditions.serving,
+                    terminating: b.conditions.terminating,
+                }
             };
             // Backends whose family matches no frontend could never be dialled.
             let mut mixed = false;
@@ -506,6 +538,32 @@ endpoints:
 "#;
 
     #[test]
+    fn the_locally_answered_dns_service_keeps_only_its_other_frontends() {
+        let snap = snapshot(SVC);
+        let mut cfg = node();
+        cfg.local_dns = Some(ObjectKey::new("shop", "web"));
+        let (table, _) = plan(&snap, &cfg);
+        let dns = table
+            .services
+            .values()
+            .find(|e| e.name.port == "dns")
+            .expect("the NodePort and externalIP of port 53 stay");
+        assert!(dns.frontends.iter().all(|f| f.kind != FrontendKind::ClusterIp));
+        assert!(
+            dns.frontends.iter().any(|f| f.kind == FrontendKind::NodePort)
+                || dns.frontends.iter().any(|f| f.kind == FrontendKind::ExternalIp)
+        );
+        let http = table.services.values().find(|e| e.name.port == "http").unwrap();
+        assert!(
+            http.frontends.iter().any(|f| f.kind == FrontendKind::ClusterIp),
+            "other ports untouched"
+        );
+        // Another Service's port 53 is proxied as usual.
+        cfg.local_dns = Some(ObjectKey::new("kube-system", "kube-dns"));
+        assert_eq!(plan(&snap, &cfg).0, plan(&snap, &node()).0);
+    }
+
+    #[test]
     fn differing_ports_and_assign_from_follow_the_next_table() {
         let (full, _) = plan(&snapshot(&crate::fixtures::fixture_text()), &node());
         let (small, _) = plan(&snapshot(SVC), &node());
@@ -572,6 +630,34 @@ endpoints:
         let dns = &t.services[&key("dns", Protocol::Udp)];
         assert_eq!(dns.frontends.len(), 2, "no nodePort on the dns port");
         assert_eq!(dns.backends[0].port, 5353);
+    }
+
+    #[test]
+    fn endpoint_without_node_name_is_hairpin_but_not_local() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: ns, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.1.5]}\n- {addresses: [10.244.2.5], nodeName: node-b}\n";
+        let (t, _) = plan(&snapshot(yaml), &node());
+        let e = t.services.values().next().unwrap();
+        let flags: Vec<(String, bool, bool)> = e
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.local, b.hairpin))
+            .collect();
+        assert_eq!(
+            flags,
+            vec![("10.244.1.5".into(), false, true), ("10.244.2.5".into(), false, false)]
+        );
+        assert!(
+            e.local_backends.is_empty(),
+            "no nodeName is not local for Local policies"
+        );
+        // No node name at all: every endpoint may be local.
+        let nameless = NodeConfig {
+            node_name: String::new(),
+            ..node()
+        };
+        let (t, _) = plan(&snapshot(yaml), &nameless);
+        let e = t.services.values().next().unwrap();
+        assert!(e.backends.iter().all(|b| b.hairpin && !b.local));
     }
 
     #[test]

@@ -4,3 +4,4 @@
 
 pub mod netns;
 pub mod proxy_scenarios;
+pub mod skip;

@@ -5,6 +5,8 @@
 //!   client ns                node ns                          pod ns × 3
 //!   eth0 192.0.2.2/24 ─veth─ ext0 192.0.2.1/24 (node IP)
 //!                            br0 10.244.0.1/24 ──veth (hairpin)── eth0 10.244.0.1x/24
+//!   client2 ns (add_client2, on demand)
+//!   eth0 198.51.100.2/24 ─veth─ ext1 198.51.100.1/24
 //! ```
 //!
 //! Every namespace is made by the test and named `<prefix><pid>-<seq>-<role>`;
@@ -130,6 +132,7 @@ pub struct Pod {
 pub struct Topology {
     pub node: String,
     pub client: String,
+    base: String,
     pub pods: Vec<Pod>,
     children: Vec<Child>,
     namespaces: Vec<String>,
@@ -143,6 +146,7 @@ impl Topology {
         let mut topo = Topology {
             node: format!("{base}-node"),
             client: format!("{base}-cli"),
+            base: base.clone(),
             pods: Vec::new(),
             children: Vec::new(),
             namespaces: Vec::new(),
@@ -226,6 +230,26 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// A second client namespace on a second node device (ext1,
+    /// 198.51.100.1/24), routed to the node IP through it: a client that
+    /// reaches the node through another interface. Returns its name.
+    pub fn add_client2(&mut self) -> anyhow::Result<String> {
+        let client2 = format!("{}-cl2", self.base);
+        self.add_ns(&client2)?;
+        let node = self.node.clone();
+        let n = |args: &[&str]| ns_sh(&node, args[0], &args[1..]);
+        n(&[
+            "ip", "link", "add", "ext1", "type", "veth", "peer", "name", "eth0", "netns", &client2,
+        ])?;
+        n(&["ip", "addr", "add", "198.51.100.1/24", "dev", "ext1"])?;
+        n(&["ip", "link", "set", "ext1", "up"])?;
+        let c = |args: &[&str]| ns_sh(&client2, args[0], &args[1..]);
+        c(&["ip", "addr", "add", "198.51.100.2/24", "dev", "eth0"])?;
+        c(&["ip", "link", "set", "eth0", "up"])?;
+        c(&["ip", "route", "add", "192.0.2.0/24", "via", "198.51.100.1"])?;
+        Ok(client2)
     }
 
     pub fn pod_ip(&self, i: usize) -> IpAddr {

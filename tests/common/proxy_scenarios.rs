@@ -8,7 +8,8 @@
 //! from the node, from pods and from the client namespace. All three pods
 //! physically sit on the node's bridge, but only pod0 is declared local, so
 //! pod-originated traffic comes from pod0: a real pod1 would live on node-b
-//! and hairpin there (ferry installs hairpin rules for local endpoints only).
+//! and hairpin there (ferry installs hairpin rules for local endpoints and
+//! those of unknown node only; `hairpin_without_node_name` tests the latter).
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -27,6 +28,9 @@ pub struct Mode {
     pub name: &'static str,
     /// Extra `ferry proxy` flags (`--mode ...` and mode options).
     pub args: Vec<String>,
+    /// A command ferry runs under inside the node namespace (e.g.
+    /// `unshare --cgroup`); empty: none.
+    pub wrap: Vec<String>,
     /// What of ours is still in the node namespace after `--cleanup`
     /// (empty = clean).
     pub leftovers: fn(node_ns: &str) -> Vec<String>,
@@ -39,6 +43,7 @@ impl Mode {
             args: ["--mode", "iptables", "--iptables-backend", "nft"]
                 .map(String::from)
                 .to_vec(),
+            wrap: Vec::new(),
             leftovers: iptables_leftovers,
         }
     }
@@ -50,6 +55,7 @@ impl Mode {
         Mode {
             name: "nftables",
             args: ["--mode", "nftables"].map(String::from).to_vec(),
+            wrap: Vec::new(),
             leftovers: nftables_leftovers,
         }
     }
@@ -97,16 +103,26 @@ impl Ferry {
 
     /// `start` with extra `ferry proxy` flags.
     pub fn start_with(topo: &Topology, mode: &Mode, manifests: &Path, extra: &[&str]) -> anyhow::Result<Ferry> {
+        let mut flags = vec!["--node-name", "node-a"];
+        flags.extend(extra);
+        Ferry::launch(topo, mode, manifests, &flags)
+    }
+
+    /// `start` without `--node-name` (nor $NODE_NAME): ferry falls back
+    /// to the hostname, which no endpoint names.
+    pub fn start_nameless(topo: &Topology, mode: &Mode, manifests: &Path) -> anyhow::Result<Ferry> {
+        Ferry::launch(topo, mode, manifests, &[])
+    }
+
+    fn launch(topo: &Topology, mode: &Mode, manifests: &Path, extra: &[&str]) -> anyhow::Result<Ferry> {
         let bin = env!("CARGO_BIN_EXE_ferry");
         let dir = manifests.to_string_lossy().into_owned();
-        let mut args: Vec<String> = ["netns", "exec", &topo.node, bin, "proxy", "-f", &dir]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> = ["netns", "exec", &topo.node].map(String::from).to_vec();
+        args.extend(mode.wrap.iter().cloned());
+        args.extend([bin, "proxy", "-f", &dir].map(String::from));
         args.extend(mode.args.iter().cloned());
         args.extend(
             [
-                "--node-name",
-                "node-a",
                 "--node-ip",
                 "192.0.2.1",
                 "--cluster-cidr",
@@ -123,6 +139,7 @@ impl Ferry {
         args.extend(extra.iter().map(|a| a.to_string()));
         let child = Command::new("ip")
             .args(&args)
+            .env_remove("NODE_NAME")
             .stdin(Stdio::null())
             .spawn()
             .context("starting ferry proxy")?;
@@ -457,11 +474,77 @@ pub fn restart_and_cleanup(mode: &Mode) -> anyhow::Result<()> {
     ensure!(a == b, "connection moved or broke across restart: {a} then {b}");
     ferry2.stop()?;
     let bin = env!("CARGO_BIN_EXE_ferry");
-    let mut args = vec!["netns", "exec", &topo.node, bin, "proxy", "--cleanup"];
+    let mut args = vec!["netns", "exec", &topo.node];
+    args.extend(mode.wrap.iter().map(String::as_str));
+    args.extend([bin, "proxy", "--cleanup"]);
     args.extend(mode.args.iter().map(String::as_str));
     let out = sh("ip", &args)?;
     eprintln!("{out}");
     let left = (mode.leftovers)(&topo.node);
     ensure!(left.is_empty(), "left after --cleanup: {left:#?}");
+    Ok(())
+}
+
+/// Switching modes (stop one, start another on the same node) leaves
+/// nothing of the old mode: nftables → iptables → nftables, each serving.
+pub fn switching_modes_leaves_nothing_behind(_: &Mode) -> anyhow::Result<()> {
+    let topo = Topology::new("fyM")?;
+    let m = Manifests::new(&cluster_yaml(&[0, 1, 2]))?;
+    let web = addr(WEB_VIP, 80);
+    let mut previous: Option<Mode> = None;
+    for mode in [Mode::nftables(), Mode::iptables(), Mode::nftables()] {
+        let mut ferry = Ferry::start(&topo, &mode, &m.dir)?;
+        let names = in_netns(&topo.node, move || tcp_names(web, 30))?;
+        ensure!(distinct(&names) == all_pods(), "{}: {names:?}", mode.name);
+        if let Some(prev) = &previous {
+            let left: Vec<String> = (prev.leftovers)(&topo.node)
+                .into_iter()
+                .filter(|l| match mode.name {
+                    // What the running mode programs itself is not a leftover.
+                    "iptables" => l.starts_with("nft:"),
+                    _ => !l.starts_with("nft:"),
+                })
+                .collect();
+            ensure!(
+                left.is_empty(),
+                "{} after {}: the old mode's rules are still there: {left:#?}",
+                mode.name,
+                prev.name
+            );
+        }
+        ferry.stop()?;
+        previous = Some(mode);
+    }
+    Ok(())
+}
+
+/// Hand-made slices without `nodeName`, and ferry without `--node-name`:
+/// every pod reaching the Service, itself included (hairpin), gets an
+/// answer from every pod — an endpoint of unknown node may be local, so
+/// its hairpin traffic is masqueraded.
+pub fn hairpin_without_node_name(mode: &Mode) -> anyhow::Result<()> {
+    let topo = Topology::new("fyH")?;
+    let mut eps = String::new();
+    for i in 0..3 {
+        eps.push_str(&format!(
+            "- addresses: [10.244.0.{}]\n  conditions: {{ready: true}}\n",
+            10 + i
+        ));
+    }
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: e2e}}\n{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 8080, protocol: TCP}}\nendpoints:\n{eps}",
+        service("web", WEB_VIP, "  ports:\n  - {name: tcp, port: 80, targetPort: 8080, protocol: TCP}")
+    );
+    let m = Manifests::new(&yaml)?;
+    let _ferry = Ferry::start_nameless(&topo, mode, &m.dir)?;
+    let web = addr(WEB_VIP, 80);
+    for pod in &topo.pods {
+        let names = in_netns(&pod.ns, move || tcp_names(web, 40))?;
+        ensure!(
+            distinct(&names) == all_pods(),
+            "{} through the service (incl. itself, hairpin): {names:?}",
+            pod.name
+        );
+    }
     Ok(())
 }

@@ -70,9 +70,10 @@ const WORKLOADS: [(&str, &str); 6] = [
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     let modes = parse_args(args)?;
-    if !is_root() {
+    if !crate::packages::is_root() {
         bail!("e2e cluster needs root (kube-kit, iptables, nft, bpftool, ip netns)");
     }
+    crate::packages::ensure(crate::packages::CLUSTER_E2E, "e2e cluster")?;
     let paths = Paths::find()?;
     let mut timings = Timings::default();
     eprintln!(
@@ -83,7 +84,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
 
     timings.phase("build release binary", || {
-        crate::cargo(&["build", "--release", "--bin", "ferry"])
+        crate::cargo(&["build", "--release", "--bin", "ferry"], &[])
     })?;
     let ferry = paths.target.join("release/ferry");
     if !ferry.is_file() {
@@ -144,17 +145,6 @@ fn parse_args(args: &[String]) -> anyhow::Result<Vec<&'static str>> {
         }
     }
     Ok(modes)
-}
-
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Where things are: the checkout, the kit, its home, the cargo target dir and

@@ -5,14 +5,22 @@
 //! map entries, and re-reads the maps on a full sync (the kernel is the
 //! truth after a restart).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
+use super::cgroup::default_cgroup;
+use super::devices::{cluster_cidrs, node_ips, wanted, Scanner};
 use super::entries::{Incremental, Op};
-use super::loader::{attach_tc, cgroup2_root, cleanup, devices_with, EbpfError, SockLb};
+use super::loader::{attach_tc, cleanup, ifindex, prune_tc, set_tc_snat, EbpfError, SockLb};
 use crate::dataplane::{Dataplane, SyncReport};
 use crate::error::ProxyError;
 use crate::table::ServiceTable;
+
+/// How often the device set is re-checked between syncs (new devices get
+/// the TC program within this time).
+const RESCAN: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct EbpfDataplane {
@@ -20,15 +28,95 @@ pub struct EbpfDataplane {
     cgroup: Option<PathBuf>,
     lb: Option<SockLb>,
     current: Option<Incremental>,
-    /// `--devices`; empty: the devices holding the table's IPv4 node IPs.
+    /// `--devices`; empty: `devices::discover`.
     devices: Vec<String>,
-    /// Devices the TC programs are attached to (None: not yet checked).
-    tc_devices: Option<Vec<String>>,
+    /// The TC side, shared with the rescan thread (None: not yet set up).
+    tc: Option<Arc<TcShared>>,
+}
+
+/// What the TC programs are attached with, and the rescan thread's stop flag.
+#[derive(Debug)]
+struct TcState {
+    dir: PathBuf,
+    explicit: Vec<String>,
+    scanner: Scanner,
+    /// The SNAT address last written (outer None: nothing written yet).
+    snat: Option<Option<Ipv4Addr>>,
+    /// Devices of the last scan.
+    devices: Vec<String>,
+    scanned: bool,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct TcShared {
+    state: Mutex<TcState>,
+    wake: Condvar,
+}
+
+impl TcState {
+    /// Unpins links of vanished devices, attaches to the devices that
+    /// should have the program and lack it, writes the SNAT address (the
+    /// first IPv4 node IP) when it changed.
+    fn scan(&mut self) -> Result<(), EbpfError> {
+        let pruned = prune_tc(&self.dir)?;
+        // Without a node IP ferry cannot tell the node's outside from its
+        // inside (and a bench or test on a host must not grab its devices).
+        let devices = if !self.explicit.is_empty() {
+            self.explicit.clone()
+        } else if self.scanner.node_ips().is_empty() {
+            Vec::new()
+        } else {
+            self.scanner.scan()?
+        };
+        let created = attach_tc(&self.dir, &devices)?;
+        let snat = self.scanner.node_ips().first().copied();
+        if self.snat != Some(snat) {
+            set_tc_snat(&self.dir, snat)?;
+            self.snat = Some(snat);
+        }
+        if devices.is_empty() && (!self.scanned || !self.devices.is_empty()) {
+            tracing::warn!("no node IP (--node-ip or the Node object) and no --devices, or no device found: no TC program, so NodePorts are served to this node's own connections only");
+        }
+        if created > 0 || pruned > 0 || devices != self.devices {
+            tracing::info!(devices = ?devices, links = created, pruned, "eBPF TC programs attached");
+        }
+        self.devices = devices;
+        self.scanned = true;
+        Ok(())
+    }
+}
+
+/// Re-scans every `RESCAN` until told to stop; a failed scan is logged
+/// and retried at the next one.
+fn rescan_loop(shared: Arc<TcShared>) {
+    let Ok(mut state) = shared.state.lock() else {
+        return;
+    };
+    loop {
+        state = match shared.wake.wait_timeout(state, RESCAN) {
+            Ok((s, _)) => s,
+            Err(_) => return,
+        };
+        if state.stop {
+            return;
+        }
+        if let Err(e) = state.scan() {
+            tracing::warn!(error = %e, "eBPF TC device rescan failed");
+        }
+    }
+}
+
+impl Drop for EbpfDataplane {
+    fn drop(&mut self) {
+        self.stop_tc();
+    }
 }
 
 impl EbpfDataplane {
-    /// `dir`: bpffs pin directory; `cgroup`: where to attach (default: the
-    /// root of the cgroup2 mount, so every process on the node is served).
+    /// `dir`: bpffs pin directory; `cgroup`: where to attach (default:
+    /// `default_cgroup`, the root of the cgroup2 hierarchy, so every
+    /// process on the node is served).
     pub fn new(dir: PathBuf, cgroup: Option<PathBuf>) -> Self {
         Self {
             dir,
@@ -36,44 +124,89 @@ impl EbpfDataplane {
             lb: None,
             current: None,
             devices: Vec::new(),
-            tc_devices: None,
+            tc: None,
         }
     }
 
-    /// Devices for the TC program (traffic from outside the node).
+    /// Devices for the TC program (traffic from outside the node); empty:
+    /// every device that carries node or pod traffic, re-checked every few
+    /// seconds (`devices::select`) — once the node has an IPv4 node IP.
     pub fn with_devices(mut self, devices: Vec<String>) -> Self {
         self.devices = devices;
         self
     }
 
-    /// Attaches the TC programs (or adopts their pinned links) on the
-    /// devices and writes the SNAT address: the first IPv4 node IP.
-    fn ensure_tc(&mut self, table: &ServiceTable) -> Result<(), EbpfError> {
-        let node_v4: Vec<Ipv4Addr> = table
-            .node_ips
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
-                _ => None,
-            })
-            .collect();
-        let devices = if self.devices.is_empty() {
-            devices_with(&node_v4)?
-        } else {
-            self.devices.clone()
-        };
-        if devices.is_empty() {
-            if self.tc_devices.is_none() {
-                tracing::warn!("no --node-ip on a local device and no --devices: NodePorts are served to this node's own connections only (no TC program)");
-            }
-        } else {
-            let created = attach_tc(&self.dir, &devices, node_v4.first().copied())?;
-            if created > 0 {
-                tracing::info!(devices = ?devices, links = created, "eBPF TC programs attached");
+    /// The devices the TC programs were attached to at the last scan.
+    pub fn tc_devices(&self) -> Option<Vec<String>> {
+        let tc = self.tc.as_ref()?;
+        tc.state.lock().ok().map(|s| s.devices.clone())
+    }
+
+    /// Brings the TC side up to `table` (device inputs, SNAT address) and
+    /// scans now; the first call starts the rescan thread. A partial sync
+    /// passes its map writes: the endpoints they add are the new inputs.
+    fn ensure_tc(&mut self, table: &ServiceTable, partial: Option<&[Op]>) -> Result<(), EbpfError> {
+        for d in &self.devices {
+            if ifindex(d).is_none() {
+                return Err(EbpfError::Io {
+                    path: PathBuf::from(format!("--devices {d}")),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such network device"),
+                });
             }
         }
-        self.tc_devices = Some(devices);
+        if let Some(tc) = &self.tc {
+            let mut s = tc.state.lock().map_err(|_| poisoned(&self.dir))?;
+            match partial {
+                Some(ops) => {
+                    let added: Vec<Ipv4Addr> = ops
+                        .iter()
+                        .filter_map(|o| match o {
+                            Op::PutBackend(_, b) => Some(b.ip()),
+                            _ => None,
+                        })
+                        .collect();
+                    s.scanner.update(node_ips(table), cluster_cidrs(table), &added);
+                }
+                None => s.scanner.set(wanted(table)),
+            }
+            return s.scan();
+        }
+        let mut scanner = Scanner::default();
+        scanner.set(wanted(table));
+        let mut state = TcState {
+            dir: self.dir.clone(),
+            explicit: self.devices.clone(),
+            scanner,
+            snat: None,
+            devices: Vec::new(),
+            scanned: false,
+            stop: false,
+        };
+        state.scan()?;
+        let shared = Arc::new(TcShared {
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+        });
+        let t = shared.clone();
+        std::thread::Builder::new()
+            .name("ferry-tc-devices".into())
+            .spawn(move || rescan_loop(t))
+            .map_err(|source| EbpfError::Io {
+                path: PathBuf::from("rescan thread"),
+                source,
+            })?;
+        self.tc = Some(shared);
         Ok(())
+    }
+
+    /// Stops the rescan thread (it exits at its next wake-up, at once).
+    fn stop_tc(&mut self) {
+        if let Some(tc) = self.tc.take() {
+            if let Ok(mut s) = tc.state.lock() {
+                s.stop = true;
+            }
+            tc.wake.notify_all();
+        }
     }
 
     /// Whether the last open adopted pinned links instead of loading.
@@ -83,12 +216,12 @@ impl EbpfDataplane {
 
     fn lb(&mut self) -> Result<&mut SockLb, EbpfError> {
         if self.lb.is_none() {
-            let cgroup = match &self.cgroup {
-                Some(c) => c.clone(),
-                None => cgroup2_root()?,
-            };
-            let lb = SockLb::open(&self.dir, &cgroup)?;
-            tracing::info!(dir = %self.dir.display(), cgroup = %cgroup.display(), adopted = lb.adopted, "eBPF socket LB ready");
+            let explicit = self.cgroup.clone();
+            let lb = SockLb::open_with(&self.dir, || match explicit {
+                Some(c) => Ok(c),
+                None => default_cgroup(),
+            })?;
+            tracing::info!(dir = %self.dir.display(), adopted = lb.adopted, "eBPF socket LB ready");
             self.lb = Some(lb);
         }
         match self.lb.as_mut() {
@@ -118,9 +251,8 @@ impl EbpfDataplane {
         }
         // On failure `current` stays None: the next sync re-reads the maps.
         lb.apply(&update.ops)?;
-        if full || self.tc_devices.is_none() {
-            self.ensure_tc(table)?;
-        }
+        // Endpoints and node IPs feed the device choice: every sync.
+        self.ensure_tc(table, (!update.full).then_some(update.ops.as_slice()))?;
         let ops = &update.ops;
         let services_written = ops.iter().filter(|o| matches!(o, Op::PutService(..))).count();
         let services_removed = ops.iter().filter(|o| matches!(o, Op::DeleteService(..))).count();
@@ -138,6 +270,13 @@ impl EbpfDataplane {
             services_written,
             services_removed,
         })
+    }
+}
+
+fn poisoned(dir: &std::path::Path) -> EbpfError {
+    EbpfError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other("TC state lock poisoned"),
     }
 }
 
@@ -172,15 +311,14 @@ impl Dataplane for EbpfDataplane {
         if !intact {
             self.lb = None;
             self.current = None;
-            self.tc_devices = None;
         }
         Ok(intact)
     }
 
     fn cleanup(&mut self) -> Result<(), ProxyError> {
+        self.stop_tc();
         self.lb = None;
         self.current = None;
-        self.tc_devices = None;
         let removed = cleanup(&self.dir).map_err(to_proxy)?;
         tracing::info!(dir = %self.dir.display(), removed, "eBPF pins removed");
         Ok(())

@@ -640,6 +640,7 @@ mod tests {
             ip: IpAddr::from([10, 244, 0, last]),
             port: 8080,
             local,
+            hairpin: local,
             ready: true,
             serving: true,
             terminating: false,

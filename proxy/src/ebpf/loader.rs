@@ -26,7 +26,7 @@ use ferry_ebpf::{Backend, BackendKey, SvcKey, SvcVal};
 use super::entries::{MapEntries, Op};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+pub(crate) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Default pin directory: where a restarted ferry finds its maps and links.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/ferry";
@@ -81,7 +81,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EbpfError + '_ {
     }
 }
 
-fn statfs_magic(path: &Path) -> io::Result<i64> {
+pub(crate) fn statfs_magic(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out pointer.
@@ -119,25 +119,6 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// The root of the cgroup v2 hierarchy (the default `--cgroup`), from
-/// /proc/self/mountinfo.
-pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
-    let info = "/proc/self/mountinfo";
-    let text = std::fs::read_to_string(info).map_err(io_err(Path::new(info)))?;
-    text.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            Some(PathBuf::from(pre.split_whitespace().nth(4)?))
-        })
-        .ok_or_else(|| EbpfError::Cgroup {
-            path: PathBuf::from("/sys/fs/cgroup"),
-            reason: "no cgroup2 filesystem is mounted (mount -t cgroup2 none /sys/fs/cgroup)".into(),
-        })
 }
 
 fn check_cgroup(path: &Path) -> Result<File, EbpfError> {
@@ -195,6 +176,12 @@ impl SockLb {
     /// loads the object (reusing any pinned maps), attaches the programs to
     /// `cgroup` and pins the links.
     pub fn open(dir: &Path, cgroup: &Path) -> Result<SockLb, EbpfError> {
+        SockLb::open_with(dir, || Ok(cgroup.to_path_buf()))
+    }
+
+    /// `open`, finding the cgroup only when it is needed (not when the
+    /// pinned links are adopted: a restart then needs no cgroup at all).
+    pub fn open_with(dir: &Path, cgroup: impl FnOnce() -> Result<PathBuf, EbpfError>) -> Result<SockLb, EbpfError> {
         let all_linked = ferry_ebpf::SOCK_PROGRAMS.iter().all(|p| link_pin(dir, p).exists());
         let all_maps = [ferry_ebpf::MAP_SERVICES, ferry_ebpf::MAP_BACKENDS]
             .iter()
@@ -203,7 +190,10 @@ impl SockLb {
         let cg = if all_linked && all_maps {
             None
         } else {
-            Some(check_cgroup(cgroup)?)
+            let path = cgroup()?;
+            let file = check_cgroup(&path)?;
+            tracing::info!(cgroup = %path.display(), "attaching the socket LB");
+            Some(file)
         };
         ensure_bpffs(dir)?;
         let Some(cg) = cg else {
@@ -294,20 +284,63 @@ impl SockLb {
     }
 }
 
-fn tc_link_pin(dir: &Path, ingress: bool, device: &str) -> PathBuf {
-    dir.join(format!("link_tc_{}_{device}", if ingress { "in" } else { "out" }))
+/// A TC link's pin: `link_tc_{in,out}_<ifindex>_<device>`. The ifindex
+/// tells a link on a device that was since deleted (and maybe re-created
+/// under the same name) from a live one.
+fn tc_link_pin(dir: &Path, ingress: bool, ifindex: u32, device: &str) -> PathBuf {
+    dir.join(format!(
+        "link_tc_{}_{ifindex}_{device}",
+        if ingress { "in" } else { "out" }
+    ))
+}
+
+/// The device's index, None when no such device exists.
+pub fn ifindex(device: &str) -> Option<u32> {
+    let c = CString::new(device).ok()?;
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Unpins TC links whose device is gone or is another device now (a
+/// different ifindex): the kernel detached them when the device went.
+/// Returns how many pins were removed.
+pub fn prune_tc(dir: &Path) -> Result<usize, EbpfError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("link_tc_in_")
+            .or_else(|| name.strip_prefix("link_tc_out_"))
+        else {
+            continue;
+        };
+        let live = rest
+            .split_once('_')
+            .and_then(|(idx, dev)| Some((idx.parse::<u32>().ok()?, dev)))
+            .is_some_and(|(idx, dev)| ifindex(dev) == Some(idx));
+        if !live {
+            unpin_link(&e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Attaches the TC programs (tcx ingress and egress) to each of `devices`
-/// unless their link pins are already there (a restart adopts them), pins
-/// the links, and writes the SNAT address the program uses for
-/// `externalTrafficPolicy: Cluster` flows. Needs the shared maps pinned in
-/// `dir` first (`SockLb::open`). Returns how many links were created.
-pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Result<usize, EbpfError> {
-    let missing: Vec<(&String, bool)> = devices
+/// unless their link pins are already there (a restart adopts them), and
+/// pins the links. A device that does not exist (any more) is skipped.
+/// Needs the shared maps pinned in `dir` first (`SockLb::open`). Returns
+/// how many links were created.
+pub fn attach_tc(dir: &Path, devices: &[String]) -> Result<usize, EbpfError> {
+    let present: Vec<(&String, u32)> = devices.iter().filter_map(|d| Some((d, ifindex(d)?))).collect();
+    let missing: Vec<(&String, u32, bool)> = present
         .iter()
-        .flat_map(|d| [(d, true), (d, false)])
-        .filter(|(d, ingress)| !tc_link_pin(dir, *ingress, d).exists())
+        .flat_map(|(d, idx)| [(*d, *idx, true), (*d, *idx, false)])
+        .filter(|(d, idx, ingress)| !tc_link_pin(dir, *ingress, *idx, d).exists())
         .collect();
     let mut created = 0;
     if !missing.is_empty() {
@@ -324,7 +357,7 @@ pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Resu
                 .map_err(perr)?;
             prog.load().map_err(perr)?;
             let ingress = name == ferry_ebpf::PROG_TC_INGRESS;
-            for (dev, _) in missing.iter().filter(|(_, i)| *i == ingress) {
+            for (dev, idx, _) in missing.iter().filter(|(_, _, i)| *i == ingress) {
                 let attach_type = if ingress {
                     TcAttachType::Ingress
                 } else {
@@ -335,60 +368,40 @@ pub fn attach_tc(dir: &Path, devices: &[String], snat: Option<Ipv4Addr>) -> Resu
                     .map_err(perr)?;
                 let link = prog.take_link(link_id).map_err(perr)?;
                 let fd_link: FdLink = link.try_into().map_err(|source| EbpfError::Link { name, source })?;
-                let path = tc_link_pin(dir, ingress, dev);
+                let path = tc_link_pin(dir, ingress, *idx, dev);
                 fd_link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
                 created += 1;
             }
         }
     }
+    Ok(created)
+}
+
+/// Names of the programs attached with tcx to `device` (ingress, then
+/// egress), as the kernel reports them: what is really attached, whatever
+/// the pins say.
+pub fn tcx_programs(device: &str) -> Result<Vec<String>, EbpfError> {
+    let mut out = Vec::new();
+    for (name, at) in [
+        ("tcx ingress", TcAttachType::Ingress),
+        ("tcx egress", TcAttachType::Egress),
+    ] {
+        let (_, progs) =
+            SchedClassifier::query_tcx(device, at).map_err(|source| EbpfError::Program { name, source })?;
+        out.extend(progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()));
+    }
+    Ok(out)
+}
+
+/// Writes the SNAT address the TC program uses for
+/// `externalTrafficPolicy: Cluster` flows (None: the frontend address).
+pub fn set_tc_snat(dir: &Path, snat: Option<Ipv4Addr>) -> Result<(), EbpfError> {
     let name = ferry_ebpf::MAP_TC_CONFIG;
     let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
     let map = Map::from_map_data(md).map_err(map_err(name))?;
     let mut config: Array<MapData, u32> = Array::try_from(map).map_err(map_err(name))?;
     let addr = snat.map_or(0, |ip| u32::from(ip).to_be());
-    config.set(0, addr, 0).map_err(map_err(name))?;
-    Ok(created)
-}
-
-/// The network devices holding any of `ips` (the default for `--devices`).
-pub fn devices_with(ips: &[Ipv4Addr]) -> Result<Vec<String>, EbpfError> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return Err(EbpfError::Io {
-            path: PathBuf::from("getifaddrs"),
-            source: io::Error::last_os_error(),
-        });
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: non-null address of the family it says.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: AF_INET addresses are sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        if ips.contains(&ip) {
-            // SAFETY: a NUL-terminated interface name.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            if !out.contains(&name) {
-                out.push(name);
-            }
-        }
-    }
-    // SAFETY: the list from getifaddrs, freed once.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
+    config.set(0, addr, 0).map_err(map_err(name))
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

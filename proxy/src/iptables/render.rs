@@ -9,10 +9,12 @@
 //!   a node-local one; `FERRY-EXT-*` decides masquerade and Local policy for
 //!   external traffic.
 //! - nat `FERRY-POSTROUTING` masquerades marked packets, and hairpin
-//!   packets (source = destination = a local endpoint) via `FERRY-HAIRPIN`.
+//!   packets (source = destination = an endpoint that may be local) via
+//!   `FERRY-HAIRPIN`.
 //!
 //! Unlike kube-proxy there is no per-endpoint chain and hairpin rules exist
-//! only for endpoints on this node (the only ones that can hairpin here):
+//! only for endpoints that may be on this node (the only ones that can
+//! hairpin here: local ones, and those of unknown node, `Backend::hairpin`):
 //! about a third of kube-proxy's rules and a tenth of its chains, which is
 //! what iptables-restore time is proportional to. Partial syncs rewrite
 //! only changed service chains and edit the dispatch chains rule by rule.
@@ -407,7 +409,7 @@ pub fn render(table: &ServiceTable, family: Family) -> Rendered {
             e.backends
                 .iter()
                 .chain(e.local_backends.iter())
-                .filter(|b| b.local && Family::of(b.ip) == family)
+                .filter(|b| b.hairpin && Family::of(b.ip) == family)
                 .map(|b| b.ip),
         );
         dispatch_rules(e, family, &mut services, &mut nodeports, &mut filter);

@@ -244,6 +244,24 @@ fn tracer_every_policy() {
             want: Want::Endpoints(&["10.244.2.14:7777"], false),
         },
         Case {
+            name: "endpoint without nodeName: cluster IP uses it",
+            origin: Network,
+            src: other_pod,
+            dst: "10.96.0.21",
+            proto: Tcp,
+            port: 80,
+            want: Want::Endpoints(&["10.244.1.21:8080", "10.244.3.21:8080"], false),
+        },
+        Case {
+            name: "endpoint without nodeName is not local for eTP Local",
+            origin: Network,
+            src: external,
+            dst: node_ip,
+            proto: Tcp,
+            port: 30086,
+            want: Want::Endpoints(&["10.244.1.21:8080"], false),
+        },
+        Case {
             name: "not a service",
             origin: Network,
             src: other_pod,
@@ -319,6 +337,56 @@ fn hairpin_is_masqueraded_only_towards_itself() {
         assert_eq!(p.masquerade, to_self, "{p:?}");
     }
     assert_eq!(t.endpoints().len(), 3);
+}
+
+/// An endpoint without nodeName may be on this node: reaching itself
+/// through its Service is masqueraded, like a local endpoint.
+#[test]
+fn hairpin_covers_endpoints_of_unknown_node() {
+    let rules = Ruleset::parse(&render::render_text(&table(), Family::V4)).unwrap();
+    for me in ["10.244.3.21", "10.244.1.21"] {
+        let t = rules.trace(&Packet {
+            origin: Origin::Network,
+            src: ip(me),
+            dst: ip("10.96.0.21"),
+            protocol: Protocol::Tcp,
+            dport: 80,
+            src_local: false,
+            dst_local: false,
+        });
+        assert_eq!(t.endpoints().len(), 2, "{t:?}");
+        for p in &t.paths {
+            let to_self = p.verdict == Verdict::Endpoint(SocketAddr::new(ip(me), 8080));
+            assert_eq!(p.masquerade, to_self, "{me}: {p:?}");
+        }
+    }
+}
+
+/// A wrong `--node-name` (Node objects exist, none has it): every endpoint
+/// may be local, so each gets hairpin masquerade; none becomes local.
+#[test]
+fn hairpin_covers_every_endpoint_when_the_node_is_unknown() {
+    let text = fixtures::fixture_text()
+        + "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.11}]}\n";
+    let (t, _) = plan(&fixtures::snapshot(&text), &node());
+    let web = t.services.values().find(|e| e.name.service.name == "web").unwrap();
+    let remote = web.backends.iter().find(|b| b.ip == ip("10.244.2.5")).unwrap();
+    assert!(remote.hairpin && !remote.local, "{remote:?}");
+    let rules = Ruleset::parse(&render::render_text(&t, Family::V4)).unwrap();
+    let t = rules.trace(&Packet {
+        origin: Origin::Network,
+        src: ip("10.244.2.5"),
+        dst: ip("10.96.0.10"),
+        protocol: Protocol::Tcp,
+        dport: 80,
+        src_local: false,
+        dst_local: false,
+    });
+    assert_eq!(t.endpoints().len(), 3, "{t:?}");
+    for p in &t.paths {
+        let to_self = p.verdict == Verdict::Endpoint(ep("10.244.2.5:8080"));
+        assert_eq!(p.masquerade, to_self, "{p:?}");
+    }
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! ruleset is loaded.
 
 pub mod netlink;
+pub mod notrack;
 pub mod render;
 
 #[cfg(test)]
@@ -118,9 +119,10 @@ impl Dataplane for NftablesDataplane {
     fn cleanup(&mut self) -> Result<(), ProxyError> {
         self.state.forget();
         for family in [Family::V4, Family::V6] {
-            if netlink::table_exists(family)? {
+            if netlink::table_exists(family, render::TABLE)? {
                 netlink::apply(&render::Script {
                     family,
+                    table: render::TABLE,
                     cmds: vec![render::Cmd::DeleteTable],
                 })?;
             }

@@ -446,14 +446,28 @@ fn encode_rule(rule: &Rule, family: Family) -> Buf {
             e.lookup(map, Some(reg(0)));
             e.dnat(&f, reg(0), reg(w), None);
         }
+        Rule::Notrack {
+            addr,
+            proto,
+            port,
+            reply,
+        } => {
+            e.payload(1, if *reply { f.saddr } else { f.daddr }, f.len, reg(0));
+            e.cmp(false, &addr_bytes(*addr));
+            e.l4proto(proto_number(*proto));
+            // th sport is at offset 0, dport at 2.
+            e.payload(2, if *reply { 0 } else { 2 }, 2, reg(0));
+            e.cmp(false, &port.to_be_bytes());
+            e.expr("notrack", |_| {});
+        }
     }
     e.0
 }
 
-fn set_attrs(b: &mut Buf, name: &str, kind: SetKind, family: Family, id: u32) {
+fn set_attrs(b: &mut Buf, table: &str, name: &str, kind: SetKind, family: Family, id: u32) {
     let f = fam(family);
     let concat = |types: &[u32]| types.iter().fold(0u32, |acc, t| (acc << 6) | t);
-    b.str(NFTA_SET_TABLE, TABLE);
+    b.str(NFTA_SET_TABLE, table);
     b.str(NFTA_SET_NAME, name);
     b.u32(NFTA_SET_ID, id);
     match kind {
@@ -517,6 +531,7 @@ fn elem_attrs(b: &mut Buf, e: &Elem, with_data: bool) {
 /// Builds the batch: (bytes, the command index of each sequence number).
 fn encode(script: &Script) -> (Vec<u8>, Vec<Option<usize>>) {
     let family = script.family;
+    let table = script.table;
     let nfproto = fam(family).nfproto;
     let mut out = Vec::with_capacity(64 + script.cmds.len() * 160);
     // Per sequence number, the command it came from (formatted only for
@@ -551,33 +566,33 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<Option<usize>>) {
         let mut b = Buf::default();
         let (kind, flags) = match cmd {
             Cmd::AddTable => {
-                b.str(NFTA_TABLE_NAME, TABLE);
+                b.str(NFTA_TABLE_NAME, table);
                 (nft(NFT_MSG_NEWTABLE), NLM_F_CREATE)
             }
             Cmd::DeleteTable => {
-                b.str(NFTA_TABLE_NAME, TABLE);
+                b.str(NFTA_TABLE_NAME, table);
                 (nft(NFT_MSG_DELTABLE), 0)
             }
             Cmd::FlushTable => {
-                b.str(NFTA_RULE_TABLE, TABLE);
+                b.str(NFTA_RULE_TABLE, table);
                 (nft(NFT_MSG_DELRULE), 0)
             }
             Cmd::AddSet(name, kind) => {
-                set_attrs(&mut b, name, *kind, family, what.len() as u32);
+                set_attrs(&mut b, table, name, *kind, family, what.len() as u32);
                 (nft(NFT_MSG_NEWSET), NLM_F_CREATE)
             }
             Cmd::FlushSet(name, _) => {
-                b.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+                b.str(NFTA_SET_ELEM_LIST_TABLE, table);
                 b.str(NFTA_SET_ELEM_LIST_SET, name);
                 (nft(NFT_MSG_DELSETELEM), 0)
             }
             Cmd::DeleteSet(name, _) => {
-                b.str(NFTA_SET_TABLE, TABLE);
+                b.str(NFTA_SET_TABLE, table);
                 b.str(NFTA_SET_NAME, name);
                 (nft(NFT_MSG_DELSET), 0)
             }
             Cmd::AddChain(name, base) => {
-                b.str(NFTA_CHAIN_TABLE, TABLE);
+                b.str(NFTA_CHAIN_TABLE, table);
                 b.str(NFTA_CHAIN_NAME, name);
                 if let Some(Base { nat, hook, priority }) = base {
                     b.nest(NFTA_CHAIN_HOOK, |b| {
@@ -590,17 +605,17 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<Option<usize>>) {
                 (nft(NFT_MSG_NEWCHAIN), NLM_F_CREATE)
             }
             Cmd::FlushChain(name) => {
-                b.str(NFTA_RULE_TABLE, TABLE);
+                b.str(NFTA_RULE_TABLE, table);
                 b.str(NFTA_RULE_CHAIN, name);
                 (nft(NFT_MSG_DELRULE), 0)
             }
             Cmd::DeleteChain(name) => {
-                b.str(NFTA_CHAIN_TABLE, TABLE);
+                b.str(NFTA_CHAIN_TABLE, table);
                 b.str(NFTA_CHAIN_NAME, name);
                 (nft(NFT_MSG_DELCHAIN), 0)
             }
             Cmd::AddRule(chain, rule) => {
-                b.str(NFTA_RULE_TABLE, TABLE);
+                b.str(NFTA_RULE_TABLE, table);
                 b.str(NFTA_RULE_CHAIN, chain);
                 let exprs = encode_rule(rule, family);
                 b.nest(NFTA_RULE_EXPRESSIONS, |b| b.0.extend_from_slice(&exprs.0));
@@ -617,7 +632,7 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<Option<usize>>) {
                 let mut rest = elems.as_slice();
                 while !rest.is_empty() {
                     let mut b = Buf::default();
-                    b.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+                    b.str(NFTA_SET_ELEM_LIST_TABLE, table);
                     b.str(NFTA_SET_ELEM_LIST_SET, set);
                     let mut taken = 0;
                     b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
@@ -650,14 +665,14 @@ fn encode(script: &Script) -> (Vec<u8>, Vec<Option<usize>>) {
 }
 
 /// A short description for errors (element lists are not spelled out).
-fn cmd_summary(cmd: &Cmd, family: Family) -> String {
+fn cmd_summary(cmd: &Cmd, family: Family, table: &str) -> String {
     match cmd {
         Cmd::AddElements(set, v) => format!("add elements to {set} (a message of the {} in this command)", v.len()),
         Cmd::DeleteElements(set, v) => format!(
             "delete elements from {set} (a message of the {} in this command)",
             v.len()
         ),
-        other => other.text(family),
+        other => other.text(family, table),
     }
 }
 
@@ -755,7 +770,7 @@ pub fn apply(script: &Script) -> Result<(), ProxyError> {
                     acked = true;
                 } else if code != 0 {
                     let cmd = match what.get(seq) {
-                        Some(Some(i)) => cmd_summary(&script.cmds[*i], script.family),
+                        Some(Some(i)) => cmd_summary(&script.cmds[*i], script.family, script.table),
                         Some(None) => "batch".to_string(),
                         None => format!("message {seq}"),
                     };
@@ -772,8 +787,9 @@ pub fn apply(script: &Script) -> Result<(), ProxyError> {
         Ok(())
     } else {
         Err(ProxyError::Other(format!(
-            "nftables transaction on table {} {TABLE} refused: {}",
+            "nftables transaction on table {} {} refused: {}",
             super::render::fam(script.family),
+            script.table,
             errors.join("; ")
         )))
     }
@@ -867,13 +883,13 @@ fn dump(family: Family, msg: u16, body: Buf) -> Result<Vec<Vec<u8>>, ProxyError>
     }
 }
 
-/// Whether ferry's table of `family` exists.
-pub fn table_exists(family: Family) -> Result<bool, ProxyError> {
+/// Whether ferry's `table` of `family` exists.
+pub fn table_exists(family: Family, table: &str) -> Result<bool, ProxyError> {
     let tables = dump(family, NFT_MSG_GETTABLE, Buf::default())?;
     Ok(tables.iter().any(|t| {
         attrs(t)
             .iter()
-            .any(|(k, v)| *k == NFTA_TABLE_NAME && attr_str(v) == TABLE)
+            .any(|(k, v)| *k == NFTA_TABLE_NAME && attr_str(v) == table)
     }))
 }
 

@@ -29,7 +29,7 @@
 //!   `@no-endpoints`, whose elements reject (TCP reset / ICMP port
 //!   unreachable) or drop (Local policy without a local endpoint);
 //! - `nat-postrouting` masquerades hairpin traffic (`@hairpin`, source =
-//!   destination = a local endpoint) and packets marked 0x4000.
+//!   destination = an endpoint that may be local) and packets marked 0x4000.
 //!
 //! Scripts: `script_full` replaces the whole table in one transaction
 //! (`add table; delete table; add table ...` on a fresh start; in place,
@@ -86,6 +86,10 @@ fn addr_type(family: Family) -> &'static str {
 /// `ip ferry` / `ip6 ferry`.
 pub fn table_name(family: Family) -> String {
     format!("{} {TABLE}", fam(family))
+}
+
+fn named_table(family: Family, table: &str) -> String {
+    format!("{} {table}", fam(family))
 }
 
 /// FNV-1a 64.
@@ -215,6 +219,14 @@ pub enum Rule {
         offset: u32,
         map: String,
     },
+    /// `ip daddr ADDR meta l4proto P th dport PORT notrack`, or with
+    /// `reply` `ip saddr ADDR ... th sport PORT notrack`.
+    Notrack {
+        addr: IpAddr,
+        proto: Protocol,
+        port: u16,
+        reply: bool,
+    },
 }
 
 impl Rule {
@@ -284,6 +296,18 @@ impl Rule {
                 "meta l4proto {} dnat {f} to numgen random mod {n} offset {offset} map @{map}",
                 proto_name(*proto)
             ),
+            Rule::Notrack {
+                addr,
+                proto,
+                port,
+                reply,
+            } => {
+                let (a, p) = if *reply { ("saddr", "sport") } else { ("daddr", "dport") };
+                format!(
+                    "{f} {a} {addr} meta l4proto {} th {p} {port} notrack",
+                    proto_name(*proto)
+                )
+            }
         }
     }
 }
@@ -317,6 +341,7 @@ impl Base {
         let prio = match (self.nat, self.priority) {
             (true, -100) if self.hook == 0 => "dstnat".to_string(),
             (true, 100) => "srcnat".to_string(),
+            (false, -300) => "raw".to_string(),
             (false, p) if p < 0 => format!("filter - {}", -p),
             (_, p) => p.to_string(),
         };
@@ -380,8 +405,8 @@ pub enum Cmd {
 }
 
 impl Cmd {
-    pub fn text(&self, family: Family) -> String {
-        let t = table_name(family);
+    pub fn text(&self, family: Family, table: &str) -> String {
+        let t = named_table(family, table);
         let a = addr_type(family);
         let f = fam(family);
         let elems = |v: &[Elem], data: bool| v.iter().map(|e| e.text(data)).collect::<Vec<_>>().join(", ");
@@ -417,6 +442,8 @@ impl Cmd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Script {
     pub family: Family,
+    /// `TABLE` (the Service proxy's), or another table of ferry's.
+    pub table: &'static str,
     pub cmds: Vec<Cmd>,
 }
 
@@ -429,7 +456,7 @@ impl Script {
     pub fn text(&self) -> String {
         let mut out = String::new();
         for c in &self.cmds {
-            out.push_str(&c.text(self.family));
+            out.push_str(&c.text(self.family, self.table));
             out.push('\n');
         }
         out
@@ -449,7 +476,7 @@ pub struct ServiceNft {
     pub slots: Vec<(u64, u32)>,
     /// Its frontends: (map, key, verdict).
     pub frontends: Vec<(&'static str, FrontendKey, Verdict)>,
-    /// Its local endpoints (hairpin masquerade).
+    /// Its endpoints that may be local (hairpin masquerade).
     pub hairpin: Vec<IpAddr>,
 }
 
@@ -751,7 +778,7 @@ fn render_service(e: &ServiceEntry, family: Family, cidrs: &[IpNet], taken: &mut
         .backends
         .iter()
         .chain(e.local_backends.iter())
-        .filter(|b| b.local && Family::of(b.ip) == family)
+        .filter(|b| b.hairpin && Family::of(b.ip) == family)
         .map(|b| b.ip)
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -998,7 +1025,15 @@ impl Rendered {
             written += usize::from(new.is_some());
         }
         let cmds = d.assemble();
-        Some((Script { family, cmds }, written, removed))
+        Some((
+            Script {
+                family,
+                table: TABLE,
+                cmds,
+            },
+            written,
+            removed,
+        ))
     }
 }
 
@@ -1160,7 +1195,11 @@ pub fn script_full(next: &Rendered, prev: Option<&Rendered>) -> Script {
             cmds.push(Cmd::DeleteSet(m.to_string(), true));
         }
     }
-    Script { family, cmds }
+    Script {
+        family,
+        table: TABLE,
+        cmds,
+    }
 }
 
 /// One transaction from `prev` (what the kernel holds) to `next`, touching
@@ -1195,6 +1234,7 @@ pub fn script_partial(prev: &Rendered, next: &Rendered) -> (Script, usize, usize
     let cmds = d.assemble();
     (
         Script {
+            table: TABLE,
             family: next.family,
             cmds,
         },

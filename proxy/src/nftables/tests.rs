@@ -367,9 +367,24 @@ fn in_place_full_script_keeps_sets_and_deletes_stale_chains() {
 
 // ---- privileged: the scripts really load (in a namespace of our own) ----
 
-fn is_root() -> bool {
+/// True when root; otherwise prints `SKIPPED (needs root): <test>` and
+/// records it in `$FERRY_SKIPPED_LOG` for `cargo xtask test`'s summary
+/// (the same protocol as tests/common/skip.rs).
+fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    eprintln!("SKIPPED (needs root): {name}");
+    if let Some(path) = std::env::var_os("FERRY_SKIPPED_LOG") {
+        use std::io::Write;
+        let line = format!("needs root\t{} {name}\n", env!("CARGO_CRATE_NAME"));
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+    false
 }
 
 /// A network namespace for this test, deleted on drop.
@@ -419,8 +434,7 @@ impl Drop for Netns {
 
 #[test]
 fn scripts_load_into_the_kernel() {
-    if !is_root() {
-        eprintln!("skipping scripts_load_into_the_kernel: needs root (network namespace)");
+    if !require_root() {
         return;
     }
     let ns = Netns::new("load");
@@ -497,8 +511,7 @@ fn kernel_listing(ns: &Netns, family: &str) -> String {
 
 #[test]
 fn netlink_batches_equal_nft_scripts_in_the_kernel() {
-    if !is_root() {
-        eprintln!("skipping netlink_batches_equal_nft_scripts_in_the_kernel: needs root");
+    if !require_root() {
         return;
     }
     let prev = render::render(&table(), Family::V4);
@@ -525,6 +538,7 @@ fn netlink_batches_equal_nft_scripts_in_the_kernel() {
     let before = kernel_listing(&by_netlink, "ip");
     let bad = render::Script {
         family: Family::V4,
+        table: render::TABLE,
         cmds: vec![
             Cmd::AddChain("new-one".into(), None),
             Cmd::AddRule(
@@ -555,8 +569,7 @@ fn v6_fixture() -> String {
 
 #[test]
 fn netlink_splits_large_element_lists() {
-    if !is_root() {
-        eprintln!("skipping netlink_splits_large_element_lists: needs root");
+    if !require_root() {
         return;
     }
     let ns = Netns::new("big");
@@ -609,8 +622,7 @@ fn update_in_place_equals_a_fresh_rendering() {
 
 #[test]
 fn update_scripts_reach_the_same_kernel_state_as_a_fresh_load() {
-    if !is_root() {
-        eprintln!("skipping update_scripts_reach_the_same_kernel_state_as_a_fresh_load: needs root");
+    if !require_root() {
         return;
     }
     let t1 = table();
@@ -632,13 +644,12 @@ fn update_scripts_reach_the_same_kernel_state_as_a_fresh_load() {
 
 #[test]
 fn the_canary_reads_the_dispatch_rule_back_over_netlink() {
-    if !is_root() {
-        eprintln!("skipping the_canary_reads_the_dispatch_rule_back_over_netlink: needs root");
+    if !require_root() {
         return;
     }
     let ns = Netns::new("canary");
     let nl = super::netlink::chain_looks_up;
-    let exists = super::netlink::table_exists;
+    let exists = |f| super::netlink::table_exists(f, render::TABLE);
     let (chain, map) = (render::CANARY_CHAIN, render::SERVICES);
     assert!(!in_netns(&ns, || exists(Family::V4)).unwrap());
     assert!(!in_netns(&ns, || nl(Family::V4, chain, map)).unwrap());
