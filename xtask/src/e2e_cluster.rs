@@ -837,7 +837,7 @@ fn ingress_alternates(f: &Facts) -> anyhow::Result<String> {
         let alternating = answers.windows(2).all(|w| w[0] != w[1]);
         let ours = answers.iter().all(|a| f.wp_pods.contains(a));
         if ours && alternating {
-            Ok(format!("{}", answers.join(" ")))
+            Ok(answers.join(" "))
         } else {
             bail!("answers {answers:?}")
         }
