@@ -180,3 +180,10 @@ pub fn disable_takeover() {
         tracing::debug!(error = %e, "no NOTRACK table to remove");
     }
 }
+
+/// `ferry node --cleanup`: the takeover's addresses and NOTRACK table.
+pub fn remove_takeover() -> anyhow::Result<()> {
+    ferry_dns::link::remove(ferry_dns::link::DEFAULT_LABEL).context("removing lo:ferry-dns addresses")?;
+    ferry_proxy::nftables::notrack::apply(&[], 53).context("removing table ip ferry-dns")?;
+    Ok(())
+}

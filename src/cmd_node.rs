@@ -50,6 +50,11 @@ pub struct NodeArgs {
     /// the one of `--listen`.
     #[arg(long, value_name = "NS/NAME", default_value = "kube-system/kube-dns")]
     pub dns_service: String,
+    /// Remove everything ferry may have left on this node (every proxy
+    /// mode's rules, maps and links; the cluster DNS addresses and their
+    /// NOTRACK table), then exit: what to run after deleting the DaemonSet.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// Part name → why it is not running.
@@ -63,6 +68,9 @@ fn record(failures: &Failures, part: &'static str, why: String) {
 }
 
 pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        return cleanup(&args);
+    }
     if args.no_proxy && args.no_dns && args.no_ingress {
         anyhow::bail!("--no-proxy, --no-dns and --no-ingress together leave nothing to run");
     }
@@ -183,5 +191,26 @@ pub async fn status_while_leader(
         }
         term.cancel();
         let _ = writer.await;
+    }
+}
+
+/// `ferry node --cleanup`.
+fn cleanup(args: &NodeArgs) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for (mode, result) in crate::cmd_proxy::remove_modes(&args.proxy, None) {
+        match result {
+            Ok(()) => println!("ferry node: removed what proxy mode {mode:?} left, if anything"),
+            Err(e) => failed.push(format!("proxy mode {mode:?}: {e}")),
+        }
+    }
+    if let Err(e) = crate::cmd_dns::remove_takeover() {
+        failed.push(format!("cluster DNS addresses: {e}"));
+    } else {
+        println!("ferry node: removed the cluster DNS addresses (lo:ferry-dns) and table ip ferry-dns, if any");
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("cleanup incomplete: {}", failed.join("; "))
     }
 }

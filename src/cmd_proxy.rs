@@ -22,7 +22,7 @@ use ferry_proxy::iptables::render::Family;
 use ferry_proxy::iptables::{IptablesBackend, IptablesDataplane};
 use ferry_proxy::nftables::NftablesDataplane;
 use ferry_proxy::replan::Replanner;
-use ferry_proxy::{Dataplane, NodeConfig, ServiceTable};
+use ferry_proxy::{Dataplane, NodeConfig, ProxyError, ServiceTable};
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -203,8 +203,19 @@ pub fn make_dataplane(opts: &ProxyOpts) -> anyhow::Result<Box<dyn Dataplane>> {
 /// kube-proxy cleans up after its other modes at start. Failures are logged:
 /// a tool or kernel feature that is missing had nothing to leave.
 fn remove_other_modes(opts: &ProxyOpts) {
+    for (mode, result) in remove_modes(opts, Some(opts.mode)) {
+        match result {
+            Ok(()) => tracing::debug!(mode = ?mode, "removed what that mode left, if anything"),
+            Err(e) => tracing::warn!(mode = ?mode, error = %format!("{e:#}"), "could not remove what that mode left"),
+        }
+    }
+}
+
+/// Runs every mode's cleanup but `except`'s; the result of each.
+pub fn remove_modes(opts: &ProxyOpts, except: Option<ProxyMode>) -> Vec<(ProxyMode, Result<(), ProxyError>)> {
+    let mut results = Vec::new();
     for mode in [ProxyMode::Iptables, ProxyMode::Nftables, ProxyMode::Ebpf] {
-        if mode == opts.mode {
+        if Some(mode) == except {
             continue;
         }
         let mut dataplane: Box<dyn Dataplane> = match mode {
@@ -213,11 +224,9 @@ fn remove_other_modes(opts: &ProxyOpts) {
             ProxyMode::Nftables => Box::new(NftablesDataplane::new()),
             ProxyMode::Ebpf => Box::new(ferry_proxy::ebpf::EbpfDataplane::new(bpffs_dir(opts), None)),
         };
-        match dataplane.cleanup() {
-            Ok(()) => tracing::debug!(mode = ?mode, "removed what that mode left, if anything"),
-            Err(e) => tracing::warn!(mode = ?mode, error = %format!("{e:#}"), "could not remove what that mode left"),
-        }
+        results.push((mode, dataplane.cleanup()));
     }
+    results
 }
 
 fn plan_logged(snap: &Snapshot, node: &NodeConfig) -> ServiceTable {

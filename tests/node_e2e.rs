@@ -231,7 +231,7 @@ fn node_answers_the_cluster_dns_service_ip_itself() {
         std::fs::write(dir.path().join("kube-dns.yaml"), KUBE_DNS).unwrap();
         // Port 53 as on a real node; the upstream is the cluster DNS IP
         // itself, as a resolv.conf written for ClusterFirst would say.
-        let _ferry = start_node(
+        let ferry = start_node(
             &topo,
             dir.path(),
             mode,
@@ -279,5 +279,14 @@ fn node_answers_the_cluster_dns_service_ip_itself() {
             Some(std::io::ErrorKind::ConnectionRefused),
             "{mode}: port 9153 of kube-dns has no endpoints"
         );
+        // After the DaemonSet is gone, `ferry node --cleanup` removes it all.
+        drop(ferry);
+        netns::ns_sh(&topo.node, env!("CARGO_BIN_EXE_ferry"), &["node", "--cleanup"]).unwrap();
+        let addrs = netns::ns_sh(&topo.node, "ip", &["-4", "addr", "show", "dev", "lo"]).unwrap();
+        assert!(!addrs.contains("10.96.0.10"), "{mode}: {addrs}");
+        let tables = netns::ns_sh(&topo.node, "nft", &["list", "tables"]).unwrap();
+        assert!(!tables.contains("ferry"), "{mode}: {tables}");
+        let rules = netns::ns_sh(&topo.node, "iptables-save", &[]).unwrap();
+        assert!(!rules.contains("FERRY"), "{mode}: {rules}");
     }
 }
