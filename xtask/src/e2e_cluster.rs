@@ -14,8 +14,8 @@
 //! default route) plays the host outside the node for NodePorts.
 //!
 //! Teardown (also on error and panic, by a Drop guard): the DaemonSet is
-//! deleted, `ferry proxy --cleanup` runs for every mode, `kube-kit down`,
-//! the namespace is deleted and nsd stopped.
+//! deleted, `ferry node --cleanup` runs (and anything it left is an error),
+//! `kube-kit down`, the namespace is deleted and nsd stopped.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -978,8 +978,8 @@ impl Teardown {
         }
     }
 
-    /// Deletes ferry (so it stops programming), removes every mode's kernel
-    /// state with `ferry proxy --cleanup`, then `kube-kit down`, the client
+    /// Deletes ferry (so it stops programming), removes its kernel state
+    /// with `ferry node --cleanup`, then `kube-kit down`, the client
     /// namespace and nsd. Every step runs even when an earlier one failed.
     fn finish(&mut self) -> anyhow::Result<()> {
         self.done = true;
@@ -1010,23 +1010,22 @@ impl Teardown {
             });
         }
         if self.kit_up {
-            for mode in MODES {
-                let out = capture(
-                    Command::new(&self.ferry).args(["proxy", "--cleanup", "--mode", mode]),
-                    Duration::from_secs(60),
-                );
-                match out {
-                    Ok(o) if o.ok() => {}
-                    Ok(o) => errors.push(format!("ferry proxy --cleanup --mode {mode}: {}", o.stderr.trim())),
-                    Err(e) => errors.push(format!("ferry proxy --cleanup --mode {mode}: {e:#}")),
-                }
+            // What a user runs on each node after deleting ferry: every
+            // proxy mode's state and the DNS takeover go.
+            match capture(
+                Command::new(&self.ferry).args(["node", "--cleanup"]),
+                Duration::from_secs(60),
+            ) {
+                Ok(o) if o.ok() => {}
+                Ok(o) => errors.push(format!("ferry node --cleanup: {}", o.stderr.trim())),
+                Err(e) => errors.push(format!("ferry node --cleanup: {e:#}")),
             }
-            // The DNS takeover (addresses on lo labelled lo:ferry-dns, the
-            // notrack table ip ferry-dns) outlives ferry's pod by design and no
-            // ferry command removes it: reported, then removed here.
             let left = remove_dns_takeover();
             if !left.is_empty() {
-                eprintln!("e2e cluster: WARNING: ferry left its DNS takeover after its DaemonSet was deleted (removed by the test): {}", left.join(", "));
+                errors.push(format!(
+                    "ferry node --cleanup left the DNS takeover (removed by the test): {}",
+                    left.join(", ")
+                ));
             }
             match DataplaneState::read() {
                 Ok(s) if s.describe().is_empty() => {}
@@ -1062,7 +1061,8 @@ impl Teardown {
     }
 }
 
-/// Removes the DNS takeover's addresses and nftables tables; returns what it found.
+/// Removes DNS takeover addresses (label lo:ferry-dns) and nftables tables
+/// named ferry* that are still there; returns what it found.
 fn remove_dns_takeover() -> Vec<String> {
     let mut found = Vec::new();
     let addrs = capture(
