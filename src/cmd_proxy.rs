@@ -62,9 +62,10 @@ pub struct ProxyOpts {
     /// Node IP for NodePorts (repeatable). Default: the Node object's addresses.
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<IpAddr>,
-    /// Pod CIDR(s) of the cluster; ClusterIP traffic from outside them is masqueraded.
-    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
-    pub cluster_cidrs: Vec<IpNet>,
+    /// Pod CIDR(s) of the cluster; ClusterIP traffic from outside them is
+    /// masqueraded. Default (or empty): every Node's `spec.podCIDRs`.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr_or_empty)]
+    pub cluster_cidrs: Vec<Option<IpNet>>,
     /// Serve NodePorts only on node IPs inside these CIDRs.
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     pub nodeport_addresses: Vec<IpNet>,
@@ -100,6 +101,17 @@ pub struct ProxyOpts {
     pub local_dns: Option<ferry_cluster::ObjectKey>,
 }
 
+/// A CIDR, or nothing (`--cluster-cidr=` from an empty ConfigMap value).
+fn parse_cidr_or_empty(s: &str) -> Result<Option<IpNet>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<IpNet>()
+        .map(Some)
+        .map_err(|e| format!("{s:?} is not a CIDR: {e}"))
+}
+
 /// `30s`, `1m`, `500ms`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -133,7 +145,7 @@ impl ProxyOpts {
         NodeConfig {
             node_name,
             node_ips: self.node_ips.clone(),
-            cluster_cidrs: self.cluster_cidrs.clone(),
+            cluster_cidrs: self.cluster_cidrs.iter().flatten().copied().collect(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             localhost_nodeports: self.localhost_nodeports,
             local_dns: self.local_dns.clone(),

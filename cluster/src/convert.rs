@@ -556,7 +556,17 @@ pub fn node(n: &core::Node) -> Result<Node> {
         })
         .unwrap_or_default();
     let zone = n.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
-    Ok(Node { name, addresses, zone })
+    let spec = n.spec.as_ref();
+    let pod_cidrs = match spec.and_then(|s| s.pod_cidrs.clone()) {
+        Some(list) if !list.is_empty() => list,
+        _ => spec.and_then(|s| s.pod_cidr.clone()).into_iter().collect(),
+    };
+    Ok(Node {
+        name,
+        addresses,
+        zone,
+        pod_cidrs,
+    })
 }
 
 pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {

@@ -384,6 +384,9 @@ pub struct Node {
     pub addresses: Vec<NodeAddress>,
     /// Label `topology.kubernetes.io/zone`.
     pub zone: Option<String>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`): the pod addresses of this node,
+    /// as the node IPAM or the administrator assigned them (unparsed).
+    pub pod_cidrs: Vec<String>,
 }
 
 impl Node {

@@ -56,8 +56,12 @@ impl Replanner {
             _ => true,
         };
         // Whether endpoints of unknown node get hairpin masquerade depends
-        // on every Node object, not on one Service.
-        if node_changed || node_known(&prev, node) != node_known(snap, node) {
+        // on every Node object, not on one Service; so do the cluster CIDRs
+        // when they come from the Nodes' podCIDRs.
+        if node_changed
+            || node_known(&prev, node) != node_known(snap, node)
+            || crate::table::cluster_cidrs(snap, node) != self.table.cluster_cidrs
+        {
             return self.plan_whole(snap, node);
         }
         let changed = changed_services(&prev, snap);
@@ -171,6 +175,7 @@ fn changed_services(prev: &Snapshot, next: &Snapshot) -> BTreeSet<ObjectKey> {
 mod tests {
     use super::*;
     use crate::fixtures::objects;
+    use ipnet::IpNet;
     use std::path::Path;
 
     fn snapshot(generation: u64, yaml: &str) -> Arc<Snapshot> {
@@ -259,6 +264,32 @@ mod tests {
         let r = rp.update(&snap, &cfg, false);
         assert!(r.whole);
         assert_eq!(rp.table(), &plan(&snap, &cfg).0);
+    }
+
+    /// Without --cluster-cidr the table's cluster CIDRs are every Node's
+    /// podCIDRs: another node's podCIDR appearing re-plans whole.
+    #[test]
+    fn pod_cidrs_of_nodes_are_the_cluster_cidrs_and_replan_whole() {
+        let node_yaml = |name: &str, cidr: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\n---\n")
+        };
+        let svc = service("a", "10.96.0.1", false, 0, &["10.88.0.5"]);
+        let mut rp = Replanner::default();
+        let first = snapshot(1, &(node_yaml("node-a", "10.88.0.0/24") + &svc));
+        rp.update(&first, &node(), false);
+        assert_eq!(rp.table().cluster_cidrs, vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
+        let both = node_yaml("node-a", "10.88.0.0/24") + &node_yaml("node-b", "10.88.1.0/24") + &svc;
+        let snap = snapshot(2, &both);
+        let r = rp.update(&snap, &node(), false);
+        assert!(r.whole, "another node's podCIDR changes the table's cluster CIDRs");
+        assert_eq!(rp.table(), &plan(&snap, &node()).0);
+        assert_eq!(rp.table().cluster_cidrs.len(), 2);
+        // --cluster-cidr wins over the Nodes.
+        let flag = NodeConfig {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..node()
+        };
+        assert_eq!(plan(&snap, &flag).0.cluster_cidrs, flag.cluster_cidrs);
     }
 
     /// With Node objects but none named like this node, every endpoint

@@ -26,8 +26,10 @@ pub struct NodeConfig {
     /// Pod CIDRs of the cluster. Traffic to a ClusterIP from outside them is
     /// masqueraded; traffic from inside them to an external frontend of an
     /// `externalTrafficPolicy: Local` service may use every endpoint.
-    /// Empty: ClusterIP traffic is masqueraded only for hairpin (as
-    /// kube-proxy without `--cluster-cidr` and `--masquerade-all`).
+    /// Empty: the pod CIDRs of the cluster's Nodes (`spec.podCIDRs`), as
+    /// kube-proxy's `--detect-local-mode=NodeCIDR` but for every node; when
+    /// no Node has one either, ClusterIP traffic is masqueraded only for
+    /// hairpin (kube-proxy without `--cluster-cidr` and `--masquerade-all`).
     pub cluster_cidrs: Vec<IpNet>,
     /// Only node IPs inside these CIDRs get NodePorts (empty: all node IPs).
     pub nodeport_addresses: Vec<IpNet>,
@@ -306,6 +308,23 @@ pub fn node_known(snap: &Snapshot, node: &NodeConfig) -> bool {
     !node.node_name.is_empty() && (snap.node(&node.node_name).is_some() || snap.nodes().next().is_none())
 }
 
+/// `--cluster-cidr`, else every Node's `spec.podCIDRs` (sorted, without
+/// duplicates; unparsable ones skipped: the Node object is the apiserver's,
+/// which validates them).
+pub fn cluster_cidrs(snap: &Snapshot, node: &NodeConfig) -> Vec<IpNet> {
+    if !node.cluster_cidrs.is_empty() {
+        return node.cluster_cidrs.clone();
+    }
+    let mut cidrs: Vec<IpNet> = snap
+        .nodes()
+        .flat_map(|n| n.pod_cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()))
+        .map(|c| c.trunc())
+        .collect();
+    cidrs.sort();
+    cidrs.dedup();
+    cidrs
+}
+
 /// Plans the node's service table from a snapshot. Pure: no I/O.
 pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarning>) {
     let mut warnings = Vec::new();
@@ -325,7 +344,7 @@ pub fn plan(snap: &Snapshot, node: &NodeConfig) -> (ServiceTable, Vec<PlanWarnin
     nodeport_ips.dedup();
 
     let mut table = ServiceTable {
-        cluster_cidrs: node.cluster_cidrs.clone(),
+        cluster_cidrs: cluster_cidrs(snap, node),
         node_ips: nodeport_ips.clone(),
         ..ServiceTable::default()
     };
