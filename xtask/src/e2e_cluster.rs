@@ -528,6 +528,9 @@ fn mode_checks(kube: &Kube, f: &Facts, mode: &str, previous: Option<&str>, repor
     report.check(mode, "ClusterIP reaches both wp pods", || {
         round_robin_clusterip(kube, f)
     });
+    report.check(mode, "ClusterIP keeps the pod's source address", || {
+        source_kept(kube, f)
+    });
     report.check(mode, "hairpin (pod -> own Service -> itself)", || hairpin(kube, f));
     report.check(mode, "NodePort from the node", || {
         let url = format!("http://{}:{NODE_PORT}/", f.node_ip);
@@ -743,8 +746,13 @@ fn resolve(kube: &Kube, name: &str, want: &str) -> anyhow::Result<String> {
 /// `n` HTTP/1.0 GETs from a pod, one connection each; the busybox httpd
 /// stand-ins answer their hostname. Returns the answers in order.
 fn pod_gets(kube: &Kube, pod: &str, ip: &str, port: u16, n: usize) -> anyhow::Result<Vec<String>> {
+    pod_gets_path(kube, pod, ip, port, "/", n)
+}
+
+/// `pod_gets` of `path`: the last line of each answer.
+fn pod_gets_path(kube: &Kube, pod: &str, ip: &str, port: u16, path: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let script = format!(
-        "for i in $(seq 1 {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc {ip} {port} | tail -n 1; echo; done"
+        "for i in $(seq 1 {n}); do printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc {ip} {port} | tail -n 1; echo; done"
     );
     let out = kube.exec(pod, &["sh", "-c", &script], Duration::from_secs(10 + 6 * n as u64))?;
     Ok(out
@@ -784,6 +792,22 @@ fn round_robin_clusterip(kube: &Kube, f: &Facts) -> anyhow::Result<String> {
     eventually("ClusterIP from the client pod", Duration::from_secs(30), || {
         let answers = pod_gets(kube, "e2e-client", &f.wp_ip, 80, PROBES)?;
         verdict_both(f, &answers)
+    })
+}
+
+/// Pod → ClusterIP → pod keeps the client pod's address (no masquerade for
+/// traffic from inside the cluster CIDRs, which ferry takes from the Nodes'
+/// podCIDRs when `CLUSTER_CIDR` is empty, as shipped).
+fn source_kept(kube: &Kube, f: &Facts) -> anyhow::Result<String> {
+    let me = kube.run(&["get", "pod", "e2e-client", "-o", "jsonpath={.status.podIP}"])?;
+    let me = me.trim().to_string();
+    eventually("client address through the ClusterIP", Duration::from_secs(30), || {
+        let seen = pod_gets_path(kube, "e2e-client", &f.wp_ip, 80, "/cgi-bin/ip", 4)?;
+        if seen.len() == 4 && seen.iter().all(|a| *a == me) {
+            Ok(format!("the backends saw {me}, the client pod's own address"))
+        } else {
+            bail!("client pod {me}; the backends saw {seen:?}")
+        }
     })
 }
 
