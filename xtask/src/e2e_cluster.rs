@@ -803,7 +803,12 @@ fn source_kept(kube: &Kube, f: &Facts) -> anyhow::Result<String> {
     let me = me.trim().to_string();
     eventually("client address through the ClusterIP", Duration::from_secs(30), || {
         let seen = pod_gets_path(kube, "e2e-client", &f.wp_ip, 80, "/cgi-bin/ip", 4)?;
-        if seen.len() == 4 && seen.iter().all(|a| *a == me) {
+        // httpd listens dual-stack: an IPv4 peer reads `[::ffff:a.b.c.d]`.
+        let plain = |a: &String| {
+            let a = a.trim_start_matches('[').trim_end_matches(']');
+            a.strip_prefix("::ffff:").unwrap_or(a).to_string()
+        };
+        if seen.len() == 4 && seen.iter().all(|a| plain(a) == me) {
             Ok(format!("the backends saw {me}, the client pod's own address"))
         } else {
             bail!("client pod {me}; the backends saw {seen:?}")
