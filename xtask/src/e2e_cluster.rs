@@ -564,9 +564,8 @@ fn switch_mode(kube: &Kube, mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The rollout is done and the one ferry pod is Ready (its readiness probe
-/// is /readyz: every part running, the proxy synced).
-fn ferry_pod(kube: &Kube) -> String {
+/// `kubectl get pods -o OUTPUT` of the ferry DaemonSet's pods.
+fn get_ferry_pods(kube: &Kube, output: &str) -> anyhow::Result<String> {
     kube.run(&[
         "-n",
         "ferry-system",
@@ -575,14 +574,21 @@ fn ferry_pod(kube: &Kube) -> String {
         "-l",
         "app.kubernetes.io/name=ferry",
         "-o",
-        "name",
+        output,
     ])
-    .unwrap_or_default()
-    .trim()
-    .trim_start_matches("pod/")
-    .to_string()
 }
 
+/// The name of the (one) ferry pod, empty when there is none.
+fn ferry_pod(kube: &Kube) -> String {
+    get_ferry_pods(kube, "name")
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("pod/")
+        .to_string()
+}
+
+/// Waits until the rollout is done and the one ferry pod is Ready (its
+/// readiness probe is /readyz: every part running, the proxy synced).
 /// `old`: the pod before a restart, which must have been replaced.
 fn wait_ferry_ready(kube: &Kube, old: Option<&str>) -> anyhow::Result<String> {
     let t = Instant::now();
@@ -597,16 +603,10 @@ fn wait_ferry_ready(kube: &Kube, old: Option<&str>) -> anyhow::Result<String> {
         bail!("{e:#}\n{pods}");
     }
     eventually("ferry pod Ready", Duration::from_secs(60), || {
-        let out = kube.run(&[
-            "-n",
-            "ferry-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=ferry",
-            "-o",
+        let out = get_ferry_pods(
+            kube,
             "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        ])?;
+        )?;
         let pods: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
         match pods.as_slice() {
             [one]

@@ -81,7 +81,13 @@ pub fn script(family: Family, ips: &[IpAddr], port: u16, exists: bool) -> Option
 /// (no addresses: no tables).
 pub fn apply(ips: &[IpAddr], port: u16) -> Result<(), ProxyError> {
     for family in [Family::V4, Family::V6] {
-        let exists = netlink::table_exists(family, NOTRACK_TABLE)?;
+        let exists = match netlink::table_exists(family, NOTRACK_TABLE) {
+            Ok(exists) => exists,
+            // Nothing to take over and the ruleset unreadable (no
+            // CAP_NET_ADMIN, no nf_tables): nothing of ours can be there.
+            Err(_) if ips.is_empty() => continue,
+            Err(e) => return Err(e),
+        };
         if let Some(s) = script(family, ips, port, exists) {
             netlink::apply(&s)?;
         }
