@@ -173,17 +173,23 @@ fn notrack_hook(port: u16) -> ferry_dns::takeover::AddressHook {
     })
 }
 
-/// `ferry node --dns-service ""`: remove what an earlier takeover left.
+/// `ferry node --dns-service ""`: remove what an earlier takeover left
+/// (logged, not fatal: the rest of the node keeps starting).
 pub fn disable_takeover() {
-    ferry_dns::takeover::disable(ferry_dns::link::DEFAULT_LABEL);
-    if let Err(e) = ferry_proxy::nftables::notrack::apply(&[], 53) {
-        tracing::debug!(error = %e, "no NOTRACK table to remove");
+    if let Err(e) = remove_takeover() {
+        tracing::warn!(error = %format!("{e:#}"), "dns takeover off: could not remove what an earlier run left");
     }
 }
 
-/// `ferry node --cleanup`: the takeover's addresses and NOTRACK table.
+/// The takeover's addresses (`lo:ferry-dns`) and NOTRACK table, if any.
 pub fn remove_takeover() -> anyhow::Result<()> {
-    ferry_dns::link::remove(ferry_dns::link::DEFAULT_LABEL).context("removing lo:ferry-dns addresses")?;
+    let removed = ferry_dns::link::remove(ferry_dns::link::DEFAULT_LABEL).context("removing lo:ferry-dns addresses")?;
+    if removed > 0 {
+        tracing::info!(
+            addresses = removed,
+            "removed the cluster DNS addresses of an earlier run"
+        );
+    }
     ferry_proxy::nftables::notrack::apply(&[], 53).context("removing table ip ferry-dns")?;
     Ok(())
 }

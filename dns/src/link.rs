@@ -247,61 +247,53 @@ pub fn remove(label: &str) -> io::Result<usize> {
     Ok(have.len())
 }
 
-/// The addresses labelled `label`.
-pub fn list(label: &str) -> io::Result<Vec<IpAddr>> {
-    let sock = Socket::open()?;
-    addresses(&sock, device_index()?, label)
-}
-
 /// The IPv4 addresses of device `index` labelled `label`. IPv6 has no
 /// address labels: IPv6 addresses are added but, since ferry cannot tell
 /// them from an administrator's, never removed.
 fn addresses(sock: &Socket, index: u32, label: &str) -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let want_label = label.as_bytes();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let mut fixed = [0u8; 8];
-        fixed[0] = family;
-        sock.send(Msg::new(RTM_GETADDR, NLM_F_DUMP, &fixed).finish())?;
-        sock.recv(|kind, payload| {
-            if kind != RTM_NEWADDR || payload.len() < 8 {
-                return;
+    let mut fixed = [0u8; 8];
+    fixed[0] = libc::AF_INET as u8;
+    sock.send(Msg::new(RTM_GETADDR, NLM_F_DUMP, &fixed).finish())?;
+    sock.recv(|kind, payload| {
+        if kind != RTM_NEWADDR || payload.len() < 8 {
+            return;
+        }
+        let msg_index = u32::from_ne_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        if msg_index != index {
+            return;
+        }
+        let mut attrs = &payload[8..];
+        let mut local = None;
+        let mut address = None;
+        let mut labelled = false;
+        while attrs.len() >= 4 {
+            let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+            let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+            if len < 4 || len > attrs.len() {
+                break;
             }
-            let msg_index = u32::from_ne_bytes([payload[4], payload[5], payload[6], payload[7]]);
-            if msg_index != index {
-                return;
-            }
-            let mut attrs = &payload[8..];
-            let mut local = None;
-            let mut address = None;
-            let mut labelled = false;
-            while attrs.len() >= 4 {
-                let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-                let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-                if len < 4 || len > attrs.len() {
-                    break;
-                }
-                let data = &attrs[4..len];
-                let ip = match data.len() {
-                    4 => <[u8; 4]>::try_from(data).ok().map(IpAddr::from),
-                    16 => <[u8; 16]>::try_from(data).ok().map(IpAddr::from),
-                    _ => None,
-                };
-                match kind {
-                    IFA_LOCAL => local = ip,
-                    IFA_ADDRESS => address = ip,
-                    IFA_LABEL => labelled = data.split(|b| *b == 0).next() == Some(want_label),
-                    _ => {}
-                }
-                attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
-            }
-            let Some(ip) = local.or(address) else {
-                return;
+            let data = &attrs[4..len];
+            let ip = match data.len() {
+                4 => <[u8; 4]>::try_from(data).ok().map(IpAddr::from),
+                16 => <[u8; 16]>::try_from(data).ok().map(IpAddr::from),
+                _ => None,
             };
-            if labelled && ip.is_ipv4() {
-                out.push(ip);
+            match kind {
+                IFA_LOCAL => local = ip,
+                IFA_ADDRESS => address = ip,
+                IFA_LABEL => labelled = data.split(|b| *b == 0).next() == Some(want_label),
+                _ => {}
             }
-        })?;
-    }
+            attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+        }
+        let Some(ip) = local.or(address) else {
+            return;
+        };
+        if labelled && ip.is_ipv4() {
+            out.push(ip);
+        }
+    })?;
     Ok(out)
 }

@@ -71,19 +71,6 @@ pub fn service_ips(snap: &Snapshot, service: &ObjectKey) -> Vec<IpAddr> {
     ips
 }
 
-/// Removes the addresses of an earlier run when the takeover is off now.
-pub fn disable(label: &str) {
-    match crate::link::remove(label) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            label,
-            addresses = n,
-            "dns takeover off: removed the addresses of an earlier run"
-        ),
-        Err(e) => tracing::warn!(label, error = %e, "dns takeover off: could not remove the old addresses"),
-    }
-}
-
 /// Follows snapshots until `cancel`: keeps the device's addresses equal to
 /// the Service's ClusterIPs and a listener on each. Failures are logged and
 /// retried; the listeners already running keep serving.
