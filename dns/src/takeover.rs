@@ -94,8 +94,9 @@ pub async fn run(cfg: TakeoverConfig, server: DnsServer, mut snapshots: Snapshot
                 })
                 .await;
                 match programmed_now {
-                    Ok(Ok(added)) => {
-                        if !added.is_empty() {
+                    Ok(Ok(_added)) => {
+                        // Also after a restart, when the addresses were already there.
+                        if !want.is_empty() {
                             tracing::info!(service = %cfg.service, label = %cfg.label, addresses = ?want, "dns: answering the cluster DNS Service's addresses on this node");
                         }
                         programmed = Some(want.clone());

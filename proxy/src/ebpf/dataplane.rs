@@ -320,7 +320,9 @@ impl Dataplane for EbpfDataplane {
         self.lb = None;
         self.current = None;
         let removed = cleanup(&self.dir).map_err(to_proxy)?;
-        tracing::info!(dir = %self.dir.display(), removed, "eBPF pins removed");
+        if removed > 0 {
+            tracing::info!(dir = %self.dir.display(), removed, "eBPF pins removed");
+        }
         Ok(())
     }
 }
