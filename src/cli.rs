@@ -78,6 +78,40 @@ pub struct RunArgs {
     /// Address of the admin HTTP server (/healthz, /readyz, /metrics).
     #[arg(long, value_name = "ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// A second admin listener with the probes only (/healthz, /livez,
+    /// /readyz), e.g. on the node IP while /metrics stays on loopback.
+    #[arg(long, value_name = "ADDR")]
+    pub healthz_addr: Option<SocketAddr>,
+}
+
+impl RunArgs {
+    pub fn admin_addrs(&self) -> ferry_cluster::admin::AdminAddrs {
+        ferry_cluster::admin::AdminAddrs {
+            all: self.admin_addr,
+            probes: self.healthz_addr,
+        }
+    }
+}
+
+/// `30s`, `1m`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

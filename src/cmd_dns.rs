@@ -1,6 +1,7 @@
-//! `ferry dns` and `ferry render --what zone`: the flags of the cluster DNS
-//! engine and how it is wired into a `Runtime` (metrics, readiness, sockets,
-//! cancellation). `ferry node` composes it through `spawn`.
+//! `ferry dns` and `ferry render --what zone`: the cluster DNS engine's
+//! flags, mapped onto `ferry_dns::run::Options`, and its wiring; the
+//! NOTRACK table of the cluster DNS takeover (the proxy crate's nftables)
+//! joined to the DNS engine's address changes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ferry_dns::{BoundSockets, DnsMetrics, DnsServer, ForwarderConfig, PodMode, ServerConfig, Zone, ZoneConfig};
+use ferry_dns::run::Options;
+use ferry_dns::{PodMode, Zone, ZoneConfig};
 
 use crate::cli::RunArgs;
 
@@ -49,23 +51,6 @@ pub struct DnsOpts {
     pub takeover: Option<ferry_cluster::ObjectKey>,
 }
 
-impl Default for DnsOpts {
-    fn default() -> Self {
-        DnsOpts {
-            listen: SocketAddr::from(([0, 0, 0, 0], 53)),
-            cluster_domain: ferry_dns::DEFAULT_CLUSTER_DOMAIN.into(),
-            upstream: Vec::new(),
-            pods: PodMode::Insecure,
-            ttl: 5,
-            dns_workers: None,
-            upstream_timeout_ms: 2000,
-            dns_cache_size: 10_000,
-            resolv_conf: PathBuf::from("/etc/resolv.conf"),
-            takeover: None,
-        }
-    }
-}
-
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
@@ -83,6 +68,22 @@ impl DnsOpts {
             pods: self.pods,
         }
     }
+
+    pub fn options(&self) -> Options {
+        Options {
+            listen: self.listen,
+            zone: self.zone_config(),
+            upstreams: self.upstream.clone(),
+            resolv_conf: self.resolv_conf.clone(),
+            upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
+            cache_size: self.dns_cache_size,
+            workers: self.dns_workers,
+            takeover: self
+                .takeover
+                .clone()
+                .map(|service| (service, Some(notrack_hook(self.listen.port())))),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -96,68 +97,9 @@ pub struct DnsArgs {
 pub async fn run(args: DnsArgs) -> anyhow::Result<()> {
     let mut rt = crate::runtime::Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;
-    let server = spawn(&mut rt, snapshots, &args.opts).await?;
-    let _cancel = rt.serve_admin(args.run.admin_addr).await?;
-    server.await.context("dns server task")?
-}
-
-/// Starts the DNS engine inside `rt`: metrics, readiness (a zone is being
-/// served), sockets bound now (errors surface here), server task until
-/// `rt.cancel` fires.
-pub async fn spawn(
-    rt: &mut crate::runtime::Runtime,
-    snapshots: ferry_cluster::SnapshotRx,
-    opts: &DnsOpts,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    let metrics = DnsMetrics::default();
-    metrics.register(&mut rt.admin.registry);
-    let workers = opts
-        .dns_workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let sockets =
-        BoundSockets::bind(opts.listen, workers).with_context(|| format!("dns: listening on {}", opts.listen))?;
-    let local = sockets.local_addr();
-    let upstreams = if opts.upstream.is_empty() {
-        ferry_dns::resolv::nameservers(&opts.resolv_conf)?
-    } else {
-        opts.upstream.clone()
-    };
-    let forwarder = ForwarderConfig {
-        upstreams,
-        timeout: Duration::from_millis(opts.upstream_timeout_ms.max(1)),
-        cache_size: opts.dns_cache_size,
-        ..ForwarderConfig::default()
-    };
-    let cfg = ServerConfig {
-        zone: opts.zone_config(),
-        forwarder: Some(forwarder),
-    };
-    let server = DnsServer::new(cfg, &[opts.listen, local], metrics)?;
-    let ready = server.clone();
-    rt.admin.readiness("dns-zone", move || {
-        if ready.zone_loaded() {
-            Ok(())
-        } else {
-            Err("no zone yet (waiting for the first snapshot)".into())
-        }
-    });
-    tracing::info!(addr = %local, "dns: bound");
-    if let Some(service) = opts.takeover.clone() {
-        let cfg = ferry_dns::takeover::TakeoverConfig {
-            service,
-            label: ferry_dns::link::DEFAULT_LABEL.into(),
-            port: opts.listen.port(),
-            workers,
-            on_change: Some(notrack_hook(opts.listen.port())),
-        };
-        let (server, snapshots, cancel) = (server.clone(), snapshots.clone(), rt.cancel.clone());
-        tokio::spawn(ferry_dns::takeover::run(cfg, server, snapshots, cancel));
-    }
-    let cancel = rt.cancel.clone();
-    Ok(tokio::spawn(async move {
-        server.serve(sockets, snapshots, cancel).await?;
-        Ok(())
-    }))
+    let server = ferry_dns::run::spawn(&args.opts.options(), snapshots, &mut rt.admin, rt.cancel.clone()).await?;
+    let _cancel = rt.serve_admin(&args.run).await?;
+    Ok(server.await.context("dns server task")??)
 }
 
 pub fn render_zone(snap: &ferry_cluster::Snapshot, opts: &DnsOpts) -> anyhow::Result<String> {

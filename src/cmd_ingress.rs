@@ -1,7 +1,7 @@
 //! `ferry ingress`, `ferry serve`, `ferry echo` and `ferry render --what
-//! routes`: flags, wiring of the ingress engine into the shared runtime
-//! (metrics, readiness, cancellation), the embedded demo, and the Ingress
-//! status loop.
+//! routes`: the ingress flags, mapped onto `ferry_ingress::run::Options`,
+//! their wiring (source, engine, status writer, admin), and the embedded
+//! demo.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -11,12 +11,12 @@ use anyhow::Context;
 use clap::Args;
 use ferry_cluster::{ObjectKey, Snapshot, SnapshotRx};
 use ferry_ingress::echo::{self, EchoConfig};
+use ferry_ingress::status::StatusSource;
 use ferry_ingress::upstream::UpstreamConfig;
-use ferry_ingress::{ClassSelection, Engine, EngineConfig, IngressMetrics, Listeners};
+use ferry_ingress::{ClassSelection, EngineConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::RunArgs;
-use crate::cmd_proxy::parse_duration;
+use crate::cli::{parse_duration, RunArgs};
 use crate::runtime::Runtime;
 
 /// Ingress flags shared by `ferry ingress`, `ferry serve`, `ferry node` and `ferry render`.
@@ -64,26 +64,6 @@ pub struct IngressOpts {
     pub ingress_workers: Option<usize>,
 }
 
-impl Default for IngressOpts {
-    fn default() -> Self {
-        let u = UpstreamConfig::default();
-        IngressOpts {
-            http_addr: None,
-            https_addr: None,
-            controller_name: ferry_ingress::DEFAULT_CONTROLLER_NAME.to_string(),
-            ingress_classes: Vec::new(),
-            default_tls_secret: None,
-            status_addresses: Vec::new(),
-            drain_timeout: Duration::from_secs(30),
-            upstream_connect_timeout: u.connect_timeout,
-            upstream_header_timeout: u.header_timeout,
-            upstream_max_fails: u.max_fails,
-            upstream_eject_time: u.eject_for,
-            ingress_workers: None,
-        }
-    }
-}
-
 fn parse_object_key(s: &str) -> Result<ObjectKey, String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(ObjectKey::new(ns, name)),
@@ -126,6 +106,22 @@ impl IngressOpts {
             })
             .filter(|&n| n > 0)
             .unwrap_or_else(ferry_ingress::proxy::default_workers)
+    }
+
+    fn options(&self, defaults: ListenDefaults) -> ferry_ingress::run::Options {
+        ferry_ingress::run::Options {
+            engine: self.engine_config(),
+            http: Some(self.http_addr.unwrap_or(defaults.http)),
+            https: self.https_addr.or(defaults.https),
+        }
+    }
+
+    /// The addresses to publish: the flag, else the IPs of Node `$NODE_NAME`.
+    pub fn status_source(&self) -> StatusSource {
+        StatusSource {
+            addresses: self.status_addresses.clone(),
+            node_name: std::env::var("NODE_NAME").ok(),
+        }
     }
 }
 
@@ -172,109 +168,35 @@ const CLUSTER_DEFAULTS: ListenDefaults = ListenDefaults {
     https: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 443)),
 };
 
-/// Starts the ingress engine on the runtime: registers metrics and the
-/// readiness check, binds the listeners, follows `snapshots`, and serves
-/// until `rt.cancel` fires (then drains). The handle ends after the drain.
+/// Starts the ingress engine with `ferry ingress`'s and `ferry node`'s
+/// listener defaults. The handle ends after the drain.
 pub async fn spawn(
     rt: &mut Runtime,
     snapshots: SnapshotRx,
     opts: &IngressOpts,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    spawn_with(rt, snapshots, opts, CLUSTER_DEFAULTS).await
-}
-
-async fn spawn_with(
-    rt: &mut Runtime,
-    snapshots: SnapshotRx,
-    opts: &IngressOpts,
-    defaults: ListenDefaults,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    let metrics = IngressMetrics::default();
-    metrics.register(&mut rt.admin.registry);
-    let engine = Engine::new(opts.engine_config(), metrics).context("starting the ingress engine")?;
-    let http = opts.http_addr.unwrap_or(defaults.http);
-    let https = opts.https_addr.or(defaults.https);
-    let listeners = Listeners::bind(Some(http), https)
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), ferry_ingress::IngressError>>> {
+    let options = opts.options(CLUSTER_DEFAULTS);
+    ferry_ingress::run::spawn(&options, snapshots, &mut rt.admin, rt.cancel.clone())
         .await
-        .context("binding the ingress listeners")?;
-    let ready = engine.clone();
-    rt.admin.readiness("ingress", move || {
-        if ready.applied() > 0 {
-            Ok(())
-        } else {
-            Err("no route table applied yet".into())
-        }
-    });
-    let cancel = rt.cancel.clone();
-    let follower = engine.clone();
-    let follow_cancel = cancel.clone();
-    tokio::spawn(async move { follower.follow(snapshots, follow_cancel).await });
-    Ok(tokio::spawn(async move {
-        engine.serve(listeners, cancel).await?;
-        Ok(())
-    }))
+        .context("starting the ingress engine")
 }
 
 pub async fn run_ingress(args: IngressArgs) -> anyhow::Result<()> {
     let mut rt = Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;
     let handle = spawn(&mut rt, snapshots.clone(), &args.opts).await?;
-    if args.run.source.files.is_empty() {
-        let client = ferry_cluster::kube::client(args.run.source.kubeconfig.as_deref(), args.run.source.apiserver())
-            .await
-            .context("connecting to the apiserver for Ingress status")?;
-        let opts = args.opts.clone();
-        let cancel = rt.cancel.clone();
-        tokio::spawn(async move { status_loop(client, snapshots, &opts, cancel).await });
+    if let Some(client) = rt.kube_client.clone() {
+        let status = ferry_ingress::status::run(
+            client,
+            snapshots,
+            args.opts.classes(),
+            args.opts.status_source(),
+            rt.cancel.clone(),
+        );
+        tokio::spawn(status);
     }
-    let _cancel = rt.serve_admin(args.run.admin_addr).await?;
-    handle.await.context("ingress task")?
-}
-
-/// The addresses to publish: the flag, else the IPs of Node `$NODE_NAME`.
-fn status_addresses(snap: &Snapshot, opts: &IngressOpts) -> Vec<String> {
-    if !opts.status_addresses.is_empty() {
-        return opts.status_addresses.clone();
-    }
-    let Ok(node) = std::env::var("NODE_NAME") else {
-        return Vec::new();
-    };
-    snap.node(&node)
-        .map(|n| n.ips().iter().take(1).map(|ip| ip.to_string()).collect())
-        .unwrap_or_default()
-}
-
-/// Writes Ingress status after every snapshot (changes only). The node
-/// command can run this on its elected leader only.
-pub async fn status_loop(
-    client: ferry_ingress::status::Client,
-    mut snapshots: SnapshotRx,
-    opts: &IngressOpts,
-    cancel: CancellationToken,
-) {
-    let classes = opts.classes();
-    let mut warned = false;
-    loop {
-        let snap = snapshots.borrow_and_update().clone();
-        if let Some(snap) = snap {
-            let addresses = status_addresses(&snap, opts);
-            if addresses.is_empty() && !warned {
-                tracing::warn!("no --status-address and no Node for $NODE_NAME: Ingress status is not written");
-                warned = true;
-            }
-            let table = ferry_ingress::compile(&snap, &classes);
-            let plan = ferry_ingress::status::plan(&snap, &table, &addresses);
-            if !plan.is_empty() {
-                if let Err(e) = ferry_ingress::status::write(client.clone(), &plan).await {
-                    tracing::warn!(error = %e, "ingress status update incomplete; retried on the next snapshot");
-                }
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = snapshots.changed() => if r.is_err() { return },
-        }
-    }
+    let _cancel = rt.serve_admin(&args.run).await?;
+    Ok(handle.await.context("ingress task")??)
 }
 
 /// The WordPress walkthrough, embedded so `ferry serve --demo` needs no files.
@@ -358,13 +280,15 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         http: CLUSTER_DEFAULTS.http,
         https: None,
     };
-    let handle = spawn_with(&mut rt, snapshots, &opts, defaults).await?;
+    let handle = ferry_ingress::run::spawn(&opts.options(defaults), snapshots, &mut rt.admin, rt.cancel.clone())
+        .await
+        .context("starting the ingress engine")?;
     if args.demo {
         let port = opts.http_addr.map_or(80, |a| a.port());
         tracing::info!("demo ready; try: curl --resolve wp.test:{port}:127.0.0.1 http://wp.test:{port}/");
     }
-    let _cancel = rt.serve_admin(args.ingress.run.admin_addr).await?;
-    handle.await.context("ingress task")?
+    let _cancel = rt.serve_admin(&args.ingress.run).await?;
+    Ok(handle.await.context("ingress task")??)
 }
 
 pub async fn run_echo(args: EchoArgs) -> anyhow::Result<()> {

@@ -8,10 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use ferry_cluster::lease::{LeaderElector, LeaseConfig};
-use ferry_cluster::SnapshotRx;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::RunArgs;
 use crate::cmd_dns::DnsOpts;
@@ -91,23 +88,25 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     let mut rt = crate::runtime::Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;
     let failures: Failures = Arc::default();
-    let mut parts: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    let mut parts: Vec<(&'static str, JoinHandle<Result<(), String>>)> = Vec::new();
 
     if !args.no_proxy {
-        match crate::cmd_proxy::spawn(&mut rt, snapshots.clone(), &args.proxy).await {
-            Ok(h) => parts.push(("proxy", h)),
-            Err(e) => record(&failures, "proxy", format!("{e:#}")),
+        let opts = args.proxy.options();
+        match ferry_proxy::run::spawn(&opts, snapshots.clone(), &mut rt.admin, rt.cancel.clone()).await {
+            Ok(h) => parts.push(("proxy", erase(h))),
+            Err(e) => record(&failures, "proxy", e.to_string()),
         }
     }
     if !args.no_dns {
-        match crate::cmd_dns::spawn(&mut rt, snapshots.clone(), &args.dns).await {
-            Ok(h) => parts.push(("dns", h)),
-            Err(e) => record(&failures, "dns", format!("{e:#}")),
+        let opts = args.dns.options();
+        match ferry_dns::run::spawn(&opts, snapshots.clone(), &mut rt.admin, rt.cancel.clone()).await {
+            Ok(h) => parts.push(("dns", erase(h))),
+            Err(e) => record(&failures, "dns", e.to_string()),
         }
     }
     if !args.no_ingress {
         match crate::cmd_ingress::spawn(&mut rt, snapshots.clone(), &args.ingress).await {
-            Ok(h) => parts.push(("ingress", h)),
+            Ok(h) => parts.push(("ingress", erase(h))),
             Err(e) => record(&failures, "ingress", format!("{e:#}")),
         }
     }
@@ -122,8 +121,14 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
         let config = LeaseConfig::new(&namespace, &args.lease_name, &identity);
         let (elector, is_leader) = LeaderElector::new(client.clone(), config);
         tokio::spawn(elector.run(rt.cancel.clone()));
-        let (snaps, opts, cancel) = (snapshots.clone(), args.ingress.clone(), rt.cancel.clone());
-        tokio::spawn(async move { status_while_leader(client, snaps, opts, is_leader, cancel).await });
+        tokio::spawn(ferry_ingress::status::run_while_leader(
+            client,
+            snapshots.clone(),
+            args.ingress.classes(),
+            args.ingress.status_source(),
+            is_leader,
+            rt.cancel.clone(),
+        ));
     }
 
     let f = failures.clone();
@@ -136,7 +141,7 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
             .join("; ")),
         Err(_) => Err("failure list poisoned".into()),
     });
-    let cancel = rt.serve_admin(args.run.admin_addr).await?;
+    let cancel = rt.serve_admin(&args.run).await?;
     if parts.is_empty() {
         anyhow::bail!(
             "no part could start: {:?}",
@@ -155,7 +160,7 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
             }
             match result {
                 Ok(Ok(())) => record(&failures, name, "stopped".into()),
-                Ok(Err(e)) => record(&failures, name, format!("{e:#}")),
+                Ok(Err(e)) => record(&failures, name, e),
                 Err(e) => record(&failures, name, format!("task ended: {e}")),
             }
         }));
@@ -166,41 +171,23 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the Ingress status loop only while `is_leader` is true; losing the
-/// lease cancels it before its next write.
-pub async fn status_while_leader(
-    client: kube::Client,
-    snapshots: SnapshotRx,
-    opts: IngressOpts,
-    mut is_leader: watch::Receiver<bool>,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = is_leader.wait_for(|l| *l) => if r.is_err() { return },
+/// A part's task with its error as the text `/readyz` shows.
+fn erase<E: std::fmt::Display + Send + 'static>(h: JoinHandle<Result<(), E>>) -> JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        match h.await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("task ended: {e}")),
         }
-        let term = cancel.child_token();
-        let writer = {
-            let (client, snapshots, opts, term) = (client.clone(), snapshots.clone(), opts.clone(), term.clone());
-            tokio::spawn(async move { crate::cmd_ingress::status_loop(client, snapshots, &opts, term).await })
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = is_leader.wait_for(|l| !*l) => tracing::info!("not the leader any more: Ingress status writes stop"),
-        }
-        term.cancel();
-        let _ = writer.await;
-    }
+    })
 }
 
 /// `ferry node --cleanup`.
 fn cleanup(args: &NodeArgs) -> anyhow::Result<()> {
     let mut failed = Vec::new();
-    for (mode, result) in crate::cmd_proxy::remove_modes(&args.proxy, None) {
+    for (mode, result) in ferry_proxy::run::remove_modes(&args.proxy.options(), None) {
         match result {
-            Ok(()) => println!("ferry node: removed what proxy mode {mode:?} left, if anything"),
-            Err(e) => failed.push(format!("proxy mode {mode:?}: {e}")),
+            Ok(()) => println!("ferry node: removed what proxy mode {mode} left, if anything"),
+            Err(e) => failed.push(format!("proxy mode {mode}: {e}")),
         }
     }
     if let Err(e) = crate::cmd_dns::remove_takeover() {

@@ -1,7 +1,6 @@
 //! `ferry`: one binary for the node dataplane (service proxy, cluster DNS,
 //! ingress) and for standalone reverse proxying from YAML files.
 
-mod admin;
 mod cli;
 mod cmd_dns;
 mod cmd_ingress;
@@ -47,9 +46,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-#[allow(dead_code)] // for engines not built yet
-fn not_built(what: &str, issue: u32) -> anyhow::Result<()> {
-    anyhow::bail!("`ferry {what}` is not built yet (tracked in issue {issue})")
 }

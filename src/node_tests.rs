@@ -62,10 +62,11 @@ async fn status_is_written_by_the_leader_only() {
     };
     let (leader_tx, leader_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
-    tokio::spawn(crate::cmd_node::status_while_leader(
+    tokio::spawn(ferry_ingress::status::run_while_leader(
         api.client(),
         snap_rx,
-        args.ingress.clone(),
+        args.ingress.classes(),
+        args.ingress.status_source(),
         leader_rx,
         cancel.clone(),
     ));

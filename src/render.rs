@@ -2,6 +2,8 @@
 
 use anyhow::Context;
 
+use ferry_proxy::run::Mode;
+
 use crate::cli::{RenderArgs, RenderWhat};
 
 pub async fn run(args: RenderArgs) -> anyhow::Result<()> {
@@ -14,8 +16,16 @@ pub async fn run(args: RenderArgs) -> anyhow::Result<()> {
         match args.what {
             RenderWhat::Routes => crate::cmd_ingress::render_routes(&snap, &args.ingress)?,
             RenderWhat::Zone => crate::cmd_dns::render_zone(&snap, &args.dns)?,
-            RenderWhat::Iptables => crate::cmd_proxy::render_iptables(&snap, &args.proxy)?,
-            RenderWhat::Ebpf => crate::cmd_proxy::render_ebpf(&snap, &args.proxy)?,
+            RenderWhat::Iptables | RenderWhat::Ebpf => {
+                let mut opts = args.proxy.options();
+                // `--what iptables` shows nftables' script with `--mode nftables`.
+                opts.mode = match (args.what, opts.mode) {
+                    (RenderWhat::Ebpf, _) => Mode::Ebpf,
+                    (_, Mode::Nftables) => Mode::Nftables,
+                    _ => Mode::Iptables,
+                };
+                ferry_proxy::run::render(&snap, &opts)
+            }
             RenderWhat::Summary | RenderWhat::Manifests => ferry_cluster::summary::render(&snap),
         }
     };

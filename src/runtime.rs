@@ -1,15 +1,12 @@
-#![allow(dead_code)] // engines (serve, ingress, proxy, dns, node) call into this
 //! What every long-running subcommand shares: the cluster source, one admin
 //! server with one metrics registry, and a cancellation token fired by
 //! SIGTERM/SIGINT (graceful drain is each engine's job).
 
-use std::net::SocketAddr;
-
+use ferry_cluster::admin::Admin;
 use ferry_cluster::{ClusterMetrics, SnapshotRx};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Admin;
-use crate::cli::SourceArgs;
+use crate::cli::{RunArgs, SourceArgs};
 
 pub struct Runtime {
     pub cancel: CancellationToken,
@@ -45,16 +42,14 @@ impl Runtime {
         let (rx, client) = crate::source::start(args, self.cluster_metrics.clone(), self.cancel.clone()).await?;
         self.kube_client = client;
         self.admin
-            .readiness("snapshot", crate::admin::snapshot_ready(rx.clone()));
+            .readiness("snapshot", ferry_cluster::admin::snapshot_ready(rx.clone()));
         Ok(rx)
     }
 
-    /// Starts the admin server (when an address is given) with everything
-    /// registered so far. Call after the engines have registered.
-    pub async fn serve_admin(self, addr: Option<SocketAddr>) -> anyhow::Result<CancellationToken> {
-        if let Some(addr) = addr {
-            self.admin.serve(addr, self.cancel.clone()).await?;
-        }
+    /// Starts the admin server (on the addresses given, if any) with
+    /// everything registered so far. Call after the engines have registered.
+    pub async fn serve_admin(self, args: &RunArgs) -> anyhow::Result<CancellationToken> {
+        self.admin.serve(args.admin_addrs(), self.cancel.clone()).await?;
         Ok(self.cancel)
     }
 }

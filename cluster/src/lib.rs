@@ -5,6 +5,7 @@
 //! immutable `Arc<Snapshot>`s that the proxy, DNS and ingress compile steps
 //! read. Data flows one way: sources → snapshot → tables → world.
 
+pub mod admin;
 pub mod convert;
 pub mod error;
 pub mod files;

@@ -6,7 +6,7 @@
 //! with a TTL cache; `server` owns the sockets, the `ArcSwap<Zone>` and the
 //! task that rebuilds the zone on each snapshot; `takeover` answers the
 //! cluster DNS Service's ClusterIPs on this node (local addresses, `link`);
-//! `metrics` what they count.
+//! `metrics` what they count; `run` starts it all from `Options`.
 
 pub mod error;
 pub mod fast;
@@ -14,6 +14,7 @@ pub mod forward;
 pub mod link;
 pub mod metrics;
 pub mod resolv;
+pub mod run;
 pub mod server;
 pub mod takeover;
 pub mod udp;

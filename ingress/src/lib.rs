@@ -11,6 +11,7 @@ pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
+pub mod run;
 pub mod status;
 pub mod tls;
 pub mod upstream;

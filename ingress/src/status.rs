@@ -1,7 +1,8 @@
 //! Ingress status: which Ingresses need `.status.loadBalancer.ingress`
 //! written or cleared (pure `plan`), and the writer that patches them
 //! through a `kube::Client` (`write`). The caller decides when to write
-//! (e.g. only on the elected leader in `ferry node`).
+//! (e.g. only on the elected leader in `ferry node`); `run` and
+//! `run_while_leader` are the loops that do.
 
 use std::net::IpAddr;
 
@@ -153,5 +154,94 @@ status: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}
             load_balancer_entries(&["192.0.2.1".into(), "lb.example".into()]),
             json!([{ "ip": "192.0.2.1" }, { "hostname": "lb.example" }])
         );
+    }
+}
+
+/// Where the status addresses come from.
+#[derive(Debug, Clone, Default)]
+pub struct StatusSource {
+    /// Fixed addresses (`--status-address`); when empty, the first IP of
+    /// the Node named `node_name`.
+    pub addresses: Vec<String>,
+    pub node_name: Option<String>,
+}
+
+impl StatusSource {
+    fn addresses(&self, snap: &Snapshot) -> Vec<String> {
+        if !self.addresses.is_empty() {
+            return self.addresses.clone();
+        }
+        let Some(node) = &self.node_name else {
+            return Vec::new();
+        };
+        snap.node(node)
+            .map(|n| n.ips().iter().take(1).map(|ip| ip.to_string()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes Ingress status after every snapshot (changes only) until
+/// `cancel` fires; a failed write is retried on the next snapshot.
+pub async fn run(
+    client: kube::Client,
+    mut snapshots: ferry_cluster::SnapshotRx,
+    classes: crate::ClassSelection,
+    source: StatusSource,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if let Some(snap) = snap {
+            let addresses = source.addresses(&snap);
+            if addresses.is_empty() && !warned {
+                tracing::warn!("no --status-address and no Node for $NODE_NAME: Ingress status is not written");
+                warned = true;
+            }
+            let table = crate::compile(&snap, &classes);
+            let plan = plan(&snap, &table, &addresses);
+            if !plan.is_empty() {
+                if let Err(e) = write(client.clone(), &plan).await {
+                    tracing::warn!(error = %e, "ingress status update incomplete; retried on the next snapshot");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = snapshots.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Runs the status writer (`run`) only while `is_leader` is true (a
+/// `ferry_cluster::lease::LeaderElector`'s view); losing the lease cancels
+/// it before its next write.
+pub async fn run_while_leader(
+    client: kube::Client,
+    snapshots: ferry_cluster::SnapshotRx,
+    classes: crate::ClassSelection,
+    source: StatusSource,
+    mut is_leader: tokio::sync::watch::Receiver<bool>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = is_leader.wait_for(|l| *l) => if r.is_err() { return },
+        }
+        let term = cancel.child_token();
+        let writer = tokio::spawn(run(
+            client.clone(),
+            snapshots.clone(),
+            classes.clone(),
+            source.clone(),
+            term.clone(),
+        ));
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = is_leader.wait_for(|l| !*l) => tracing::info!("not the leader any more: Ingress status writes stop"),
+        }
+        term.cancel();
+        let _ = writer.await;
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Two halves, as everywhere in ferry: a pure planner (`table::plan`) from a
 //! cluster `Snapshot` to a `ServiceTable`, and dataplanes (`Dataplane`) that
-//! make the kernel match that table: `iptables` here, eBPF in `ebpf`.
+//! make the kernel match that table: `iptables`, `nftables` and `ebpf`.
+//! `run` is the loop that drives a dataplane from the snapshot stream.
 
 pub mod dataplane;
 pub mod ebpf;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod iptables;
 pub mod nftables;
 pub mod replan;
+pub mod run;
 pub mod table;
 
 pub use dataplane::{Dataplane, FakeDataplane, SyncReport};
