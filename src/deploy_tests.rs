@@ -37,8 +37,8 @@ fn load() -> Deploy {
     assert!(files.len() >= 5, "deploy/ has too few manifests: {files:?}");
     for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc).unwrap();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+        for v in docs {
             if v.is_null() {
                 continue;
             }
@@ -46,7 +46,7 @@ fn load() -> Deploy {
             let ctx = format!("{} {kind}", path.display());
             macro_rules! parse {
                 ($t:ty) => {
-                    serde_yaml::from_value::<$t>(v.clone()).unwrap_or_else(|e| panic!("{ctx}: {e}"))
+                    serde_json::from_value::<$t>(v.clone()).unwrap_or_else(|e| panic!("{ctx}: {e}"))
                 };
             }
             match kind.as_str() {
@@ -72,8 +72,6 @@ fn load() -> Deploy {
     }
     d
 }
-
-use serde::Deserialize;
 
 /// (group, resource, verb) triples a set of rules grants.
 fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {

@@ -95,9 +95,12 @@ mod tests {
         assert!(text.contains("PROXY_MODE: \"ebpf\""));
         assert!(!text.contains("image: ferry:dev"));
         // Still valid YAML, every document.
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let _: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-        }
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+        assert_eq!(
+            docs.len(),
+            crate::render::DEPLOY.len() + 1,
+            "one document per file, and the last empty"
+        );
         assert!(manifests("x", &["NOPE=1".into()])
             .unwrap_err()
             .to_string()

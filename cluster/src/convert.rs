@@ -580,7 +580,7 @@ mod tests {
     use super::*;
 
     fn svc(yaml: &str) -> std::result::Result<Service, InvalidObject> {
-        let s: core::Service = serde_yaml::from_str(yaml).unwrap();
+        let s: core::Service = serde_saphyr::from_str(yaml).unwrap();
         service(&s, "default")
     }
 
@@ -617,7 +617,7 @@ mod tests {
 
     #[test]
     fn slice_conditions_nil_rules() {
-        let es: discovery::EndpointSlice = serde_yaml::from_str(
+        let es: discovery::EndpointSlice = serde_saphyr::from_str(
             "metadata: {name: s, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints:\n- addresses: [10.1.0.1]\n- addresses: [10.1.0.2]\n  conditions: {ready: false, serving: true, terminating: true}\n- addresses: [10.1.0.3]\n  conditions: {ready: false}\nports: [{name: web, port: 8080}]\n",
         )
         .unwrap();
@@ -650,7 +650,7 @@ mod tests {
 
     #[test]
     fn slice_family_mismatch_is_an_error() {
-        let es: discovery::EndpointSlice = serde_yaml::from_str(
+        let es: discovery::EndpointSlice = serde_saphyr::from_str(
             "metadata: {name: s, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints:\n- addresses: ['::1']\n",
         )
         .unwrap();
@@ -660,16 +660,16 @@ mod tests {
 
     #[test]
     fn non_tls_secrets_are_ignored() {
-        let s: core::Secret = serde_yaml::from_str("metadata: {name: s}\ntype: Opaque\nstringData: {a: b}").unwrap();
+        let s: core::Secret = serde_saphyr::from_str("metadata: {name: s}\ntype: Opaque\nstringData: {a: b}").unwrap();
         assert!(tls_secret(&s, "default").unwrap().is_none());
         let s: core::Secret =
-            serde_yaml::from_str("metadata: {name: s}\ntype: kubernetes.io/tls\nstringData: {tls.crt: x}").unwrap();
+            serde_saphyr::from_str("metadata: {name: s}\ntype: kubernetes.io/tls\nstringData: {tls.crt: x}").unwrap();
         assert_eq!(tls_secret(&s, "default").unwrap_err().field, "data[tls.key]");
     }
 
     #[test]
     fn ingress_class_from_annotation() {
-        let i: networking::Ingress = serde_yaml::from_str(
+        let i: networking::Ingress = serde_saphyr::from_str(
             "metadata: {name: i, annotations: {kubernetes.io/ingress.class: legacy}}\nspec:\n  rules:\n  - host: a.test\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: s, port: {name: http}}}}\n",
         )
         .unwrap();

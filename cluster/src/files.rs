@@ -36,8 +36,28 @@ const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 /// One parsed document: the objects it holds, or why it could not be used.
 pub type Document = Result<Vec<Object>, SourceError>;
 
+/// Deepest nesting a document may have. Kubernetes objects nest about 10
+/// levels (a CRD's schema a few dozen); a bound keeps a hostile or broken
+/// file from costing seconds of parsing.
+pub const MAX_DEPTH: usize = 128;
+
+/// The YAML parser's settings: bounded depth, room for a `kubectl get -o
+/// yaml` List of a large cluster, one-line errors.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 100_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    options.budget = Some(budget);
+    options.emit_comments = false;
+    options.with_snippet = false;
+    options
+}
+
 /// Splits a YAML stream into documents on `---` lines. Done by hand rather
-/// than with serde_yaml's multi-document reader so that one broken document
+/// than with the parser's multi-document reader so that one broken document
 /// cannot stop the ones after it from loading. Borrows from `text`: large
 /// manifest files are not copied.
 fn split_documents(text: &str) -> Vec<&str> {
@@ -73,13 +93,21 @@ pub fn parse_documents(path: &Path, text: &str) -> Vec<Document> {
             if is_blank(doc) {
                 return Ok(Vec::new());
             }
-            let value: serde_yaml::Value = serde_yaml::from_str(doc).map_err(|e| SourceError::Document {
-                path: path.to_path_buf(),
-                index,
-                message: e.to_string(),
-            })?;
             let mut out = Vec::new();
-            value_objects(path, index, value, &mut out)?;
+            // The fast path (`yaml`) for the YAML manifests are written in;
+            // anything it does not read, or any error, is parsed again by
+            // the full parser, whose result and messages are the ones kept.
+            let fast = crate::yaml::to_json(doc).map(|json| json_objects(path, index, &json, &mut out));
+            if fast != Some(Ok(())) {
+                out.clear();
+                let value: serde_json::Value =
+                    serde_saphyr::from_str_with_options(doc, yaml_options()).map_err(|e| SourceError::Document {
+                        path: path.to_path_buf(),
+                        index,
+                        message: e.to_string(),
+                    })?;
+                value_objects(path, index, value, &mut out)?;
+            }
             // Most documents hold one object; don't keep room for four.
             out.shrink_to_fit();
             Ok(out)
@@ -87,24 +115,64 @@ pub fn parse_documents(path: &Path, text: &str) -> Vec<Document> {
         .collect()
 }
 
+/// A document's objects from its JSON text (the fast path). Lists are left
+/// to `value_objects`; an error only means "use the full parser".
+fn json_objects(path: &Path, index: usize, json: &str, out: &mut Vec<Object>) -> Result<(), ()> {
+    #[derive(serde::Deserialize)]
+    struct Header<'a> {
+        #[serde(borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, rename = "apiVersion")]
+        api_version: Option<std::borrow::Cow<'a, str>>,
+    }
+    let header: Header = serde_json::from_str(json).map_err(drop)?;
+    let (Some(kind), api_version) = (header.kind, header.api_version) else {
+        return Err(());
+    };
+    if kind.ends_with("List") {
+        return Err(());
+    }
+    let api_version = api_version.unwrap_or_default();
+    typed_object(path, index, &kind, &api_version, JsonText(json), out).map_err(drop)
+}
+
+/// Where a typed object is deserialized from.
+trait TypedSource {
+    fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T, String>;
+}
+
+/// JSON text (the fast path's output).
+struct JsonText<'a>(&'a str);
+
+impl TypedSource for JsonText<'_> {
+    fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_json::from_str(self.0).map_err(|e| e.to_string())
+    }
+}
+
+impl TypedSource for serde_json::Value {
+    fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_json::from_value(self).map_err(|e| e.to_string())
+    }
+}
+
 fn value_objects(
     path: &Path,
     index: usize,
-    value: serde_yaml::Value,
+    value: serde_json::Value,
     out: &mut Vec<Object>,
 ) -> Result<(), SourceError> {
     if value.is_null() {
         return Ok(());
     }
-    let doc_err = |message: String| SourceError::Document {
-        path: path.to_path_buf(),
-        index,
-        message,
-    };
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
-        .ok_or_else(|| doc_err("no `kind` field".into()))?
+        .ok_or_else(|| SourceError::Document {
+            path: path.to_path_buf(),
+            index,
+            message: "no `kind` field".into(),
+        })?
         .to_string();
     let api_version = value
         .get("apiVersion")
@@ -114,7 +182,7 @@ fn value_objects(
     if kind == "List" || kind.ends_with("List") && value.get("items").is_some() {
         let items = value
             .get("items")
-            .and_then(|i| i.as_sequence())
+            .and_then(|i| i.as_array())
             .cloned()
             .unwrap_or_default();
         for item in items {
@@ -122,6 +190,18 @@ fn value_objects(
         }
         return Ok(());
     }
+    typed_object(path, index, &kind, &api_version, value, out)
+}
+
+/// The object of one `kind`/`apiVersion`, converted to ferry's model.
+fn typed_object(
+    path: &Path,
+    index: usize,
+    kind: &str,
+    api_version: &str,
+    source: impl TypedSource,
+    out: &mut Vec<Object>,
+) -> Result<(), SourceError> {
     let invalid = |source| SourceError::Invalid {
         path: path.to_path_buf(),
         index,
@@ -129,11 +209,15 @@ fn value_objects(
     };
     macro_rules! parse {
         ($t:ty) => {
-            serde_yaml::from_value::<$t>(value).map_err(|e| doc_err(format!("{kind} ({api_version}): {e}")))?
+            source.typed::<$t>().map_err(|e| SourceError::Document {
+                path: path.to_path_buf(),
+                index,
+                message: format!("{kind} ({api_version}): {e}"),
+            })?
         };
     }
     let ns = DEFAULT_NAMESPACE;
-    match (api_version.as_str(), kind.as_str()) {
+    match (api_version, kind) {
         ("v1", "Service") => out.push(Object::Service(Arc::new(
             convert::service(&parse!(core::Service), ns).map_err(invalid)?,
         ))),

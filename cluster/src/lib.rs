@@ -17,6 +17,7 @@ pub mod publish;
 pub mod snapshot;
 pub mod store;
 pub mod summary;
+pub mod yaml;
 
 pub use error::{InvalidObject, SourceError};
 pub use metrics::ClusterMetrics;
