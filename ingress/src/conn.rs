@@ -600,6 +600,22 @@ pub trait RawSend: AsyncRead + AsyncWrite + Unpin {
 impl RawSend for TcpStream {
     fn send_now(&mut self, bytes: &[u8]) {
         let _ = self.try_write(bytes);
+        linger(self);
+    }
+}
+
+/// After a last frame: FIN, and discard what the client already sent, so
+/// that the close is not a reset that makes the client drop the unread
+/// frame (best effort; a client still sending may see a reset anyway).
+fn linger(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    // Bounded: at most 64 KiB discarded.
+    for _ in 0..16 {
+        match tcp.try_read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
     }
 }
 
@@ -629,6 +645,7 @@ impl RawSend for tokio_rustls::server::TlsStream<TcpStream> {
                 _ => break,
             }
         }
+        linger(tcp);
     }
 }
 

@@ -446,11 +446,11 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
                     Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, active }))
                 }
             });
-            let closed = match tls {
+            match tls {
                 None => {
                     let io = TokioIo::new(conn::Guarded::new(stream, state.clone()));
                     let conn = builder.serve_connection_with_upgrades(io, service);
-                    drive(conn, &state, &limits, accepted_at, &stop).await
+                    drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
                 }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(
@@ -476,11 +476,8 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
                     let Some(tls_stream) = tls_stream else { return };
                     let io = TokioIo::new(conn::Guarded::new(tls_stream, state.clone()));
                     let conn = builder.serve_connection_with_upgrades(io, service);
-                    drive(conn, &state, &limits, accepted_at, &stop).await
+                    drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
                 }
-            };
-            if let Some(reason) = closed {
-                metrics.connections_closed.get_or_create(&CloseLabels { reason: reason.as_str() }).inc();
             }
             drop(registered);
         }
@@ -488,19 +485,28 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
     );
 }
 
-/// Runs a connection under its watchdog until it ends or is closed;
-/// returns why ferry closed it, if it did.
+/// Runs a connection under its watchdog until it ends or is closed,
+/// counting why ferry closed it, if it did.
 async fn drive<C>(
     conn: C,
     state: &ConnState,
     limits: &Limits,
     accepted_at: tokio::time::Instant,
     stop: &CancellationToken,
-) -> Option<CloseReason>
-where
+    metrics: &IngressMetrics,
+) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
+    // Counted before the connection is dropped (and the client sees it).
+    let count = |reason: Option<CloseReason>| {
+        if let Some(r) = reason {
+            metrics
+                .connections_closed
+                .get_or_create(&CloseLabels { reason: r.as_str() })
+                .inc();
+        }
+    };
     let mut conn = std::pin::pin!(conn);
     let mut watchdog = Watchdog::new(limits);
     let sleep = tokio::time::sleep_until(watchdog.first_deadline(accepted_at));
@@ -516,14 +522,14 @@ where
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return closing;
+                return count(closing);
             }
             _ = sleep.as_mut() => {
                 if closing.is_some() {
                     // The grace is over (or the drain met a busy
                     // connection going idle): close now.
                     if state.is_idle_now() || closing != Some(CloseReason::Drain) {
-                        return closing;
+                        return count(closing);
                     }
                     sleep.as_mut().reset(tokio::time::Instant::now() + conn::CLOSE_GRACE);
                     continue;
@@ -540,7 +546,7 @@ where
             Verdict::Sleep(at) => sleep.as_mut().reset(at),
             Verdict::CloseNow(reason) => {
                 tracing::debug!(reason = reason.as_str(), "closing connection");
-                return Some(reason);
+                return count(Some(reason));
             }
             Verdict::CloseIdle(reason) => {
                 if closing.is_none() {
