@@ -49,6 +49,19 @@ pub struct DnsOpts {
     /// node answers itself.
     #[arg(skip)]
     pub takeover: Option<ferry_cluster::ObjectKey>,
+    // TCP limits (issue 14); defaults live in ferry_dns::TcpLimits.
+    /// A TCP connection idle this long before its next query is closed [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+    pub tcp_idle_timeout: Option<Duration>,
+    /// A TCP query must arrive whole within this [default: 3s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+    pub tcp_read_timeout: Option<Duration>,
+    /// A TCP client that does not read a reply for this long is closed [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = crate::cli::parse_duration)]
+    pub tcp_write_timeout: Option<Duration>,
+    /// Concurrent TCP connections [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_connections: Option<usize>,
 }
 
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -61,6 +74,16 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
 }
 
 impl DnsOpts {
+    fn tcp_limits(&self) -> ferry_dns::TcpLimits {
+        let d = ferry_dns::TcpLimits::default();
+        ferry_dns::TcpLimits {
+            idle_timeout: self.tcp_idle_timeout.unwrap_or(d.idle_timeout),
+            read_timeout: self.tcp_read_timeout.unwrap_or(d.read_timeout),
+            write_timeout: self.tcp_write_timeout.unwrap_or(d.write_timeout),
+            max_connections: self.tcp_max_connections.unwrap_or(d.max_connections),
+        }
+    }
+
     fn zone_config(&self) -> ZoneConfig {
         ZoneConfig {
             domain: self.cluster_domain.clone(),
@@ -78,6 +101,7 @@ impl DnsOpts {
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
             cache_size: self.dns_cache_size,
             workers: self.dns_workers,
+            tcp: self.tcp_limits(),
             takeover: self
                 .takeover
                 .clone()

@@ -62,6 +62,31 @@ pub struct IngressOpts {
     /// else one per CPU].
     #[arg(long, value_name = "N")]
     pub ingress_workers: Option<usize>,
+    // Connection limits (issue 14); defaults live in ferry_ingress::Limits.
+    /// Accept (TLS handshake included) to the first complete request head [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub client_header_timeout: Option<Duration>,
+    /// End of a response to the next complete request head; idle HTTP/2 gets GOAWAY [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub keepalive_timeout: Option<Duration>,
+    /// A response the client does not read for this long is dropped with its upstream [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub client_send_timeout: Option<Duration>,
+    /// Between two reads of a request body (then 408) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub client_body_timeout: Option<Duration>,
+    /// TLS handshake, from accept [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Option<Duration>,
+    /// Open connections per listener; the longest-idle is shed first [default: open-files limit / 4].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Cancelled (reset) streams a connection may have beyond completed ones before GOAWAY [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_cancelled_streams: Option<usize>,
+    /// Forward the raw request path (routing still uses the normalized one).
+    #[arg(long)]
+    pub forward_raw_path: bool,
 }
 
 fn parse_object_key(s: &str) -> Result<ObjectKey, String> {
@@ -92,6 +117,21 @@ impl IngressOpts {
             },
             drain_timeout: self.drain_timeout,
             workers: self.workers(),
+            limits: self.limits(),
+        }
+    }
+
+    fn limits(&self) -> ferry_ingress::Limits {
+        let d = ferry_ingress::Limits::default();
+        ferry_ingress::Limits {
+            header_timeout: self.client_header_timeout.unwrap_or(d.header_timeout),
+            keepalive_timeout: self.keepalive_timeout.unwrap_or(d.keepalive_timeout),
+            send_timeout: self.client_send_timeout.unwrap_or(d.send_timeout),
+            body_timeout: self.client_body_timeout.unwrap_or(d.body_timeout),
+            tls_handshake_timeout: self.tls_handshake_timeout.unwrap_or(d.tls_handshake_timeout),
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_cancelled_streams: self.max_cancelled_streams.unwrap_or(d.max_cancelled_streams),
+            forward_normalized_path: !self.forward_raw_path,
         }
     }
 

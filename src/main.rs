@@ -21,6 +21,9 @@ use cli::{Cli, Command};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     cli::init_logging(cli.log_format);
+    if let Err(e) = ferry_ingress::conn::raise_nofile_limit() {
+        eprintln!("ferry: cannot raise the open-files limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -68,6 +68,13 @@ pub struct DnsMetrics {
     pub zone_records: Gauge,
     pub zone_generation: Gauge,
     pub zone_builds: Counter,
+    /// TCP connections closed by a limit, by which.
+    pub tcp_closed: Family<TcpCloseLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TcpCloseLabels {
+    pub reason: &'static str,
 }
 
 impl Default for DnsMetrics {
@@ -99,11 +106,17 @@ impl Default for DnsMetrics {
             zone_records: Gauge::default(),
             zone_generation: Gauge::default(),
             zone_builds: Counter::default(),
+            tcp_closed: Family::default(),
         }
     }
 }
 
 impl DnsMetrics {
+    /// Counts a TCP connection closed by `reason` (a `TcpLimits` field).
+    pub fn tcp_closed(&self, reason: &'static str) {
+        self.tcp_closed.get_or_create(&TcpCloseLabels { reason }).inc();
+    }
+
     /// Counts one answered query.
     pub fn query(&self, qtype: Option<RecordType>, rcode: ResponseCode) {
         let t = qtype
@@ -170,6 +183,11 @@ impl DnsMetrics {
             "ferry_dns_zone_builds",
             "Zones built from snapshots",
             self.zone_builds.clone(),
+        );
+        registry.register(
+            "ferry_dns_tcp_closed_by_limit",
+            "DNS TCP connections closed by a timeout, by reason",
+            self.tcp_closed.clone(),
         );
     }
 }

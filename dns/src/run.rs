@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::takeover::{AddressHook, TakeoverConfig};
-use crate::{BoundSockets, DnsError, DnsMetrics, DnsServer, ForwarderConfig, ServerConfig, ZoneConfig};
+use crate::{BoundSockets, DnsError, DnsMetrics, DnsServer, ForwarderConfig, ServerConfig, TcpLimits, ZoneConfig};
 
 /// How the DNS engine runs.
 #[derive(Clone)]
@@ -30,6 +30,8 @@ pub struct Options {
     pub cache_size: usize,
     /// UDP sockets (and threads) with SO_REUSEPORT; `None`: one per core.
     pub workers: Option<usize>,
+    /// Deadlines and the connection cap of DNS over TCP.
+    pub tcp: TcpLimits,
     /// The cluster DNS Service whose ClusterIPs this node answers itself
     /// (`takeover`), and what to run when those addresses change.
     pub takeover: Option<(ObjectKey, Option<AddressHook>)>,
@@ -46,6 +48,7 @@ impl Default for Options {
             upstream_timeout: forwarder.timeout,
             cache_size: forwarder.cache_size,
             workers: None,
+            tcp: TcpLimits::default(),
             takeover: None,
         }
     }
@@ -86,6 +89,7 @@ pub async fn spawn(
     let cfg = ServerConfig {
         zone: opts.zone.clone(),
         forwarder: Some(forwarder),
+        tcp: opts.tcp.clone(),
     };
     let server = DnsServer::new(cfg, &[opts.listen, local], metrics)?;
     let ready = server.clone();

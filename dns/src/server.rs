@@ -26,18 +26,41 @@ use crate::udp::Batch;
 use crate::wire::{self, Buffers, Context, Handled, Outcome, Request, Transport};
 use crate::zone::{name_key, Zone, ZoneConfig};
 
-/// How long a TCP connection may sit idle between queries.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 /// How often a UDP thread wakes to notice cancellation.
 const UDP_POLL: Duration = Duration::from_millis(200);
-/// At most this many TCP connections at once; more wait in the backlog.
-const TCP_MAX_CONNECTIONS: usize = 1024;
+
+/// What one DNS-over-TCP client may hold, and for how long (CoreDNS's
+/// server defaults: read 3 s, write 5 s, idle 10 s).
+#[derive(Debug, Clone)]
+pub struct TcpLimits {
+    /// Before the first byte of the next query (and after accept).
+    pub idle_timeout: Duration,
+    /// From a query's first byte to its last.
+    pub read_timeout: Duration,
+    /// For a reply to be taken by the client: a client that pipelines
+    /// queries and never reads its replies is closed after this.
+    pub write_timeout: Duration,
+    /// At most this many TCP connections at once; more wait in the backlog.
+    pub max_connections: usize,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            idle_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(3),
+            write_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub zone: ZoneConfig,
     /// `None`: answer the zone only and REFUSE other names.
     pub forwarder: Option<ForwarderConfig>,
+    pub tcp: TcpLimits,
 }
 
 /// The listening sockets, bound before the server starts so that errors
@@ -109,12 +132,23 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
-    s.listen(1024)?;
+    s.listen(listen_backlog())?;
     s.set_nonblocking(true)?;
     Ok(s.into())
 }
 
+/// The kernel's cap on a listen backlog (`net.core.somaxconn`), so that
+/// connection bursts queue rather than get reset.
+fn listen_backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(4096)
+}
+
 struct State {
+    tcp: TcpLimits,
     zone: ArcSwapOption<Zone>,
     zone_cfg: ZoneConfig,
     cluster_key: Vec<u8>,
@@ -140,6 +174,7 @@ impl DnsServer {
         };
         Ok(DnsServer {
             state: Arc::new(State {
+                tcp: cfg.tcp,
                 zone: ArcSwapOption::empty(),
                 zone_cfg: cfg.zone,
                 cluster_key,
@@ -367,7 +402,8 @@ impl DnsServer {
     }
 
     async fn tcp_accept_loop(&self, listener: tokio::net::TcpListener, cancel: CancellationToken) {
-        let permits = Arc::new(tokio::sync::Semaphore::new(TCP_MAX_CONNECTIONS));
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.state.tcp.max_connections.max(1)));
+        let mut failures = 0u32;
         loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -376,10 +412,19 @@ impl DnsServer {
             let (stream, peer) = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = listener.accept() => match r {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        failures = 0;
+                        s
+                    }
                     Err(e) => {
-                        tracing::debug!(error = %e, "dns: tcp accept");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // Out of descriptors and the like: back off
+                        // exponentially (10 ms .. 1 s) rather than spin.
+                        if failures == 0 {
+                            tracing::warn!(error = %e, "dns: tcp accept failed; backing off");
+                        }
+                        failures = failures.saturating_add(1);
+                        let delay = Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1));
+                        tokio::time::sleep(delay).await;
                         continue;
                     }
                 },
@@ -397,35 +442,65 @@ impl DnsServer {
         }
     }
 
+    /// Serves one TCP connection until the client closes it or a limit does.
     async fn tcp_connection(&self, mut stream: tokio::net::TcpStream, cancel: CancellationToken) {
+        if let Err(why) = self.tcp_exchanges(&mut stream, cancel).await {
+            // Counted before the client can see the close.
+            self.state.metrics.tcp_closed(why);
+            tracing::debug!(reason = why, "dns: tcp connection closed");
+        }
+    }
+
+    /// Query/reply exchanges on one connection; `Err` names the limit that
+    /// ended them.
+    async fn tcp_exchanges(
+        &self,
+        stream: &mut tokio::net::TcpStream,
+        cancel: CancellationToken,
+    ) -> Result<(), &'static str> {
+        let limits = &self.state.tcp;
         let mut buf = vec![0u8; 65535];
         loop {
             let mut len = [0u8; 2];
-            let read = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)) => r,
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = tokio::time::timeout(limits.idle_timeout, stream.read(&mut len[..1])) => r,
             };
-            if !matches!(read, Ok(Ok(_))) {
-                return;
+            match first {
+                Err(_) => return Err("idle_timeout"),
+                Ok(Ok(1)) => {}
+                Ok(_) => return Ok(()),
             }
-            let n = usize::from(u16::from_be_bytes(len));
-            let Some(body) = buf.get_mut(..n) else { return };
-            if !matches!(tokio::time::timeout(TCP_IDLE, stream.read_exact(body)).await, Ok(Ok(_))) {
-                return;
-            }
+            let n_left = match tokio::time::timeout(limits.read_timeout, async {
+                stream.read_exact(&mut len[1..]).await?;
+                let n = usize::from(u16::from_be_bytes(len));
+                match buf.get_mut(..n) {
+                    Some(body) => stream.read_exact(body).await.map(|_| n),
+                    None => Ok(0),
+                }
+            })
+            .await
+            {
+                Err(_) => return Err("read_timeout"),
+                Ok(Err(_)) => return Ok(()),
+                Ok(Ok(n)) => n,
+            };
+            let Some(body) = buf.get(..n_left) else { return Ok(()) };
             let bytes = match self.answer(body, Transport::Tcp) {
                 Outcome::Reply { bytes, .. } => bytes,
                 Outcome::Forward(req) => self.forward(req).await,
-                Outcome::Drop => return,
+                Outcome::Drop => return Ok(()),
             };
             let Ok(out_len) = u16::try_from(bytes.len()) else {
-                return;
+                return Ok(());
             };
             let mut framed = Vec::with_capacity(bytes.len() + 2);
             framed.extend_from_slice(&out_len.to_be_bytes());
             framed.extend_from_slice(&bytes);
-            if stream.write_all(&framed).await.is_err() {
-                return;
+            match tokio::time::timeout(limits.write_timeout, stream.write_all(&framed)).await {
+                Err(_) => return Err("write_timeout"),
+                Ok(Err(_)) => return Ok(()),
+                Ok(Ok(())) => {}
             }
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferry_cluster::files::parse_documents;
 use ferry_cluster::Snapshot;
-use ferry_dns::{BoundSockets, DnsMetrics, DnsServer, ForwarderConfig, ServerConfig, ZoneConfig};
+use ferry_dns::{BoundSockets, DnsMetrics, DnsServer, ForwarderConfig, ServerConfig, TcpLimits, ZoneConfig};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -179,6 +179,10 @@ struct Running {
 }
 
 async fn start(upstreams: Vec<SocketAddr>, timeout: Duration) -> Running {
+    start_with(upstreams, timeout, TcpLimits::default(), DnsMetrics::default()).await
+}
+
+async fn start_with(upstreams: Vec<SocketAddr>, timeout: Duration, tcp: TcpLimits, metrics: DnsMetrics) -> Running {
     let sockets = BoundSockets::bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
     let addr = sockets.local_addr();
     let cfg = ServerConfig {
@@ -188,8 +192,9 @@ async fn start(upstreams: Vec<SocketAddr>, timeout: Duration) -> Running {
             timeout,
             ..ForwarderConfig::default()
         }),
+        tcp,
     };
-    let server = DnsServer::new(cfg, &[addr], DnsMetrics::default()).unwrap();
+    let server = DnsServer::new(cfg, &[addr], metrics).unwrap();
     let (tx, rx) = tokio::sync::watch::channel(None);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(server.clone().serve(sockets, rx, cancel.clone()));
@@ -395,6 +400,7 @@ async fn a_forwarding_loop_is_refused() {
             timeout: Duration::from_secs(2),
             ..ForwarderConfig::default()
         }),
+        tcp: TcpLimits::default(),
     };
     let b = DnsServer::new(b_cfg, &[b_addr], DnsMetrics::default()).unwrap();
     let (_btx, brx) = tokio::sync::watch::channel(None);
@@ -407,4 +413,77 @@ async fn a_forwarding_loop_is_refused() {
     b_cancel.cancel();
     tokio::time::timeout(WAIT, b_task).await.unwrap().unwrap().unwrap();
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_that_stall_are_closed_by_the_limits() {
+    let tcp_limits = TcpLimits {
+        idle_timeout: Duration::from_millis(300),
+        read_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_millis(300),
+        max_connections: 16,
+    };
+    let metrics = DnsMetrics::default();
+    let s = start_with(
+        vec!["127.0.0.1:9".parse().unwrap()],
+        Duration::from_secs(1),
+        tcp_limits,
+        metrics.clone(),
+    )
+    .await;
+    s.tx.send(Some(snapshot(1, ""))).unwrap();
+    let closed = |reason: &'static str| {
+        metrics
+            .tcp_closed
+            .get_or_create(&ferry_dns::metrics::TcpCloseLabels { reason })
+            .get()
+    };
+
+    // Silent: closed after the idle timeout (EOF to the client).
+    let mut silent = TcpStream::connect(s.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, silent.read(&mut b))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(closed("idle_timeout"), 1);
+
+    // Half a query: closed after the read timeout.
+    let mut half = TcpStream::connect(s.addr).await.unwrap();
+    half.write_all(&[0, 40, 1, 2]).await.unwrap();
+    let n = tokio::time::timeout(WAIT, half.read(&mut b))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(closed("read_timeout"), 1);
+
+    // Pipelines queries and never reads a reply: once the socket buffers
+    // are full the server's write times out and the connection is closed,
+    // so the client's writes fail. Bounded in queries and time.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut pipeliner = socket.connect(s.addr).await.unwrap();
+    let (_, q) = query_bytes("kubernetes.default.svc.cluster.local.", RecordType::A, false);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let batch: Vec<u8> = framed.iter().copied().cycle().take(framed.len() * 256).collect();
+    let written = tokio::time::timeout(Duration::from_secs(20), async {
+        for i in 0..20_000 {
+            if pipeliner.write_all(&batch).await.is_err() {
+                return i;
+            }
+        }
+        20_000
+    })
+    .await
+    .unwrap();
+    assert!(written < 20_000, "the stalled pipeliner was never closed");
+    assert_eq!(closed("write_timeout"), 1);
+
+    // The slots came back: a normal TCP query is answered.
+    let m = tcp(s.addr, "kubernetes.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    s.stop().await;
 }

@@ -5,6 +5,7 @@
 //! `ArcSwap`. `routes` and `tls` are the compile steps; `proxy` and
 //! `upstream` are the request path; `status` writes Ingress status.
 
+pub mod conn;
 pub mod echo;
 pub mod error;
 pub mod h1;
@@ -16,6 +17,7 @@ pub mod status;
 pub mod tls;
 pub mod upstream;
 
+pub use conn::Limits;
 pub use error::IngressError;
 pub use metrics::IngressMetrics;
 pub use proxy::{Engine, EngineConfig, Listeners};

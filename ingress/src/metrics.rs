@@ -17,6 +17,12 @@ pub struct RequestLabels {
     pub upstream: String,
 }
 
+/// Why ferry closed a downstream connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
@@ -38,6 +44,13 @@ pub struct IngressMetrics {
     pub upstream_connect_failures: Family<UpstreamLabels, Counter>,
     pub retries: Counter,
     pub ejections: Counter,
+    pub connections_accepted: Counter,
+    /// Refused at a listener's cap with no idle connection to shed.
+    pub connections_refused: Counter,
+    /// Idle connections closed to admit new ones.
+    pub connections_shed: Counter,
+    pub connections_closed: Family<CloseLabels, Counter>,
+    pub memory_trims: Counter,
 }
 
 impl Default for IngressMetrics {
@@ -51,6 +64,11 @@ impl Default for IngressMetrics {
             upstream_connect_failures: Family::default(),
             retries: Counter::default(),
             ejections: Counter::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Counter::default(),
+            connections_shed: Counter::default(),
+            connections_closed: Family::default(),
+            memory_trims: Counter::default(),
         }
     }
 }
@@ -89,6 +107,31 @@ impl IngressMetrics {
             "ejections",
             "Endpoints ejected after consecutive connect failures",
             self.ejections.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Downstream connections accepted",
+            self.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused at a listener's cap with none idle to shed",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "connections_shed",
+            "Idle connections closed to admit new clients (or free descriptors)",
+            self.connections_shed.clone(),
+        );
+        r.register(
+            "connections_closed_by_limit",
+            "Connections ferry closed, by reason (timeouts, shedding, cancelled streams, drain)",
+            self.connections_closed.clone(),
+        );
+        r.register(
+            "memory_trims",
+            "Times freed heap was returned to the kernel after a connection burst",
+            self.memory_trims.clone(),
         );
     }
 }

@@ -25,16 +25,20 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::conn::{
+    self, ActiveRequest, Admission, CloseReason, ConnRegistry, ConnState, Limits, Registered, Verdict, Watchdog,
+};
 use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
-use crate::metrics::{IngressMetrics, RequestLabels, UpstreamLabels};
-use crate::routes::{self, normalize_host, ClassSelection, LbMethod, RouteMatch, RouteTable};
+use crate::metrics::{CloseLabels, IngressMetrics, RequestLabels, UpstreamLabels};
+use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
 use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
 
@@ -50,6 +54,8 @@ pub struct EngineConfig {
     /// Worker threads serving connections, each with its own
     /// single-threaded runtime and upstream pools (like nginx workers).
     pub workers: usize,
+    /// What one client may hold, and for how long.
+    pub limits: Limits,
 }
 
 /// The default worker count: one per CPU.
@@ -65,6 +71,7 @@ impl Default for EngineConfig {
             upstream: UpstreamConfig::default(),
             drain_timeout: Duration::from_secs(30),
             workers: default_workers(),
+            limits: Limits::default(),
         }
     }
 }
@@ -100,22 +107,13 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the given addresses (port 0 picks a free port).
+    /// Binds the given addresses (port 0 picks a free port), with the
+    /// system's largest listen backlog so that connection bursts queue.
     pub async fn bind(http: Option<SocketAddr>, https: Option<SocketAddr>) -> Result<Listeners, IngressError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| IngressError::Bind { addr, source })
-        };
+        let bind = |addr: SocketAddr| bind_listener(addr).map_err(|source| IngressError::Bind { addr, source });
         Ok(Listeners {
-            http: match http {
-                Some(a) => Some(bind(a).await?),
-                None => None,
-            },
-            https: match https {
-                Some(a) => Some(bind(a).await?),
-                None => None,
-            },
+            http: http.map(bind).transpose()?,
+            https: https.map(bind).transpose()?,
         })
     }
 
@@ -126,6 +124,16 @@ impl Listeners {
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https.as_ref().and_then(|l| l.local_addr().ok())
     }
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(conn::listen_backlog())?;
+    TcpListener::from_std(s.into())
 }
 
 impl Engine {
@@ -256,15 +264,42 @@ impl Engine {
                 }
             }
         }
+        let cap = self.shared.config.limits.connection_cap();
+        let http_conns = Arc::new(ConnRegistry::new(cap));
+        let https_conns = Arc::new(ConnRegistry::new(cap));
+        tracing::info!(max_connections_per_listener = cap, limits = ?self.shared.config.limits, "ingress connection limits");
         let mut next = 0usize;
+        let mut backoff = AcceptBackoff::default();
+        let mut trim = MemoryTrim::new(&self.shared.metrics);
+        let mut trim_tick = tokio::time::interval(MemoryTrim::PERIOD);
+        trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = accept(listeners.http.as_ref()) => r.map(|(s, p)| (s, p, None, http_port)),
-                r = accept(listeners.https.as_ref()) => r.map(|(s, p)| (s, p, tls.clone(), https_port)),
+                _ = trim_tick.tick() => {
+                    trim.maybe_trim(&self.shared.metrics);
+                    continue;
+                }
+                r = accept(listeners.http.as_ref()) => (r.map(|(s, p)| (s, p, None, http_port)), &http_conns),
+                r = accept(listeners.https.as_ref()) => (r.map(|(s, p)| (s, p, tls.clone(), https_port)), &https_conns),
             };
             match accepted {
-                Ok((stream, peer, tls, port)) => {
+                (Ok((stream, peer, tls, port)), registry) => {
+                    backoff.succeeded();
+                    self.shared.metrics.connections_accepted.inc();
+                    let (registered, admission) = registry.admit();
+                    let metrics = &self.shared.metrics;
+                    match admission {
+                        Admission::Admitted => {}
+                        Admission::Shed => {
+                            metrics.connections_shed.inc();
+                        }
+                        Admission::Refused => {
+                            metrics.connections_refused.inc();
+                            tracing::debug!(%peer, cap = registry.cap(), "connection refused: listener at its cap, none idle");
+                        }
+                    }
+                    let Some(registered) = registered else { continue };
                     let _ = stream.set_nodelay(true);
                     match stream.into_std() {
                         Ok(stream) => {
@@ -275,13 +310,19 @@ impl Engine {
                                     peer,
                                     tls,
                                     port,
+                                    registered,
                                 });
                             }
                         }
                         Err(e) => tracing::debug!(error = %e, "handing over an accepted connection failed"),
                     }
                 }
-                Err(e) => accept_error(e).await,
+                (Err(e), registry) => {
+                    if conn::is_resource_exhaustion(&e) && registry.shed_one() {
+                        self.shared.metrics.connections_shed.inc();
+                    }
+                    backoff.failed(e).await;
+                }
             }
         }
         drop(listeners);
@@ -307,6 +348,7 @@ struct Accepted {
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     port: u16,
+    registered: Registered,
 }
 
 /// One worker thread: a current-thread runtime serving the connections
@@ -330,18 +372,19 @@ impl Worker {
                 let drain_timeout = shared.config.drain_timeout;
                 let drained = runtime.block_on(
                     async move {
-                        let graceful = GracefulShutdown::new();
+                        let tracker = TaskTracker::new();
                         loop {
                             tokio::select! {
                                 _ = stop.cancelled() => break,
                                 c = rx.recv() => match c {
-                                    Some(c) => serve_connection(&shared, c, &graceful),
+                                    Some(c) => serve_connection(&shared, c, &tracker, &stop),
                                     None => break,
                                 },
                             }
                         }
                         drop(rx);
-                        tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_ok()
+                        tracker.close();
+                        tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok()
                     }
                     .instrument(span),
                 );
@@ -357,12 +400,13 @@ impl Worker {
 }
 
 /// Serves one connection on the current (worker) runtime.
-fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, graceful: &GracefulShutdown) {
+fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTracker, stop: &CancellationToken) {
     let Accepted {
         stream,
         peer,
         tls,
         port,
+        registered,
     } = accepted;
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
@@ -371,53 +415,149 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, graceful: &Gracefu
             return;
         }
     };
-    let watcher = graceful.watcher();
     let shared = shared.clone();
+    let stop = stop.clone();
     let span = tracing::debug_span!("conn", %peer, tls = tls.is_some());
-    tokio::spawn(
+    tracker.spawn(
         async move {
             shared.metrics.open_connections.inc();
             let _open = OpenConnection(shared.metrics.clone());
-            let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port));
+            let accepted_at = tokio::time::Instant::now();
+            let state = registered.state.clone();
+            let limits = shared.config.limits.clone();
+            let metrics = shared.metrics.clone();
+            let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone()));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // The watchdog owns the head deadlines: hyper's own would cost
+            // a timer allocation per request.
             builder
                 .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(None)
                 .max_buf_size(MAX_REQUEST_HEAD);
-            builder.http2().timer(TokioTimer::new());
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_local_error_reset_streams(limits.max_cancelled_streams);
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+                async move {
+                    let active = ctx.conn.request_started();
+                    let response = handle(&ctx, req).await;
+                    Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, active }))
+                }
             });
-            let result = match tls {
+            match tls {
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    let io = TokioIo::new(conn::Guarded::new(stream, state.clone()));
+                    let conn = builder.serve_connection_with_upgrades(io, service);
+                    drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
                 }
                 Some(acceptor) => {
-                    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake timed out");
-                            return;
-                        }
+                    let handshake = tokio::time::timeout(
+                        limits.tls_handshake_timeout.min(limits.header_timeout),
+                        acceptor.accept(stream),
+                    );
+                    let tls_stream = tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(s)) => Some(s),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                metrics.connections_closed.get_or_create(&CloseLabels { reason: "tls_handshake_timeout" }).inc();
+                                tracing::debug!("TLS handshake timed out");
+                                None
+                            }
+                        },
+                        _ = stop.cancelled() => None,
+                        _ = Watchdog::woken(&state) => None,
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    let Some(tls_stream) = tls_stream else { return };
+                    let io = TokioIo::new(conn::Guarded::new(tls_stream, state.clone()));
+                    let conn = builder.serve_connection_with_upgrades(io, service);
+                    drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(registered);
         }
         .instrument(span),
     );
+}
+
+/// Runs a connection under its watchdog until it ends or is closed,
+/// counting why ferry closed it, if it did.
+async fn drive<C>(
+    conn: C,
+    state: &ConnState,
+    limits: &Limits,
+    accepted_at: tokio::time::Instant,
+    stop: &CancellationToken,
+    metrics: &IngressMetrics,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    // Counted before the connection is dropped (and the client sees it).
+    let count = |reason: Option<CloseReason>| {
+        if let Some(r) = reason {
+            metrics
+                .connections_closed
+                .get_or_create(&CloseLabels { reason: r.as_str() })
+                .inc();
+        }
+    };
+    let mut conn = std::pin::pin!(conn);
+    let mut watchdog = Watchdog::new(limits);
+    let sleep = tokio::time::sleep_until(watchdog.first_deadline(accepted_at));
+    let mut sleep = std::pin::pin!(sleep);
+    // Set once the connection was asked to close: (why, hard deadline).
+    let mut closing: Option<CloseReason> = None;
+    let mut draining = false;
+    // Bounded: every turn either ends the loop or waits on the connection,
+    // the timer, a notification, or the stop token (each handled once).
+    loop {
+        let verdict = tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return count(closing);
+            }
+            _ = sleep.as_mut() => {
+                if closing.is_some() {
+                    // The grace is over (or the drain met a busy
+                    // connection going idle): close now.
+                    if state.is_idle_now() || closing != Some(CloseReason::Drain) {
+                        return count(closing);
+                    }
+                    sleep.as_mut().reset(tokio::time::Instant::now() + conn::CLOSE_GRACE);
+                    continue;
+                }
+                watchdog.check(state, tokio::time::Instant::now())
+            }
+            _ = Watchdog::woken(state) => watchdog.check(state, tokio::time::Instant::now()),
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                Verdict::CloseIdle(CloseReason::Drain)
+            }
+        };
+        match verdict {
+            Verdict::Sleep(at) => sleep.as_mut().reset(at),
+            Verdict::CloseNow(reason) => {
+                tracing::debug!(reason = reason.as_str(), "closing connection");
+                return count(Some(reason));
+            }
+            Verdict::CloseIdle(reason) => {
+                if closing.is_none() {
+                    tracing::debug!(reason = reason.as_str(), "closing connection gracefully");
+                    conn.as_mut().graceful_shutdown();
+                }
+                closing = Some(reason);
+                sleep.as_mut().reset(tokio::time::Instant::now() + conn::CLOSE_GRACE);
+            }
+        }
+    }
 }
 
 async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
@@ -427,11 +567,68 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
     }
 }
 
-/// Accept errors (e.g. out of file descriptors) are transient: log and
-/// back off briefly instead of spinning.
-async fn accept_error(e: std::io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+/// Accept errors (e.g. out of file descriptors) are transient: back off
+/// exponentially (10 ms .. 1 s) instead of spinning, warning once per run
+/// of failures.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    fn succeeded(&mut self) {
+        if self.failures != 0 {
+            tracing::info!(failures = self.failures, "accepting again");
+            self.failures = 0;
+        }
+    }
+
+    async fn failed(&mut self, e: std::io::Error) {
+        if self.failures == 0 {
+            tracing::warn!(error = %e, "accept failed; backing off");
+        } else {
+            tracing::debug!(error = %e, failures = self.failures, "accept failed");
+        }
+        self.failures = self.failures.saturating_add(1);
+        let delay = Duration::from_millis(10u64 << self.failures.min(7)).min(Duration::from_secs(1));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Returns heap pages to the kernel after connection bursts: when at
+/// least `BURST` connections closed since the last trim and the number
+/// open is no longer rising, `malloc_trim` runs on a blocking thread.
+struct MemoryTrim {
+    last_closed: u64,
+    last_open: i64,
+}
+
+impl MemoryTrim {
+    const PERIOD: Duration = Duration::from_secs(5);
+    const BURST: u64 = 1000;
+
+    fn new(metrics: &IngressMetrics) -> MemoryTrim {
+        MemoryTrim {
+            last_closed: Self::closed(metrics),
+            last_open: metrics.open_connections.get(),
+        }
+    }
+
+    fn closed(metrics: &IngressMetrics) -> u64 {
+        let open = u64::try_from(metrics.open_connections.get()).unwrap_or(0);
+        metrics.connections_accepted.get().saturating_sub(open)
+    }
+
+    fn maybe_trim(&mut self, metrics: &IngressMetrics) {
+        let open = metrics.open_connections.get();
+        let closed = Self::closed(metrics);
+        if closed.saturating_sub(self.last_closed) >= Self::BURST && open <= self.last_open {
+            self.last_closed = closed;
+            metrics.memory_trims.inc();
+            tokio::task::spawn_blocking(conn::release_free_memory);
+        }
+        self.last_open = open;
+    }
 }
 
 /// The largest HTTP/1 request head read (request line plus headers);
@@ -456,11 +653,13 @@ struct ConnContext {
     client_ip: HeaderValue,
     /// The listener's port, for `X-Forwarded-Port`.
     port: HeaderValue,
+    /// What the connection's watchdog reads.
+    conn: Arc<ConnState>,
 }
 
 impl ConnContext {
     /// Formats the per-connection header values once, not per request.
-    fn new(shared: Arc<Shared>, peer: SocketAddr, https: bool, port: u16) -> ConnContext {
+    fn new(shared: Arc<Shared>, peer: SocketAddr, https: bool, port: u16, conn: Arc<ConnState>) -> ConnContext {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
         ConnContext {
             shared,
@@ -468,9 +667,80 @@ impl ConnContext {
             https,
             client_ip,
             port: HeaderValue::from(port),
+            conn,
         }
     }
 }
+
+/// What the client receives: the response body, with the request counted
+/// in flight on its connection until the body is done (the watchdog's
+/// view of idleness and of send progress).
+pub struct ResponseBody {
+    inner: ProxyBody,
+    active: ActiveRequest,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        this.active.frame_wanted();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                let more = !this.inner.is_end_stream();
+                this.active.frame_sent(more);
+                if !more {
+                    this.active.finish();
+                }
+            }
+            Poll::Ready(_) => this.active.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts a request whose future is dropped before it answered (client
+/// reset the stream or went away): `status="499"` as in nginx, and one
+/// more against the connection's cancelled-stream budget.
+struct CancelGuard<'a> {
+    ctx: &'a ConnContext,
+    host: &'a str,
+    upstream: Option<&'a LiveUpstream>,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            self.ctx.conn.completed();
+            return;
+        }
+        count_request(&self.ctx.shared.metrics, self.host, STATUS_CLIENT_CLOSED, self.upstream);
+        if self
+            .ctx
+            .conn
+            .cancelled(self.ctx.shared.config.limits.max_cancelled_streams)
+        {
+            tracing::warn!(client = %self.ctx.peer.ip(), budget = self.ctx.shared.config.limits.max_cancelled_streams,
+                "client cancelled too many streams; closing with GOAWAY ENHANCE_YOUR_CALM");
+        }
+    }
+}
+
+/// The status label of requests the client cancelled (nginx's 499).
+pub const STATUS_CLIENT_CLOSED: u16 = 499;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// The client's address alone, as both nginx controllers send it.
@@ -529,6 +799,8 @@ fn local(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::PERMANENT_REDIRECT => "308 permanent redirect\n",
         StatusCode::PAYLOAD_TOO_LARGE => "413 request entity too large\n",
         StatusCode::NOT_FOUND => "404 not found\n",
+        StatusCode::METHOD_NOT_ALLOWED => "405 method not allowed\n",
+        StatusCode::REQUEST_TIMEOUT => "408 request timeout\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",
         _ => "502 bad gateway\n",
@@ -664,10 +936,14 @@ struct Outcome {
     endpoint: Option<SocketAddr>,
 }
 
-async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let log_access = tracing::enabled!(target: "ferry::access", tracing::Level::INFO);
     let started = log_access.then(Instant::now);
     let live = ctx.shared.live.load_full();
+    let h2 = req.version() == Version::HTTP_2;
+    if h2 && !ctx.conn.h2.load(Ordering::Relaxed) {
+        ctx.conn.h2.store(true, Ordering::Relaxed);
+    }
     // The client's authority: `:authority` (HTTP/2, absolute form), else Host.
     let authority: Option<HeaderValue> = match req.uri().authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
@@ -680,41 +956,83 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
     } else {
         String::new()
     };
+    let mut cancel = CancelGuard {
+        ctx,
+        host: "",
+        upstream: None,
+        armed: true,
+    };
 
-    // RFC 9112 §3.2: an HTTP/1.1 request without a Host (or with an
-    // empty one) gets 400, as from nginx, not the default backend.
-    let missing_host = authority_str.is_empty() && req.version() == Version::HTTP_11;
-    let matched = if missing_host {
-        None
+    // Refused before routing: CONNECT (ferry is no forward proxy); two
+    // Host headers (RFC 9112 §3.2); an HTTP/1.1 request without a Host
+    // (or with an empty one), as from nginx, not the default backend; a
+    // path that climbs above `/` or has a broken escape.
+    let refused = if req.method() == Method::CONNECT {
+        Some(StatusCode::METHOD_NOT_ALLOWED)
+    } else if req.headers().get_all(header::HOST).iter().nth(1).is_some()
+        || (authority_str.is_empty() && req.version() == Version::HTTP_11)
+    {
+        Some(StatusCode::BAD_REQUEST)
     } else {
-        live.routes.route(authority_str, req.uri().path())
+        None
+    };
+    // Routing uses the normalized path, which is also forwarded unless
+    // configured otherwise (a raw `/public/../admin` must not reach `/`'s
+    // backend while the upstream sees `/admin`).
+    let (refused, normalized) = match (refused, normalize_path(req.uri().path())) {
+        (Some(r), _) => (Some(r), None),
+        (None, Err(_)) => (Some(StatusCode::BAD_REQUEST), None),
+        (None, Ok(std::borrow::Cow::Borrowed(_))) => (None, None),
+        (None, Ok(std::borrow::Cow::Owned(p))) => (None, Some(p)),
+    };
+    if let Some(p) = &normalized {
+        if ctx.shared.config.limits.forward_normalized_path {
+            set_path(&mut req, p);
+        }
+    }
+    let matched = match refused {
+        Some(_) => None,
+        None => live
+            .routes
+            .route(authority_str, normalized.as_deref().unwrap_or(req.uri().path())),
     };
     let (outcome, host_label, upstream) = match matched {
         None => (
             Outcome {
-                response: local(if missing_host {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    StatusCode::NOT_FOUND
-                }),
+                response: local(refused.unwrap_or(StatusCode::NOT_FOUND)),
                 endpoint: None,
             },
             "",
             None,
         ),
-        Some(m) if m.https_only && !ctx.https => match https_redirect(&ctx.shared, authority_str, req.uri()) {
-            Some(response) => (
-                Outcome {
-                    response,
-                    endpoint: None,
-                },
-                m.host,
-                None,
-            ),
-            None => proxy_to(&ctx, &live, m, req, authority.as_ref()).await,
-        },
-        Some(m) => proxy_to(&ctx, &live, m, req, authority.as_ref()).await,
+        Some(m) => {
+            cancel.host = m.host;
+            cancel.upstream = live.upstreams.get(m.upstream).map(|u| &**u);
+            if h2 {
+                // Give a stream reset right after its HEADERS the chance to
+                // cancel this request before it takes an upstream
+                // connection (hyper checks for RST_STREAM while the
+                // service is pending).
+                tokio::task::yield_now().await;
+            }
+            if m.https_only && !ctx.https {
+                match https_redirect(&ctx.shared, authority_str, req.uri()) {
+                    Some(response) => (
+                        Outcome {
+                            response,
+                            endpoint: None,
+                        },
+                        m.host,
+                        None,
+                    ),
+                    None => proxy_to(ctx, &live, m, req, authority.as_ref()).await,
+                }
+            } else {
+                proxy_to(ctx, &live, m, req, authority.as_ref()).await
+            }
+        }
     };
+    cancel.armed = false;
     let status = outcome.response.status().as_u16();
     count_request(&ctx.shared.metrics, host_label, status, upstream.map(|u| &**u));
     if log_access {
@@ -732,6 +1050,39 @@ async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Response<Proxy
         );
     }
     outcome.response
+}
+
+/// Replaces the path of `req`'s target, keeping its query.
+fn set_path<B>(req: &mut Request<B>, path: &str) {
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    match http::uri::PathAndQuery::from_maybe_shared(Bytes::from(target)) {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return,
+    }
+    if let Ok(u) = Uri::from_parts(parts) {
+        *req.uri_mut() = u;
+    }
+}
+
+/// The client's share of a failed upstream exchange: its request body
+/// stalled (408) or was malformed (400). These are the client's faults,
+/// never counted against the upstream.
+fn client_body_fault(e: &hyper::Error) -> Option<StatusCode> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(fault) = err.downcast_ref::<conn::ClientBodyError>() {
+            return Some(match fault {
+                conn::ClientBodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
+                conn::ClientBodyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            });
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// Whether sending the request failed because its body passed the
@@ -936,6 +1287,7 @@ async fn forward(
     });
     let (parts, body) = req.into_parts();
     let limit = max_body.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let (body, body_done) = conn::ClientBody::new(body, s.config.limits.body_timeout);
     let mut req: Request<UpstreamBody> = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
     let mut tried = Tried::default();
     let mut attempts = 0usize;
@@ -996,6 +1348,14 @@ async fn forward(
                     endpoint,
                 };
             }
+            Err(None) if !body_done.load(Ordering::Relaxed) => {
+                // Still waiting for the client's body: the client's fault.
+                tracing::debug!(upstream = %upstream.spec.name, "request body incomplete at the upstream header timeout");
+                return Outcome {
+                    response: local(StatusCode::REQUEST_TIMEOUT),
+                    endpoint: None,
+                };
+            }
             Err(None) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, timeout = ?config.header_timeout,
                     "upstream response header timeout");
@@ -1018,6 +1378,14 @@ async fn forward(
                 return Outcome {
                     response: local(StatusCode::PAYLOAD_TOO_LARGE),
                     endpoint: Some(ep.addr),
+                };
+            }
+            Err(Some((None, e))) if client_body_fault(&e).is_some() => {
+                let status = client_body_fault(&e).unwrap_or(StatusCode::BAD_REQUEST);
+                tracing::debug!(upstream = %upstream.spec.name, error = %e, status = status.as_u16(), "client request body failed");
+                return Outcome {
+                    response: local(status),
+                    endpoint: None,
                 };
             }
             Err(Some((None, e))) => {

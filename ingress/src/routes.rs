@@ -297,6 +297,110 @@ pub fn normalize_host(authority: &str) -> Cow<'_, str> {
     }
 }
 
+/// Why a request path cannot be normalized (the request gets 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// `..` segments climb above `/`.
+    AboveRoot,
+    /// A `%` not followed by two hex digits.
+    BadEscape,
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Whether `path` is already in normal form (the usual request): no
+/// escapes, no empty, `.` or `..` segments. Allocation-free.
+fn is_normal_path(path: &str) -> bool {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return true;
+    }
+    let mut segment_start = 1;
+    for i in 1..=b.len() {
+        if i == b.len() || b[i] == b'/' {
+            let seg = &b[segment_start..i];
+            // An empty segment is `//`; the final one (a trailing `/`) is fine.
+            if (seg.is_empty() && i < b.len()) || seg == b"." || seg == b".." {
+                return false;
+            }
+            segment_start = i + 1;
+        } else if b[i] == b'%' {
+            return false;
+        }
+    }
+    true
+}
+
+/// The path a request is routed (and by default forwarded) by: RFC 3986
+/// §6.2.2 normalization — percent-escapes of unreserved characters decoded
+/// (others kept, hex in upper case; an encoded `/` stays encoded), repeated
+/// slashes merged, then `.` and `..` segments removed (§5.2.4). A path that
+/// climbs above `/` is an error, as in Envoy. Borrows when `path` is
+/// already normal; a path not starting with `/` (`*`) is left as it is.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if is_normal_path(path) {
+        return Ok(Cow::Borrowed(path));
+    }
+    // Decode unreserved escapes and upper-case the rest.
+    let b = path.as_bytes();
+    let mut decoded: Vec<u8> = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) else {
+                return Err(PathError::BadEscape);
+            };
+            let v = h * 16 + l;
+            if is_unreserved(v) {
+                decoded.push(v);
+            } else {
+                decoded.push(b'%');
+                decoded.extend_from_slice(format!("{v:02X}").as_bytes());
+            }
+            i += 3;
+        } else {
+            decoded.push(b[i]);
+            i += 1;
+        }
+    }
+    // Segments, with empty ones (merged slashes) and `.` dropped and `..`
+    // popping one.
+    let trailing = decoded.ends_with(b"/") || decoded.ends_with(b"/.") || decoded.ends_with(b"/..");
+    let mut out: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|&c| c == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut normal = String::with_capacity(decoded.len());
+    for seg in &out {
+        normal.push('/');
+        // Only ASCII went in (a request target is ASCII).
+        normal.push_str(std::str::from_utf8(seg).unwrap_or_default());
+    }
+    if normal.is_empty() || (trailing && !out.is_empty()) {
+        normal.push('/');
+    }
+    Ok(Cow::Owned(normal))
+}
+
 fn first_match<'a>(routes: &'a [Route], path: &str) -> Option<RouteMatch<'a>> {
     routes.iter().find(|r| r.path.matches(path)).map(Route::matched)
 }
@@ -901,6 +1005,37 @@ endpoints:
 
     fn rules(parts: &[String]) -> String {
         format!("  rules:\n{}", parts.concat())
+    }
+
+    #[test]
+    fn paths_are_normalized_like_rfc3986() {
+        let cases: &[(&str, Result<&str, PathError>)] = &[
+            ("/", Ok("/")),
+            ("/a/b", Ok("/a/b")),
+            ("/a/b/", Ok("/a/b/")),
+            ("/public/../admin/x", Ok("/admin/x")),
+            ("//admin/x", Ok("/admin/x")),
+            ("/%61dmin/x", Ok("/admin/x")),
+            ("/./admin/x", Ok("/admin/x")),
+            ("/admin/../public", Ok("/public")),
+            ("/a/%2e%2E/b", Ok("/b")),
+            ("/a/%2fb", Ok("/a/%2Fb")),
+            ("/a%2F..%2Fb", Ok("/a%2F..%2Fb")),
+            ("/a/.", Ok("/a/")),
+            ("/a/..", Ok("/")),
+            ("/a//b///c", Ok("/a/b/c")),
+            ("/..", Err(PathError::AboveRoot)),
+            ("/a/../../b", Err(PathError::AboveRoot)),
+            ("/%2e%2e/etc", Err(PathError::AboveRoot)),
+            ("/a%zz", Err(PathError::BadEscape)),
+            ("/a%4", Err(PathError::BadEscape)),
+            ("*", Ok("*")),
+        ];
+        for (input, want) in cases {
+            let got = normalize_path(input);
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "{input}");
+        }
+        assert!(matches!(normalize_path("/already/normal/"), Ok(Cow::Borrowed(_))));
     }
 
     #[test]

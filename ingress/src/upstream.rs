@@ -18,19 +18,19 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty, Limited};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpStream;
 
+use crate::conn::ClientBody;
 use crate::h1::RawConn;
 use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
 
 /// What is sent upstream: the client's body (cut off with an error past
 /// the route's size limit), or nothing (rebuilt retries).
-pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+pub type UpstreamBody = Either<Limited<ClientBody>, Empty<Bytes>>;
 
 /// Idle HTTP/1.1 connections kept per endpoint and pool slot.
 const MAX_IDLE_PER_ENDPOINT: usize = 512;

@@ -9,6 +9,7 @@ mod bpf;
 mod child;
 mod e2e_cluster;
 mod packages;
+mod probe;
 mod skipped;
 
 use std::process::Command;
@@ -32,9 +33,10 @@ fn main() -> anyhow::Result<()> {
         }
         Some("e2e") if sub == Some("cluster") => e2e_cluster::run(&args[2..]),
         Some("lint") => lint(),
+        Some("probe") => probe::run(&args[1..]),
         Some("test") => test(),
         _ => {
-            eprintln!("usage: cargo xtask <ci|lint|test|e2e|bpf|bench>");
+            eprintln!("usage: cargo xtask <ci|lint|test|e2e|bpf|bench|probe>");
             eprintln!(
                 "  ci    install missing test packages (Debian, as root), fmt check, clippy -D warnings, every test, then (as root) e2e cluster"
             );
@@ -43,6 +45,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "  e2e cluster [--modes iptables,nftables,ebpf]  ferry on a real one-node Kubernetes (kube-kit; root)"
             );
+            eprintln!("  probe hostile clients (silent, non-reading, reset floods, bursts, paths, DNS TCP stalls) against ferry serve/dns on loopback; prints a table (FERRY_BIN: use a built binary)");
             eprintln!("  bpf   recompile ebpf/obj/*.bpf.o, the BPF objects used when clang is missing");
             eprintln!("  bench dns|ingress|proxy [--mode ebpf|nftables] ...  load benchmarks against nsd/knot, nginx/haproxy, kube-proxy layouts");
             bail!("unknown task")
