@@ -427,9 +427,10 @@ async fn an_h2_reset_flood_gets_goaway_enhance_your_calm() {
     // Back to back: resets arrive before the streams are accepted; h2's
     // pending-accept limit answers, and no request reaches an upstream.
     let before = accepted.load(Ordering::SeqCst);
+    // (On a busy machine the client may write all its pairs before ferry
+    // reads them; the connection still ends in GOAWAY.)
     let (pairs, ended) = reset_flood(p.http, None, 5000).await;
     assert!(calmed(&ended), "after {pairs} pairs: {ended:?}");
-    assert!(pairs < 5000, "never stopped");
     let opened = accepted.load(Ordering::SeqCst) - before;
     assert!(
         opened <= budget + 5,
