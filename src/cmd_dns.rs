@@ -31,7 +31,7 @@ pub struct DnsOpts {
     /// TTL of cluster records, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub ttl: u32,
-    /// UDP sockets (and threads) with SO_REUSEPORT; default one per core.
+    /// UDP sockets (and threads) with SO_REUSEPORT; default one per two cores, 1 to 4.
     #[arg(long, value_name = "N")]
     pub dns_workers: Option<usize>,
     /// Timeout of one upstream attempt before failing over to the next.
@@ -111,9 +111,7 @@ pub async fn spawn(
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let metrics = DnsMetrics::default();
     metrics.register(&mut rt.admin.registry);
-    let workers = opts
-        .dns_workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let workers = opts.dns_workers.unwrap_or_else(ferry_dns::default_workers);
     let sockets =
         BoundSockets::bind(opts.listen, workers).with_context(|| format!("dns: listening on {}", opts.listen))?;
     let local = sockets.local_addr();
