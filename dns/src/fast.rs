@@ -2,7 +2,11 @@
 //! IN, at most an OPT without options) for a name the zone answers, parsed
 //! by hand and answered by writing the reply bytes straight from the
 //! compact zone, with no hickory `Message` and no allocation once the
-//! buffers have grown.
+//! buffers have grown. An A or AAAA query for a name with such records
+//! (every Service name) does not even resolve: its answer section was
+//! compiled into wire bytes with the zone (`Zone::wire_answers`), so the
+//! reply is a header patched from the request's, the question copied as
+//! received, and those bytes.
 //!
 //! Anything else — other opcodes, several questions, EDNS options or
 //! versions, names we forward, replies over the client's limit (which need
@@ -137,16 +141,41 @@ pub fn answer(
 ) -> Option<Answered> {
     let q = parse(packet, &mut scratch.key)?;
     let qtype = RecordType::from(q.qtype);
+    let limit = match (ctx.transport, q.edns_payload) {
+        (Transport::Tcp, _) => usize::from(u16::MAX),
+        (Transport::Udp, Some(p)) => usize::from(p.clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)),
+        (Transport::Udp, None) => usize::from(CLASSIC_UDP_PAYLOAD),
+    };
+    // The commonest query, an address of a name with addresses: its answer
+    // section was compiled with the zone, so the reply is the header, the
+    // question as received and those bytes.
+    if let Some((records, count)) = zone.wire_answers(&scratch.key, qtype) {
+        out.clear();
+        write_header(
+            out,
+            packet,
+            ctx,
+            ResponseCode::NoError,
+            [1, count, 0, usize::from(q.edns_payload.is_some())],
+        )?;
+        out.extend_from_slice(q.section);
+        out.extend_from_slice(records);
+        if q.edns_payload.is_some() {
+            write_opt(out);
+        }
+        if out.len() > limit {
+            return None;
+        }
+        return Some(Answered {
+            qtype,
+            rcode: ResponseCode::NoError,
+        });
+    }
     let status = zone.resolve(&scratch.key, qtype, &mut scratch.answer);
     let rcode = match status {
         Status::Answer | Status::NoData => ResponseCode::NoError,
         Status::NxDomain => ResponseCode::NXDomain,
         Status::NotOurs => return None,
-    };
-    let limit = match (ctx.transport, q.edns_payload) {
-        (Transport::Tcp, _) => usize::from(u16::MAX),
-        (Transport::Udp, Some(p)) => usize::from(p.clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)),
-        (Transport::Udp, None) => usize::from(CLASSIC_UDP_PAYLOAD),
     };
     let answers = &scratch.answer.answers;
     let additionals = &scratch.answer.additionals;
@@ -159,13 +188,7 @@ pub fn answer(
     ];
 
     out.clear();
-    out.extend_from_slice(&packet[0..2]);
-    // QR, opcode QUERY, AA, RD echoed; RA, CD echoed, rcode.
-    out.push(0x84 | (packet[2] & 0x01));
-    out.push((u8::from(ctx.recursion) << 7) | (packet[3] & 0x10) | (u16::from(rcode) & 0x0f) as u8);
-    for c in counts {
-        out.extend_from_slice(&u16::try_from(c).ok()?.to_be_bytes());
-    }
+    write_header(out, packet, ctx, rcode, counts)?;
     let names = &mut scratch.names;
     names.clear();
     // The question, as received; its suffixes are compression targets.
@@ -190,16 +213,39 @@ pub fn answer(
         }
     }
     if q.edns_payload.is_some() {
-        // Root, OPT, our payload, extended rcode 0, version 0, no flags, no options.
-        out.push(0);
-        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-        out.extend_from_slice(&MAX_UDP_PAYLOAD.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        write_opt(out);
     }
     if out.len() > limit {
         return None;
     }
     Some(Answered { qtype, rcode })
+}
+
+/// The reply header: the request's ID; QR, opcode QUERY, AA, RD echoed; RA,
+/// CD echoed, `rcode`; the section counts.
+fn write_header(
+    out: &mut Vec<u8>,
+    packet: &[u8],
+    ctx: Context<'_>,
+    rcode: ResponseCode,
+    counts: [usize; 4],
+) -> Option<()> {
+    out.extend_from_slice(packet.get(0..2)?);
+    out.push(0x84 | (packet.get(2)? & 0x01));
+    out.push((u8::from(ctx.recursion) << 7) | (packet.get(3)? & 0x10) | (u16::from(rcode) & 0x0f) as u8);
+    for c in counts {
+        out.extend_from_slice(&u16::try_from(c).ok()?.to_be_bytes());
+    }
+    Some(())
+}
+
+/// Our OPT: root, OPT, our payload, extended rcode 0, version 0, no flags,
+/// no options.
+fn write_opt(out: &mut Vec<u8>) {
+    out.push(0);
+    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&MAX_UDP_PAYLOAD.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
 }
 
 fn write_record(out: &mut Vec<u8>, names: &mut Compressor, zone: &Zone, qname: &[u8], rr: &Rr, ttl: u32) {

@@ -25,6 +25,7 @@ pub use error::DnsError;
 pub use forward::{Forwarder, ForwarderConfig};
 pub use metrics::DnsMetrics;
 pub use server::{BoundSockets, DnsServer, ServerConfig, TcpLimits};
+pub use udp::default_workers;
 pub use zone::{master_file, Lookup, PodMode, Zone, ZoneConfig};
 
 /// The default cluster domain, as kubeadm configures it.

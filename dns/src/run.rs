@@ -28,7 +28,7 @@ pub struct Options {
     pub upstream_timeout: Duration,
     /// Entries in the forwarding cache.
     pub cache_size: usize,
-    /// UDP sockets (and threads) with SO_REUSEPORT; `None`: one per core.
+    /// UDP sockets (and threads) with SO_REUSEPORT; `None`: `default_workers()`.
     pub workers: Option<usize>,
     /// Deadlines and the connection cap of DNS over TCP.
     pub tcp: TcpLimits,
@@ -56,8 +56,7 @@ impl Default for Options {
 
 impl Options {
     fn workers(&self) -> usize {
-        self.workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        self.workers.unwrap_or_else(crate::default_workers)
     }
 }
 

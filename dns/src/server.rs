@@ -2,7 +2,7 @@
 //! without locks, and the task that rebuilds the zone for each snapshot.
 //!
 //! UDP is served by one blocking thread per SO_REUSEPORT socket (one per
-//! core by default): the kernel spreads clients over the sockets and a
+//! two cores by default, `crate::udp::default_workers`): the kernel spreads clients over the sockets and a
 //! thread takes every queued request with one `recvmmsg` and sends the
 //! replies with one `sendmmsg` (`crate::udp`), no executor in between. Forwarded queries leave the thread as tokio tasks, so a slow
 //! upstream never stalls cluster answers. TCP is served by tokio, one task

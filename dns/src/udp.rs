@@ -11,6 +11,32 @@
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 
+/// The most UDP workers `default_workers` picks.
+pub const DEFAULT_WORKERS_MAX: usize = 4;
+
+/// The UDP worker count when none is configured: one per two cores (at
+/// least one, at most `DEFAULT_WORKERS_MAX`).
+///
+/// Why not one per core: ferry answers the pods of its own node, so its
+/// clients run on the same cores. One worker answers tens of thousands of
+/// queries per second (`cargo xtask bench dns`), far more than a node's
+/// pods ask; a worker per core only adds throughput when a core is idle,
+/// and when the cores are busy it takes CPU from the clients instead. On 2
+/// cores with the load generator on the same cores, two workers answered
+/// faster than dnsperf drained its sockets: replies overflowed the
+/// *client's* receive buffer (`drops` of dnsperf's sockets in
+/// /proc/net/udp, `RcvbufErrors` in /proc/net/snmp), 0.02–0.06% of queries
+/// lost, each a 5-second resolver retry in an application. One worker per
+/// two cores leaves half of the node to the clients.
+pub fn default_workers() -> usize {
+    workers_for_cores(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// `default_workers` for a machine of `cores` cores.
+pub fn workers_for_cores(cores: usize) -> usize {
+    (cores / 2).clamp(1, DEFAULT_WORKERS_MAX)
+}
+
 /// Requests taken per `recvmmsg`.
 pub const BATCH: usize = 32;
 /// Bytes kept per request; a larger request arrives truncated and is
@@ -191,5 +217,22 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<
             )))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_workers_leave_half_the_cores_to_clients() {
+        assert_eq!(workers_for_cores(0), 1);
+        assert_eq!(workers_for_cores(1), 1);
+        assert_eq!(workers_for_cores(2), 1);
+        assert_eq!(workers_for_cores(3), 1);
+        assert_eq!(workers_for_cores(4), 2);
+        assert_eq!(workers_for_cores(8), 4);
+        assert_eq!(workers_for_cores(64), DEFAULT_WORKERS_MAX);
+        assert!(default_workers() >= 1);
     }
 }

@@ -103,6 +103,9 @@ fn fast_path_replies_equal_the_general_path() {
         (&fixture, "NGX-Svc.Default.SVC.cluster.LOCAL.", A),
         (&fixture, "ngx-svc.default.svc.cluster.local.", AAAA),
         (&fixture, "web.apps.svc.cluster.local.", AAAA),
+        (&fixture, "web.apps.svc.cluster.local.", A),
+        (&fixture, "WEB.Apps.svc.cluster.local.", AAAA),
+        (&fixture, "etcd-0.pnr-svc.default.svc.cluster.local.", A),
         (&fixture, "web.apps.svc.cluster.local.", ANY),
         (&fixture, "_http._tcp.web.apps.svc.cluster.local.", SRV),
         (&fixture, "_Http._TCP.web.apps.svc.cluster.local.", SRV),
@@ -192,6 +195,34 @@ fn fast_path_replies_equal_the_general_path() {
         assert!(fast_reply(p, &fixture, ctx(Transport::Udp)).is_none(), "{p:?}");
         assert!(!matches!(handle(p, Some(&fixture), ctx(Transport::Udp)), Outcome::Drop));
     }
+}
+
+/// The precompiled answers serve exactly the address queries of names
+/// whose answer is their own records (which the test above holds to the
+/// general path's bytes), and nothing else.
+#[test]
+fn precompiled_answers_cover_plain_address_queries_only() {
+    use RecordType::*;
+    let z = fixture_zone();
+    let count = |name: &str, qtype| z.wire_answers(name.as_bytes(), qtype).map(|(b, n)| (b.len(), n));
+    assert_eq!(count("ngx-svc.default.svc.cluster.local", A), Some((16, 1)));
+    assert_eq!(count("web.apps.svc.cluster.local", A), Some((16, 1)));
+    assert_eq!(count("web.apps.svc.cluster.local", AAAA), Some((28, 1)));
+    // Two ready endpoints (the third is not ready).
+    assert_eq!(count("redis-svc.default.svc.cluster.local", A), Some((2 * 16, 2)));
+    // NODATA, a CNAME, other types, ANY, names that do not exist and
+    // synthesized pod names take the general fast path.
+    assert_eq!(count("ngx-svc.default.svc.cluster.local", AAAA), None);
+    assert_eq!(count("ext.default.svc.cluster.local", A), None);
+    assert_eq!(count("alias.apps.svc.cluster.local", A), None);
+    assert_eq!(count("_http._tcp.web.apps.svc.cluster.local", SRV), None);
+    assert_eq!(count("web.apps.svc.cluster.local", ANY), None);
+    assert_eq!(count("nope.default.svc.cluster.local", A), None);
+    assert_eq!(count("10-244-3-4.apps.pod.cluster.local", A), None);
+    // The owner is a pointer to the question, then A, IN, the zone's TTL.
+    let (bytes, _) = z.wire_answers(b"ngx-svc.default.svc.cluster.local", A).unwrap();
+    assert_eq!(bytes[..10], [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5]);
+    assert_eq!(bytes[10..], [0, 4, 10, 96, 0, 90]);
 }
 
 #[test]
@@ -371,6 +402,8 @@ fn no_input_panics_or_overflows() {
         query("_http._tcp.big.default.svc.cluster.local.", RecordType::SRV, Some(600)),
         query("big.default.svc.cluster.local.", RecordType::A, Some(512)),
         query("small.default.svc.cluster.local.", RecordType::ANY, None),
+        query("small.default.svc.cluster.local.", RecordType::A, None),
+        query("big-3.big.default.svc.cluster.local.", RecordType::A, Some(1232)),
         query("1-2-3-4.default.pod.cluster.local.", RecordType::A, None),
         query("7.0.96.10.in-addr.arpa.", RecordType::PTR, None),
         query("example.com.", RecordType::A, None),

@@ -14,7 +14,10 @@
 //! arena, every record a small `Data` value (addresses inline, names as ids
 //! into the name table), all in a few flat vectors. Records are turned into
 //! hickory `Record`s (`lookup`) or written straight as wire bytes
-//! (`crate::wire`'s fast path) only when a query asks for them.
+//! (`crate::wire`'s fast path) only when a query asks for them — except
+//! the answers to A and AAAA queries, the bulk of cluster DNS traffic,
+//! which are compiled into wire bytes with the zone (16 bytes per A record,
+//! `wire_answers`).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashSet};
@@ -347,6 +350,23 @@ impl Names {
     }
 }
 
+/// Where a name's precompiled address answers are in `Zone::wire`: `a`
+/// A records, then `aaaa` AAAA records, back to back from `start`.
+#[derive(Debug, Clone, Copy, Default)]
+struct WireAnswers {
+    start: u32,
+    a: u16,
+    aaaa: u16,
+}
+
+/// Bytes of one precompiled answer record: owner pointer, type, class, TTL,
+/// RDLENGTH, then the address.
+const WIRE_A_LEN: usize = 2 + 2 + 2 + 4 + 2 + 4;
+const WIRE_AAAA_LEN: usize = 2 + 2 + 2 + 4 + 2 + 16;
+/// The owner of a precompiled record: a pointer to the question name, which
+/// starts right after the 12-byte header of every reply.
+const POINTER_TO_QUESTION: [u8; 2] = [0xc0, 12];
+
 /// The compiled cluster zone. Immutable once built; the server swaps a new
 /// one in for each snapshot.
 #[derive(Debug, Clone)]
@@ -366,6 +386,10 @@ pub struct Zone {
     records: Vec<Data>,
     /// Namespaces, for synthesized (insecure) pod records.
     namespaces: HashSet<Box<str>>,
+    /// Answer sections of A and AAAA queries, precompiled in wire format
+    /// (see `wire_answers`), and where each name's are (by `NameId`).
+    wire: Vec<u8>,
+    wire_answers: Vec<WireAnswers>,
     generation: u64,
     existing_names: usize,
     /// Objects or fields skipped while building (already logged).
@@ -433,6 +457,8 @@ impl Zone {
                 names,
                 records: Vec::new(),
                 namespaces: HashSet::new(),
+                wire: Vec::new(),
+                wire_answers: Vec::new(),
                 generation: snap.generation,
                 existing_names: 0,
                 skipped: 0,
@@ -578,6 +604,81 @@ impl Zone {
         self.records
             .get(e.records_start as usize..(e.records_start + e.records_len) as usize)
             .unwrap_or_default()
+    }
+
+    /// The answer section of an A or AAAA query for `key`, compiled into
+    /// wire format when the zone was built, and its record count: `None`
+    /// unless the name exists and its answer is exactly its own records of
+    /// that type (not for a CNAME, NODATA, other types or ANY; those take
+    /// `resolve`). Each record's owner is a pointer to offset 12, where a
+    /// reply's question name starts: the bytes hickory's encoder writes for
+    /// the records `resolve` returns, whose owner is the question's name.
+    pub fn wire_answers(&self, key: &[u8], qtype: RecordType) -> Option<(&[u8], usize)> {
+        let id = self.names.find(key)?;
+        let w = self.wire_answers.get(id as usize)?;
+        let a_bytes = usize::from(w.a) * WIRE_A_LEN;
+        let (from, count, len) = match qtype {
+            RecordType::A => (w.start as usize, usize::from(w.a), a_bytes),
+            RecordType::AAAA => (
+                w.start as usize + a_bytes,
+                usize::from(w.aaaa),
+                usize::from(w.aaaa) * WIRE_AAAA_LEN,
+            ),
+            _ => return None,
+        };
+        if count == 0 {
+            return None;
+        }
+        Some((self.wire.get(from..from + len)?, count))
+    }
+
+    /// Compiles `wire_answers` for every existing name whose records hold
+    /// no CNAME (a CNAME's answer follows its target).
+    fn compile_wire_answers(&mut self) {
+        let mut wire = Vec::new();
+        let mut index = vec![WireAnswers::default(); self.names.entries.len()];
+        for (id, e) in self.names.entries.iter().enumerate() {
+            let records = self.records_of(e);
+            if !e.exists || records.is_empty() || records.iter().any(|d| matches!(d, Data::Cname(_))) {
+                continue;
+            }
+            let a = records.iter().filter(|d| matches!(d, Data::A(_))).count();
+            let aaaa = records.iter().filter(|d| matches!(d, Data::Aaaa(_))).count();
+            let (Ok(start), Ok(a16), Ok(aaaa16)) = (u32::try_from(wire.len()), u16::try_from(a), u16::try_from(aaaa))
+            else {
+                continue;
+            };
+            if a + aaaa == 0 {
+                continue;
+            }
+            for want in [RecordType::A, RecordType::AAAA] {
+                for d in records.iter().filter(|d| d.record_type() == want) {
+                    wire.extend_from_slice(&POINTER_TO_QUESTION);
+                    wire.extend_from_slice(&u16::from(want).to_be_bytes());
+                    wire.extend_from_slice(&u16::from(DNSClass::IN).to_be_bytes());
+                    wire.extend_from_slice(&self.ttl.to_be_bytes());
+                    match d {
+                        Data::A(v4) => {
+                            wire.extend_from_slice(&4u16.to_be_bytes());
+                            wire.extend_from_slice(&v4.octets());
+                        }
+                        Data::Aaaa(v6) => {
+                            wire.extend_from_slice(&16u16.to_be_bytes());
+                            wire.extend_from_slice(&v6.octets());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            index[id] = WireAnswers {
+                start,
+                a: a16,
+                aaaa: aaaa16,
+            };
+        }
+        wire.shrink_to_fit();
+        self.wire = wire;
+        self.wire_answers = index;
     }
 
     /// The lookup itself: decides the outcome for `key` and leaves the
@@ -1013,6 +1114,7 @@ impl Builder {
         zone.names.arena.shrink_to_fit();
         zone.names.entries.shrink_to_fit();
         zone.namespaces.shrink_to_fit();
+        zone.compile_wire_answers();
         zone
     }
 }

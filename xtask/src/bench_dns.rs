@@ -1,15 +1,23 @@
 //! `cargo xtask bench dns`: nsd, knot and `ferry dns` serve an equivalent
-//! 10k-service zone on 127.0.0.1 high ports from a temp dir; dnsperf runs
-//! against each in the same run (bounded in time), and the ratios against
-//! nsd and knot are printed. Every server gets the same number of UDP
-//! workers (`--workers`, default 1: nsd `server-count`, knot `udp-workers`,
-//! ferry `--dns-workers`), all on 127.0.0.1; with `--rounds N` the servers
-//! take turns N times and the ratios use each server's mean. Then the RSS of
-//! `ferry dns` with 10k services and 50k pods.
+//! 10k-service zone on 127.0.0.1 high ports from a temp dir, and dnsperf
+//! loads each in the same run: 4 clients, 500 queries outstanding, every
+//! query a different Service name (the 10k names shuffled, then repeated),
+//! 8 s per server. Each server runs with 1 and 2 UDP threads (`--threads`;
+//! nsd `server-count`, knot `udp-workers`, ferry `--dns-workers`), and ferry
+//! once more with no flag at all, the default users get. The setups take
+//! turns over `--rounds` rounds (the machine is shared and noisy); the
+//! report gives each setup's mean qps and spread, the queries dnsperf lost,
+//! where the kernel dropped datagrams (the server's sockets or elsewhere,
+//! i.e. the load generator's), p99 latency, and the ratios: ferry against
+//! nsd and knot with the same thread count, and ferry's default against
+//! each anchor's best setting. Then the RSS of `ferry dns` with 10k
+//! services and 50k pods.
 //!
-//! Every server is a child process killed at the end of its round; all
-//! traffic stays on 127.0.0.1.
+//! Every server is a child process killed at the end of its turn (also on
+//! error); dnsperf is bounded by its time limit and a deadline; all traffic
+//! stays on 127.0.0.1.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,36 +31,55 @@ const NAMESPACES: usize = 10;
 
 struct Opts {
     seconds: u32,
-    /// UDP workers of every server.
-    workers: usize,
     rounds: usize,
+    clients: usize,
+    outstanding: usize,
+    /// UDP thread counts every server runs with (ferry also with none given).
+    threads: Vec<usize>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
     let mut o = Opts {
-        seconds: 10,
-        workers: 1,
-        rounds: 1,
+        seconds: 8,
+        rounds: 3,
+        clients: 4,
+        outstanding: 500,
+        threads: vec![1, 2],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().context("missing value");
         match a.as_str() {
             "--seconds" => o.seconds = val()?.parse()?,
-            "--workers" => o.workers = val()?.parse()?,
             "--rounds" => o.rounds = val()?.parse()?,
-            other => bail!("unknown argument {other} (--seconds N, --workers N, --rounds N)"),
+            "--clients" => o.clients = val()?.parse()?,
+            "--outstanding" => o.outstanding = val()?.parse()?,
+            "--threads" | "--workers" => {
+                o.threads = val()?
+                    .split(',')
+                    .map(|t| t.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()?
+            }
+            other => bail!(
+                "unknown argument {other} (--seconds N, --rounds N, --clients N, --outstanding N, --threads N[,N...])"
+            ),
         }
     }
     o.seconds = o.seconds.clamp(1, 120);
-    o.workers = o.workers.clamp(1, 64);
     o.rounds = o.rounds.clamp(1, 10);
+    o.clients = o.clients.clamp(1, 64);
+    o.outstanding = o.outstanding.clamp(1, 10_000);
+    o.threads.retain(|&t| (1..=64).contains(&t));
+    o.threads.sort_unstable();
+    o.threads.dedup();
+    if o.threads.is_empty() {
+        o.threads.push(1);
+    }
     Ok(o)
 }
 
 /// A server under test, stopped (TERM, then KILL) and reaped when dropped.
 struct Server {
-    name: &'static str,
     child: crate::child::Stopped,
 }
 
@@ -123,14 +150,20 @@ fn write_zone_file(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every Service name once, shuffled (dnsperf repeats the file): every
+/// query of a pass asks for a different name, as a node's pods do.
 fn write_queries(path: &Path) -> anyhow::Result<()> {
-    let mut q = String::new();
+    let mut order: Vec<usize> = (0..SERVICES).collect();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..SERVICES {
+    for i in (1..order.len()).rev() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let (name, ns) = service_name((rng % SERVICES as u64) as usize);
+        order.swap(i, (rng % (i as u64 + 1)) as usize);
+    }
+    let mut q = String::with_capacity(SERVICES * 40);
+    for i in order {
+        let (name, ns) = service_name(i);
         let _ = writeln!(q, "{name}.{ns}.svc.cluster.local A");
     }
     std::fs::write(path, q)?;
@@ -168,16 +201,89 @@ struct PerfResult {
     qps: f64,
     lost: u64,
     sent: u64,
+    /// Latency percentiles of the completed queries, in milliseconds.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Datagrams the kernel dropped for a full receive buffer during the
+    /// run: on the server's sockets, and anywhere else (the load
+    /// generator's sockets, or another program on the machine).
+    server_drops: u64,
+    other_drops: u64,
 }
 
-fn dnsperf(port: u16, queries: &Path, seconds: u32) -> anyhow::Result<PerfResult> {
-    let out = Command::new("dnsperf")
+/// `RcvbufErrors` of /proc/net/snmp (all UDP sockets of the machine).
+fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Drops counted on the UDP sockets bound to `port` (/proc/net/udp).
+fn udp_port_drops(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit(':').next()?;
+            (u16::from_str_radix(local_port, 16).ok()? == port).then(|| f.last()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// One dnsperf run against 127.0.0.1:`port`; `-v` writes every query's
+/// latency to `log`, from which the percentiles come. dnsperf's own
+/// timeout is the default 5 s, a stub resolver's: "lost" is what an
+/// application would have retried.
+fn dnsperf(port: u16, queries: &Path, opts: &Opts, log: &Path) -> anyhow::Result<PerfResult> {
+    let drops_before = udp_rcvbuf_errors();
+    let out = std::fs::File::create(log)?;
+    let child = Command::new("dnsperf")
         .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
         .arg(queries)
-        .args(["-l", &seconds.to_string(), "-c", "4", "-q", "200", "-t", "2"])
-        .output()
+        .args(["-l", &opts.seconds.to_string()])
+        .args(["-c", &opts.clients.to_string()])
+        .args(["-q", &opts.outstanding.to_string()])
+        .args(["-t", "5", "-v"])
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::null())
+        .spawn()
         .context("running dnsperf")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut child = crate::child::Stopped(child);
+    // The time limit, dnsperf's 5 s wait for the last answers, and slack.
+    let deadline = Instant::now() + Duration::from_secs(u64::from(opts.seconds) + 20);
+    loop {
+        if child.0.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("dnsperf did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(child);
+    let server_drops = udp_port_drops(port);
+    let other_drops = udp_rcvbuf_errors()
+        .saturating_sub(drops_before)
+        .saturating_sub(server_drops);
+    let text = std::fs::read_to_string(log)?;
     let field = |key: &str| -> Option<f64> {
         text.lines()
             .find(|l| l.trim_start().starts_with(key))
@@ -185,11 +291,24 @@ fn dnsperf(port: u16, queries: &Path, seconds: u32) -> anyhow::Result<PerfResult
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     };
-    let qps = field("Queries per second").with_context(|| format!("dnsperf output:\n{text}"))?;
+    let qps = field("Queries per second").with_context(|| format!("no summary in dnsperf output {}", log.display()))?;
+    // "> NOERROR <name> <type> <seconds>" per answered query ("> T ..." for
+    // a timeout, which has no latency).
+    let mut latencies: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("> ") && !l.starts_with("> T ") && !l.starts_with("> I "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|s| s * 1000.0)
+        .collect();
+    latencies.sort_unstable_by(f64::total_cmp);
     Ok(PerfResult {
         qps,
         lost: field("Queries lost").unwrap_or(0.0) as u64,
         sent: field("Queries sent").unwrap_or(0.0) as u64,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        server_drops,
+        other_drops,
     })
 }
 
@@ -210,7 +329,6 @@ fn start_nsd(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Resu
         .spawn()
         .context("starting nsd")?;
     Ok(Server {
-        name: "nsd",
         child: crate::child::Stopped(child),
     })
 }
@@ -231,26 +349,31 @@ fn start_knot(dir: &Path, zone: &Path, port: u16, workers: usize) -> anyhow::Res
         .spawn()
         .context("starting knotd")?;
     Ok(Server {
-        name: "knot",
         child: crate::child::Stopped(child),
     })
 }
 
-fn start_ferry(bin: &Path, manifests: &Path, port: u16, workers: usize) -> anyhow::Result<Server> {
+/// `ferry dns`; `workers: None` passes no `--dns-workers` (the default).
+fn start_ferry(bin: &Path, manifests: &Path, port: u16, workers: Option<usize>) -> anyhow::Result<Server> {
     // The upstream is a loopback port nobody serves: the bench never
     // forwards, and never to the machine's resolv.conf.
-    let child = Command::new(bin)
-        .args(["dns", "-f"])
-        .arg(manifests)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", "127.0.0.1:9"])
-        .args(["--dns-workers", &workers.to_string()])
+    let mut cmd = Command::new(bin);
+    cmd.args(["dns", "-f"]).arg(manifests).args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    if let Some(w) = workers {
+        cmd.args(["--dns-workers", &w.to_string()]);
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting ferry")?;
     Ok(Server {
-        name: "ferry",
         child: crate::child::Stopped(child),
     })
 }
@@ -293,6 +416,90 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     result
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Nsd,
+    Knot,
+    Ferry,
+}
+
+/// One server configuration: `workers: None` is ferry with no flag.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Setup {
+    kind: Kind,
+    workers: Option<usize>,
+}
+
+impl Setup {
+    fn label(&self) -> String {
+        let name = match self.kind {
+            Kind::Nsd => "nsd",
+            Kind::Knot => "knot",
+            Kind::Ferry => "ferry",
+        };
+        match self.workers {
+            Some(w) => format!("{name} x{w}"),
+            None => format!("{name} default"),
+        }
+    }
+}
+
+/// UDP answer threads of a running ferry (`ferry-dns-udp-N`).
+fn ferry_udp_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("ferry-dns-udp"))
+        .count()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A setup's runs, summed up.
+struct Summary {
+    qps: f64,
+    min: f64,
+    max: f64,
+    lost: u64,
+    sent: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    server_drops: u64,
+    other_drops: u64,
+}
+
+fn summarize(runs: &[PerfResult]) -> Option<Summary> {
+    if runs.is_empty() {
+        return None;
+    }
+    let qps: Vec<f64> = runs.iter().map(|r| r.qps).collect();
+    Some(Summary {
+        qps: qps.iter().sum::<f64>() / qps.len() as f64,
+        min: qps.iter().copied().fold(f64::INFINITY, f64::min),
+        max: qps.iter().copied().fold(0.0, f64::max),
+        lost: runs.iter().map(|r| r.lost).sum(),
+        sent: runs.iter().map(|r| r.sent).sum(),
+        p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
+        p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+        server_drops: runs.iter().map(|r| r.server_drops).sum(),
+        other_drops: runs.iter().map(|r| r.other_drops).sum(),
+    })
+}
+
 fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
     let manifests = tmp.join("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -303,66 +510,127 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
     write_queries(&queries)?;
     let probe = "svc-1.ns-1.svc.cluster.local";
 
+    let mut setups = Vec::new();
+    for &t in &opts.threads {
+        for kind in [Kind::Nsd, Kind::Knot, Kind::Ferry] {
+            setups.push(Setup { kind, workers: Some(t) });
+        }
+    }
+    setups.push(Setup {
+        kind: Kind::Ferry,
+        workers: None,
+    });
     println!(
-        "bench dns: {SERVICES} services, {} UDP worker(s) each, dnsperf {}s per server and round, -c 4 -q 200, cluster names (A), {} round(s)",
-        opts.workers, opts.seconds, opts.rounds
+        "bench dns: {SERVICES} services; dnsperf -c {} -q {} -l {} (timeout 5 s), every query a different Service name (A); \
+         UDP threads {:?} for each server and ferry's default; {} round(s), setups in turn; load average {}",
+        opts.clients,
+        opts.outstanding,
+        opts.seconds,
+        opts.threads,
+        opts.rounds,
+        loadavg()
     );
-    let mut results: Vec<(&'static str, PerfResult)> = Vec::new();
-    for round in 1..=opts.rounds {
-        for which in ["nsd", "knot", "ferry"] {
+    let mut results: BTreeMap<Setup, Vec<PerfResult>> = BTreeMap::new();
+    let mut default_threads = 0;
+    for round in 0..opts.rounds {
+        // Rotate the order so no setup always runs first or after the same one.
+        let mut order = setups.clone();
+        order.rotate_left(round * 3 % setups.len());
+        for setup in order {
             let port = free_port()?;
-            let dir = tmp.join(format!("{which}-{round}"));
+            let dir = tmp.join(format!("{}-{round}", setup.label().replace(' ', "-")));
             std::fs::create_dir_all(&dir)?;
-            let server = match which {
-                "nsd" => start_nsd(&dir, &zone, port, opts.workers)?,
-                "knot" => start_knot(&dir, &zone, port, opts.workers)?,
-                _ => start_ferry(ferry, &manifests, port, opts.workers)?,
+            let workers = setup.workers.unwrap_or(1);
+            let server = match setup.kind {
+                Kind::Nsd => start_nsd(&dir, &zone, port, workers)?,
+                Kind::Knot => start_knot(&dir, &zone, port, workers)?,
+                Kind::Ferry => start_ferry(ferry, &manifests, port, setup.workers)?,
             };
             if let Err(e) = wait_ready(port, probe) {
-                eprintln!("bench dns: {} did not come up: {e:#}", server.name);
+                eprintln!("bench dns: {} did not come up: {e:#}", setup.label());
                 continue;
             }
-            let r = dnsperf(port, &queries, opts.seconds)?;
-            println!(
-                "  round {round}  {:<6} {:>10.0} qps   sent {:>9}  lost {}",
-                server.name, r.qps, r.sent, r.lost
-            );
-            results.push((server.name, r));
+            if setup.kind == Kind::Ferry && setup.workers.is_none() {
+                default_threads = ferry_udp_threads(server.child.id());
+            }
+            let r = dnsperf(port, &queries, opts, &dir.join("dnsperf.log"))?;
             drop(server);
+            println!(
+                "  round {}  {:<14} {:>9.0} qps  lost {:>4} of {:>8}  p50 {:>6.2} ms  p99 {:>6.2} ms  rcvbuf drops: server {} elsewhere {}",
+                round + 1,
+                setup.label(),
+                r.qps,
+                r.lost,
+                r.sent,
+                r.p50_ms,
+                r.p99_ms,
+                r.server_drops,
+                r.other_drops
+            );
+            results.entry(setup).or_default().push(r);
         }
     }
-    let mean = |n: &str| {
-        let v: Vec<f64> = results
-            .iter()
-            .filter(|(name, _)| *name == n)
-            .map(|(_, r)| r.qps)
-            .collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+
+    println!("summary (mean qps, min-max over rounds, lost summed, p50/p99 median of rounds):");
+    let summaries: BTreeMap<Setup, Summary> = results
+        .iter()
+        .filter_map(|(s, runs)| Some((*s, summarize(runs)?)))
+        .collect();
+    for (setup, s) in &summaries {
+        let label = match setup.workers {
+            None => format!("{} ({default_threads} thr)", setup.label()),
+            Some(_) => setup.label(),
+        };
+        println!(
+            "  {label:<20} {:>9.0} qps ({:.0}-{:.0})  lost {} of {}  p50 {:.2} ms  p99 {:.2} ms  rcvbuf drops: server {} elsewhere {}",
+            s.qps, s.min, s.max, s.lost, s.sent, s.p50_ms, s.p99_ms, s.server_drops, s.other_drops
+        );
+    }
+    let get = |kind, workers| summaries.get(&Setup { kind, workers });
+    let compare = |what: &str, f: &Summary, a: &Summary, target: Option<f64>| {
+        let ratio = f.qps / a.qps;
+        let verdict = match target {
+            Some(t) if ratio >= t => format!("target >= {t:.2}x met"),
+            Some(t) => format!("target >= {t:.2}x MISSED"),
+            None => String::new(),
+        };
+        let p99 = if f.p99_ms <= a.p99_ms { "no worse" } else { "WORSE" };
+        println!(
+            "  {what:<32} {ratio:.2}x qps ({verdict})  p99 {:.2} vs {:.2} ms ({p99})",
+            f.p99_ms, a.p99_ms
+        );
     };
-    let lost = |n: &str| {
-        results
-            .iter()
-            .filter(|(name, _)| *name == n)
-            .map(|(_, r)| r.lost)
-            .sum::<u64>()
-    };
-    if let Some(f) = mean("ferry") {
-        for anchor in ["nsd", "knot"] {
-            if let Some(a) = mean(anchor) {
-                let target = if anchor == "nsd" { "; target >= 1.00x" } else { "" };
-                println!(
-                    "  ferry / {anchor:<4} = {:.2}x  (mean {f:.0} vs {a:.0} qps{target})",
-                    f / a
-                );
+    println!("ratios:");
+    for &t in &opts.threads {
+        let Some(f) = get(Kind::Ferry, Some(t)) else { continue };
+        for (kind, name, target) in [(Kind::Nsd, "nsd", Some(1.2)), (Kind::Knot, "knot", None)] {
+            if let Some(a) = get(kind, Some(t)) {
+                compare(&format!("ferry x{t} / {name} x{t}"), f, a, target);
             }
         }
-        println!("  ferry lost queries: {} (target 0)", lost("ferry"));
     }
+    if let Some(f) = get(Kind::Ferry, None) {
+        for (kind, name) in [(Kind::Nsd, "nsd"), (Kind::Knot, "knot")] {
+            let best = summaries
+                .iter()
+                .filter(|(s, _)| s.kind == kind)
+                .max_by(|a, b| a.1.qps.total_cmp(&b.1.qps));
+            if let Some((s, a)) = best {
+                let target = (kind == Kind::Nsd).then_some(1.0);
+                compare(&format!("ferry default / {name} best ({})", s.label()), f, a, target);
+            }
+        }
+        println!(
+            "  ferry default ({default_threads} UDP thread(s) here) lost {} queries (target 0)",
+            f.lost
+        );
+    }
+    println!("load average after the runs: {}", loadavg());
 
     // RSS with 10k services + 50k pods.
     write_manifests(&manifests, true)?;
     let port = free_port()?;
-    let server = start_ferry(ferry, &manifests, port, opts.workers)?;
+    let server = start_ferry(ferry, &manifests, port, None)?;
     wait_ready(port, probe)?;
     wait_ready(port, "10-244-1-1.ns-1.pod.cluster.local")?;
     let rss = rss_kib(server.child.id())?;
