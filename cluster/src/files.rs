@@ -36,10 +36,11 @@ const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 /// One parsed document: the objects it holds, or why it could not be used.
 pub type Document = Result<Vec<Object>, SourceError>;
 
-/// Deepest nesting a document may have. Kubernetes objects nest about 10
-/// levels (a CRD's schema a few dozen); a bound keeps a hostile or broken
-/// file from costing seconds of parsing.
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting a document may have (serde-saphyr's own default).
+/// Kubernetes objects nest about 10 levels, a CRD's schema a few dozen; the
+/// bound keeps a hostile or broken file from costing seconds of parsing or
+/// the stack of the thread that parses it.
+pub const MAX_DEPTH: usize = 64;
 
 /// The YAML parser's settings: bounded depth, room for a `kubectl get -o
 /// yaml` List of a large cluster, one-line errors.

@@ -44,6 +44,7 @@ pub fn to_json(doc: &str) -> Option<String> {
         lines,
         pos: 0,
         inline: None,
+        depth: 0,
         out: String::with_capacity(doc.len() + doc.len() / 4),
     };
     let (indent, _) = t.peek()?;
@@ -70,8 +71,14 @@ struct Transcoder<'a> {
     /// The rest of a `- key: value` line, read as a line of its own at the
     /// column where `key` starts.
     inline: Option<(usize, &'a str)>,
+    /// Collections open around the current line.
+    depth: usize,
     out: String,
 }
+
+/// Deeper nesting than this goes to the full parser, which refuses it:
+/// recursion here stays bounded whatever the input.
+const MAX_DEPTH: usize = crate::files::MAX_DEPTH;
 
 fn is_item(text: &str) -> bool {
     text == "-" || text.starts_with("- ")
@@ -110,6 +117,7 @@ impl<'a> Transcoder<'a> {
     }
 
     fn mapping(&mut self, indent: usize) -> Option<()> {
+        self.enter()?;
         self.out.push('{');
         // Where each key's JSON text sits in `out`, to refuse duplicates.
         let mut keys: Vec<(usize, usize)> = Vec::new();
@@ -136,10 +144,17 @@ impl<'a> Transcoder<'a> {
             self.value(indent, rest, true)?;
         }
         self.out.push('}');
+        self.depth -= 1;
         Some(())
     }
 
+    fn enter(&mut self) -> Option<()> {
+        self.depth += 1;
+        (self.depth <= MAX_DEPTH).then_some(())
+    }
+
     fn sequence(&mut self, indent: usize) -> Option<()> {
+        self.enter()?;
         self.out.push('[');
         let mut first = true;
         while let Some((ind, text)) = self.peek() {
@@ -170,6 +185,7 @@ impl<'a> Transcoder<'a> {
             }
         }
         self.out.push(']');
+        self.depth -= 1;
         Some(())
     }
 
@@ -192,7 +208,7 @@ impl<'a> Transcoder<'a> {
             b'|' => self.literal(indent, rest),
             b'[' | b'{' => {
                 let mut s = rest;
-                flow(&mut s, &mut self.out)?;
+                flow(&mut s, &mut self.out, self.depth)?;
                 only_comment(s).then_some(())
             }
             b'"' | b'\'' => {
@@ -412,13 +428,16 @@ fn plain(s: &str, out: &mut String) -> Option<()> {
     Some(())
 }
 
-/// A one-line flow collection or scalar at the start of `s`; advances `s`
-/// past it.
-fn flow(s: &mut &str, out: &mut String) -> Option<()> {
+/// A one-line flow collection or scalar at the start of `s`, inside
+/// `depth` collections; advances `s` past it.
+fn flow(s: &mut &str, out: &mut String, depth: usize) -> Option<()> {
     *s = s.trim_start_matches(' ');
     let open = *s.as_bytes().first()?;
     match open {
         b'[' | b'{' => {
+            if depth >= MAX_DEPTH {
+                return None;
+            }
             let close = if open == b'[' { b']' } else { b'}' };
             out.push(open as char);
             *s = &s[1..];
@@ -437,7 +456,7 @@ fn flow(s: &mut &str, out: &mut String) -> Option<()> {
                     flow_key(s, out)?;
                     out.push(':');
                 }
-                flow(s, out)?;
+                flow(s, out, depth + 1)?;
                 *s = s.trim_start_matches(' ');
                 match s.as_bytes().first()? {
                     b',' => {

@@ -179,3 +179,22 @@ fn a_reload_sends_only_the_changed_files_objects() {
         "{changes:?}"
     );
 }
+
+/// A document nested far too deep (block, or 40,000 levels of flow) is
+/// refused at once and costs the documents beside it nothing: no stack
+/// overflow, no seconds of parsing.
+#[test]
+fn a_deeply_nested_document_is_refused_and_the_others_load() {
+    let block: String = (0..2_000).map(|i| format!("{}- k:\n", " ".repeat(2 * i))).collect();
+    let flow = format!("a: {}{}\n", "[".repeat(40_000), "]".repeat(40_000));
+    for deep in [block, flow] {
+        let text = format!("{deep}---\n{SVC_A}");
+        let docs = ferry_cluster::files::parse_documents(std::path::Path::new("deep.yaml"), &text);
+        let err = docs[0].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains("deep.yaml: document 0") && (err.contains("depth") || err.contains("recursion limit")),
+            "{err}"
+        );
+        assert_eq!(docs[1].as_ref().unwrap().len(), 1);
+    }
+}
