@@ -5,6 +5,8 @@
 //! on seeded mutations of each document, which is how a subset parser that
 //! accepts too much is caught.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
