@@ -3,12 +3,9 @@
 //! A part that fails to start or stops with an error is reported in
 //! `/readyz`; the other parts keep running.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
 use clap::Args;
+use ferry_cluster::admin::Parts;
 use ferry_cluster::lease::{LeaderElector, LeaseConfig};
-use tokio::task::JoinHandle;
 
 use crate::cli::RunArgs;
 use crate::cmd_dns::DnsOpts;
@@ -54,16 +51,6 @@ pub struct NodeArgs {
     pub cleanup: bool,
 }
 
-/// Part name → why it is not running.
-type Failures = Arc<Mutex<BTreeMap<&'static str, String>>>;
-
-fn record(failures: &Failures, part: &'static str, why: String) {
-    tracing::error!(part, error = %why, "part failed; the others keep running");
-    if let Ok(mut f) = failures.lock() {
-        f.insert(part, why);
-    }
-}
-
 pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     if args.cleanup {
         return cleanup(&args);
@@ -87,27 +74,26 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     }
     let mut rt = crate::runtime::Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;
-    let failures: Failures = Arc::default();
-    let mut parts: Vec<(&'static str, JoinHandle<Result<(), String>>)> = Vec::new();
+    let mut parts = Parts::default();
 
     if !args.no_proxy {
         let opts = args.proxy.options();
         match ferry_proxy::run::spawn(&opts, snapshots.clone(), &mut rt.admin, rt.cancel.clone()).await {
-            Ok(h) => parts.push(("proxy", erase(h))),
-            Err(e) => record(&failures, "proxy", e.to_string()),
+            Ok(h) => parts.started("proxy", h),
+            Err(e) => parts.failed("proxy", e.to_string()),
         }
     }
     if !args.no_dns {
         let opts = args.dns.options();
         match ferry_dns::run::spawn(&opts, snapshots.clone(), &mut rt.admin, rt.cancel.clone()).await {
-            Ok(h) => parts.push(("dns", erase(h))),
-            Err(e) => record(&failures, "dns", e.to_string()),
+            Ok(h) => parts.started("dns", h),
+            Err(e) => parts.failed("dns", e.to_string()),
         }
     }
     if !args.no_ingress {
         match crate::cmd_ingress::spawn(&mut rt, snapshots.clone(), &args.ingress).await {
-            Ok(h) => parts.push(("ingress", erase(h))),
-            Err(e) => record(&failures, "ingress", format!("{e:#}")),
+            Ok(h) => parts.started("ingress", h),
+            Err(e) => parts.failed("ingress", format!("{e:#}")),
         }
     }
     // Ingress status is cluster-wide state: only the elected node writes it.
@@ -131,54 +117,13 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
         ));
     }
 
-    let f = failures.clone();
-    rt.admin.readiness("parts", move || match f.lock() {
-        Ok(f) if f.is_empty() => Ok(()),
-        Ok(f) => Err(f
-            .iter()
-            .map(|(p, why)| format!("{p}: {why}"))
-            .collect::<Vec<_>>()
-            .join("; ")),
-        Err(_) => Err("failure list poisoned".into()),
-    });
+    parts.register(&mut rt.admin);
     let cancel = rt.serve_admin(&args.run).await?;
-    if parts.is_empty() {
-        anyhow::bail!(
-            "no part could start: {:?}",
-            failures.lock().map(|f| f.clone()).unwrap_or_default()
-        );
+    if let Some(failures) = parts.none_running() {
+        anyhow::bail!("no part could start: {failures}");
     }
-
-    let mut waiters = Vec::new();
-    for (name, handle) in parts {
-        let failures = failures.clone();
-        let cancel = cancel.clone();
-        waiters.push(tokio::spawn(async move {
-            let result = handle.await;
-            if cancel.is_cancelled() {
-                return;
-            }
-            match result {
-                Ok(Ok(())) => record(&failures, name, "stopped".into()),
-                Ok(Err(e)) => record(&failures, name, e),
-                Err(e) => record(&failures, name, format!("task ended: {e}")),
-            }
-        }));
-    }
-    for w in waiters {
-        let _ = w.await;
-    }
+    parts.wait(cancel).await;
     Ok(())
-}
-
-/// A part's task with its error as the text `/readyz` shows.
-fn erase<E: std::fmt::Display + Send + 'static>(h: JoinHandle<Result<(), E>>) -> JoinHandle<Result<(), String>> {
-    tokio::spawn(async move {
-        match h.await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("task ended: {e}")),
-        }
-    })
 }
 
 /// `ferry node --cleanup`.

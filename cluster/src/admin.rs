@@ -179,6 +179,93 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// The engines one process runs (`ferry node`): a part that fails to start
+/// or stops while the process runs is named in `/readyz` with why, and
+/// the other parts keep running.
+#[derive(Default)]
+pub struct Parts {
+    failures: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>>,
+    running: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
+}
+
+impl Parts {
+    /// `part` could not start (or stopped): logged and kept for `/readyz`.
+    pub fn failed(&self, part: &'static str, why: String) {
+        record(&self.failures, part, why);
+    }
+
+    /// `part` started; its task's end is watched by `wait`.
+    pub fn started<E: std::fmt::Display + Send + 'static>(
+        &mut self,
+        part: &'static str,
+        task: tokio::task::JoinHandle<Result<(), E>>,
+    ) {
+        let task = tokio::spawn(async move {
+            match task.await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("task ended: {e}")),
+            }
+        });
+        self.running.push((part, task));
+    }
+
+    /// Registers the `/readyz` check that lists the failed parts.
+    pub fn register(&self, admin: &mut Admin) {
+        let failures = self.failures.clone();
+        admin.readiness("parts", move || match failures.lock() {
+            Ok(f) if f.is_empty() => Ok(()),
+            Ok(f) => Err(f
+                .iter()
+                .map(|(p, why)| format!("{p}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")),
+            Err(_) => Err("failure list poisoned".into()),
+        });
+    }
+
+    /// The failures so far, when no part is running at all.
+    pub fn none_running(&self) -> Option<String> {
+        self.running
+            .is_empty()
+            .then(|| self.failures.lock().map(|f| format!("{f:?}")).unwrap_or_default())
+    }
+
+    /// Waits for every part to end; one that ends before `cancel` fires is
+    /// recorded as failed.
+    pub async fn wait(self, cancel: CancellationToken) {
+        let mut waiters = Vec::new();
+        for (part, task) in self.running {
+            let (failures, cancel) = (self.failures.clone(), cancel.clone());
+            waiters.push(tokio::spawn(async move {
+                let result = task.await;
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let why = match result {
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(e) => format!("task ended: {e}"),
+                };
+                record(&failures, part, why);
+            }));
+        }
+        for w in waiters {
+            let _ = w.await;
+        }
+    }
+}
+
+fn record(
+    failures: &std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
+    part: &'static str,
+    why: String,
+) {
+    tracing::error!(part, error = %why, "part failed; the others keep running");
+    if let Ok(mut f) = failures.lock() {
+        f.insert(part, why);
+    }
+}
+
 /// Readiness check: ready once the first snapshot is published.
 pub fn snapshot_ready(rx: crate::SnapshotRx) -> impl Fn() -> Result<(), String> + Send + Sync {
     move || match rx.borrow().as_ref() {

@@ -725,8 +725,10 @@ mod tests {
         let a = a.unwrap();
         let (b, _) = r.admit();
         let b = b.unwrap();
-        // a idle longest: it is shed.
+        // a idle longest: it is shed. (Both were admitted within the
+        // clock's first millisecond when this test runs first: set both.)
         a.state.idle_since_ms.store(0, Ordering::Relaxed);
+        b.state.idle_since_ms.store(1_000, Ordering::Relaxed);
         let (c, how) = r.admit();
         assert_eq!(how, Admission::Shed);
         assert!(a.state.shed.load(Ordering::Relaxed));
