@@ -348,8 +348,8 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn only_get_and_head() {
+    /// An empty admin server on a free port: its address, and the token that stops it.
+    async fn serve_empty() -> (SocketAddr, CancellationToken) {
         let addr = free_port();
         let cancel = CancellationToken::new();
         let addrs = AdminAddrs {
@@ -357,6 +357,12 @@ mod tests {
             probes: None,
         };
         Admin::default().serve(addrs, cancel.clone()).await.unwrap();
+        (addr, cancel)
+    }
+
+    #[tokio::test]
+    async fn only_get_and_head() {
+        let (addr, cancel) = serve_empty().await;
         for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
             let r = request(
                 addr,
@@ -375,13 +381,7 @@ mod tests {
     /// dropped after HEADER_TIMEOUT (a 5 s wait).
     #[tokio::test]
     async fn a_silent_client_is_disconnected() {
-        let addr = free_port();
-        let cancel = CancellationToken::new();
-        let addrs = AdminAddrs {
-            all: Some(addr),
-            probes: None,
-        };
-        Admin::default().serve(addrs, cancel.clone()).await.unwrap();
+        let (addr, cancel) = serve_empty().await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost").await.unwrap();
         let mut buf = Vec::new();

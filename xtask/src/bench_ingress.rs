@@ -298,7 +298,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 /// `$FERRY_BIN` when set (an already built binary: no rebuild, so a
 /// concurrent change elsewhere in the workspace does not end up in the
 /// measurement), else a fresh `cargo build --release`.
-fn ferry_binary(root: &Path) -> anyhow::Result<PathBuf> {
+pub fn ferry_binary(root: &Path) -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("FERRY_BIN") {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {

@@ -307,24 +307,6 @@ fn dns_query() -> Vec<u8> {
     framed
 }
 
-fn ferry_binary(root: &Path) -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("FERRY_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--bin", "ferry"])
-        .current_dir(root)
-        .status()?;
-    if !status.success() {
-        bail!("building ferry failed");
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    Ok(target.join("release/ferry"))
-}
-
 struct Table(Vec<[String; 3]>);
 
 impl Table {
@@ -357,7 +339,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         }
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let ferry = ferry_binary(&root)?;
+    let ferry = crate::bench_ingress::ferry_binary(&root)?;
     let dir = std::env::temp_dir().join(format!("ferry-probe-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(&ferry, &dir);
