@@ -42,9 +42,11 @@ pub type Document = Result<Vec<Object>, SourceError>;
 /// the stack of the thread that parses it.
 pub const MAX_DEPTH: usize = 64;
 
-/// The YAML parser's settings: bounded depth, room for a `kubectl get -o
-/// yaml` List of a large cluster, one-line errors.
-fn yaml_options() -> serde_saphyr::Options {
+/// The YAML parser's settings: YAML 1.2 booleans (`off`, `no`, `y` are
+/// strings, as serde_yaml read them: an Ingress may be named `off`),
+/// bounded depth, room for a `kubectl get -o yaml` List of a large
+/// cluster, one-line errors.
+pub fn yaml_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     let mut budget = serde_saphyr::Budget::default();
     budget.max_depth = MAX_DEPTH;
@@ -52,6 +54,7 @@ fn yaml_options() -> serde_saphyr::Options {
     budget.max_events = 100_000_000;
     budget.max_total_scalar_bytes = 1 << 30;
     options.budget = Some(budget);
+    options.strict_booleans = true;
     options.emit_comments = false;
     options.with_snippet = false;
     options

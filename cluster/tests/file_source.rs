@@ -198,3 +198,19 @@ fn a_deeply_nested_document_is_refused_and_the_others_load() {
         assert_eq!(docs[1].as_ref().unwrap().len(), 1);
     }
 }
+
+/// YAML 1.2 booleans, as before the move to serde-saphyr: a name such as
+/// `off` or `no` is a string.
+#[test]
+fn yaml_1_1_words_are_strings() {
+    let docs = ferry_cluster::files::parse_documents(
+        std::path::Path::new("w.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: off, namespace: no}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80, name: y}]}\n",
+    );
+    let objects = docs[0].as_ref().unwrap();
+    let ferry_cluster::Object::Service(s) = &objects[0] else {
+        panic!("not a Service: {objects:?}")
+    };
+    assert_eq!((s.key.namespace.as_str(), s.key.name.as_str()), ("no", "off"));
+    assert_eq!(s.ports[0].name, "y");
+}

@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+/// serde-saphyr as the file source configures it.
 fn full_parser(doc: &str) -> Result<Value, String> {
-    let mut options = serde_saphyr::Options::default();
-    options.with_snippet = false;
-    serde_saphyr::from_str_with_options(doc, options).map_err(|e| e.to_string())
+    serde_saphyr::from_str_with_options(doc, ferry_cluster::files::yaml_options()).map_err(|e| e.to_string())
 }
 
 /// `None` when the fast path declines; panics when it disagrees.
