@@ -7,7 +7,7 @@
 //! that fails when changes have waited more than two sync periods, and runs
 //! the health-check node ports of `externalTrafficPolicy: Local` Services.
 //! On shutdown it leaves the rules in place, so connections survive a
-//! restart; `Options::cleanup`-style removal is `remove_modes`.
+//! restart; `remove_modes` is what removes them (`--cleanup`).
 
 use std::fmt;
 use std::path::PathBuf;
