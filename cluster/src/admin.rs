@@ -67,8 +67,8 @@ impl Admin {
         let mut listeners = Vec::new();
         for (addr, metrics) in [(addrs.all, true), (addrs.probes, false)] {
             let Some(addr) = addr else { continue };
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = crate::net::tcp_listener(addr)
+                .and_then(tokio::net::TcpListener::from_std)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("admin server on {addr}: {e}")))?;
             tracing::info!(%addr, metrics, "admin server listening");
             listeners.push((listener, metrics));
@@ -115,6 +115,7 @@ impl Admin {
 
 async fn accept_loop(listener: tokio::net::TcpListener, admin: Arc<Admin>, metrics: bool, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::net::AcceptBackoff::new("admin");
     loop {
         // Wait for a free slot before accepting: excess clients queue in
         // the kernel's backlog instead of holding file descriptors here.
@@ -125,11 +126,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, admin: Arc<Admin>, metri
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    backoff.succeeded();
+                    s
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "admin accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },

@@ -13,6 +13,7 @@ pub mod kube;
 pub mod lease;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod publish;
 pub mod snapshot;
 pub mod store;

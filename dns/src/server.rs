@@ -103,7 +103,7 @@ impl BoundSockets {
         for _ in 1..workers {
             udp.push(udp_socket(local).map_err(udp_err)?);
         }
-        let tcp = tcp_listener(local).map_err(|source| DnsError::Bind {
+        let tcp = ferry_cluster::net::tcp_listener(local).map_err(|source| DnsError::Bind {
             proto: "tcp",
             addr: local,
             source,
@@ -126,25 +126,6 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s: UdpSocket = s.into();
     s.set_read_timeout(Some(UDP_POLL))?;
     Ok(s)
-}
-
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())?;
-    s.listen(listen_backlog())?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
-}
-
-/// The kernel's cap on a listen backlog (`net.core.somaxconn`), so that
-/// connection bursts queue rather than get reset.
-fn listen_backlog() -> i32 {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(4096)
 }
 
 struct State {
@@ -403,7 +384,7 @@ impl DnsServer {
 
     async fn tcp_accept_loop(&self, listener: tokio::net::TcpListener, cancel: CancellationToken) {
         let permits = Arc::new(tokio::sync::Semaphore::new(self.state.tcp.max_connections.max(1)));
-        let mut failures = 0u32;
+        let mut backoff = ferry_cluster::net::AcceptBackoff::new("dns-tcp");
         loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -413,18 +394,11 @@ impl DnsServer {
                 _ = cancel.cancelled() => return,
                 r = listener.accept() => match r {
                     Ok(s) => {
-                        failures = 0;
+                        backoff.succeeded();
                         s
                     }
                     Err(e) => {
-                        // Out of descriptors and the like: back off
-                        // exponentially (10 ms .. 1 s) rather than spin.
-                        if failures == 0 {
-                            tracing::warn!(error = %e, "dns: tcp accept failed; backing off");
-                        }
-                        failures = failures.saturating_add(1);
-                        let delay = Duration::from_millis(10u64 << failures.min(7)).min(Duration::from_secs(1));
-                        tokio::time::sleep(delay).await;
+                        backoff.failed(&e).await;
                         continue;
                     }
                 },

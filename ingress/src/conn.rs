@@ -684,16 +684,6 @@ pub fn nofile_limit() -> Option<(u64, u64)> {
     (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some((lim.rlim_cur, lim.rlim_max))
 }
 
-/// The kernel's cap on a listen backlog (`net.core.somaxconn`); nginx and
-/// haproxy ask for at least this much so that bursts are queued, not reset.
-pub fn listen_backlog() -> i32 {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(4096)
-}
-
 /// Whether an accept error means the process or system is out of file
 /// descriptors (or kernel memory): back off and shed rather than spin.
 pub fn is_resource_exhaustion(e: &std::io::Error) -> bool {
@@ -782,6 +772,5 @@ mod tests {
         let (soft, hard) = raise_nofile_limit().unwrap();
         assert_eq!(soft, hard);
         assert_eq!(nofile_limit(), Some((soft, hard)));
-        assert!(listen_backlog() > 0);
     }
 }

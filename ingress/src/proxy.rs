@@ -127,13 +127,7 @@ impl Listeners {
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(conn::listen_backlog())?;
-    TcpListener::from_std(s.into())
+    TcpListener::from_std(ferry_cluster::net::tcp_listener(addr)?)
 }
 
 impl Engine {
@@ -269,7 +263,7 @@ impl Engine {
         let https_conns = Arc::new(ConnRegistry::new(cap));
         tracing::info!(max_connections_per_listener = cap, limits = ?self.shared.config.limits, "ingress connection limits");
         let mut next = 0usize;
-        let mut backoff = AcceptBackoff::default();
+        let mut backoff = ferry_cluster::net::AcceptBackoff::new("ingress");
         let mut trim = MemoryTrim::new(&self.shared.metrics);
         let mut trim_tick = tokio::time::interval(MemoryTrim::PERIOD);
         trim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -321,7 +315,7 @@ impl Engine {
                     if conn::is_resource_exhaustion(&e) && registry.shed_one() {
                         self.shared.metrics.connections_shed.inc();
                     }
-                    backoff.failed(e).await;
+                    backoff.failed(&e).await;
                 }
             }
         }
@@ -564,34 +558,6 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
     match listener {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Accept errors (e.g. out of file descriptors) are transient: back off
-/// exponentially (10 ms .. 1 s) instead of spinning, warning once per run
-/// of failures.
-#[derive(Debug, Default)]
-struct AcceptBackoff {
-    failures: u32,
-}
-
-impl AcceptBackoff {
-    fn succeeded(&mut self) {
-        if self.failures != 0 {
-            tracing::info!(failures = self.failures, "accepting again");
-            self.failures = 0;
-        }
-    }
-
-    async fn failed(&mut self, e: std::io::Error) {
-        if self.failures == 0 {
-            tracing::warn!(error = %e, "accept failed; backing off");
-        } else {
-            tracing::debug!(error = %e, failures = self.failures, "accept failed");
-        }
-        self.failures = self.failures.saturating_add(1);
-        let delay = Duration::from_millis(10u64 << self.failures.min(7)).min(Duration::from_secs(1));
-        tokio::time::sleep(delay).await;
     }
 }
 
