@@ -11,25 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_cluster::{Object, Snapshot};
-use ferry_ingress::echo::{self, EchoConfig};
 use ferry_ingress::metrics::{CloseLabels, RequestLabels};
-use ferry_ingress::{Engine, EngineConfig, IngressMetrics, Limits, Listeners};
+use ferry_ingress::{EngineConfig, IngressMetrics, Limits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{backend, parse, CLASS};
+
 /// The bound on any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
 const SHORT: Duration = Duration::from_millis(300);
-
-fn parse(yaml: &str) -> Vec<Object> {
-    let mut out = Vec::new();
-    for d in ferry_cluster::files::parse_documents(std::path::Path::new("test.yaml"), yaml) {
-        out.extend(d.unwrap());
-    }
-    out
-}
 
 fn service(name: &str, backend: SocketAddr) -> String {
     format!(
@@ -38,8 +31,6 @@ fn service(name: &str, backend: SocketAddr) -> String {
         backend.ip()
     )
 }
-
-const CLASS: &str = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: ferry}\nspec: {controller: ferry.dev/ingress-controller}\n---\n";
 
 /// An Ingress for host `t.test` with `paths` as (path, service).
 fn ingress(paths: &[(&str, &str)]) -> String {
@@ -50,20 +41,6 @@ fn ingress(paths: &[(&str, &str)]) -> String {
         );
     }
     y + "---\n"
-}
-
-async fn echo_backend(body: &str, cancel: &CancellationToken) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(echo::serve(
-        l,
-        EchoConfig {
-            body: body.into(),
-            request_info: true,
-        },
-        cancel.clone(),
-    ));
-    addr
 }
 
 struct Proxy {
@@ -83,25 +60,13 @@ impl Proxy {
         };
         config.drain_timeout = drain;
         config.upstream.connect_timeout = Duration::from_secs(2);
-        let metrics = IngressMetrics::default();
-        let engine = Engine::new(config, metrics.clone()).unwrap();
-        engine.apply(&Snapshot::from_objects(1, parse(yaml)));
-        let listeners = Listeners::bind(
-            Some("127.0.0.1:0".parse().unwrap()),
-            Some("127.0.0.1:0".parse().unwrap()),
-        )
-        .await
-        .unwrap();
-        let (http, https) = (listeners.http_addr().unwrap(), listeners.https_addr().unwrap());
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        let served = tokio::spawn(async move { engine.serve(listeners, c).await.unwrap() });
+        let s = common::serve(config, parse(yaml)).await;
         Proxy {
-            metrics,
-            http,
-            https,
-            cancel,
-            served,
+            metrics: s.metrics,
+            http: s.http,
+            https: s.https,
+            cancel: s.cancel,
+            served: s.served,
         }
     }
 
@@ -185,7 +150,7 @@ fn status_of(answer: &str) -> u16 {
 
 async fn one_backend_proxy(limits: Limits) -> (Proxy, CancellationToken) {
     let cancel = CancellationToken::new();
-    let b = echo_backend("backend", &cancel).await;
+    let b = backend("backend", &cancel).await;
     let yaml = CLASS.to_string() + &service("s", b) + &ingress(&[("/", "s")]);
     (Proxy::start(&yaml, limits, Duration::from_secs(20)).await, cancel)
 }
@@ -443,8 +408,8 @@ async fn an_h2_reset_flood_gets_goaway_enhance_your_calm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_and_forwarding_use_the_normalized_path() {
     let cancel = CancellationToken::new();
-    let admin = echo_backend("admin-backend", &cancel).await;
-    let public = echo_backend("public-backend", &cancel).await;
+    let admin = backend("admin-backend", &cancel).await;
+    let public = backend("public-backend", &cancel).await;
     let yaml = CLASS.to_string()
         + &service("admin", admin)
         + &service("public", public)

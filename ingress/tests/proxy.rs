@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_cluster::{Object, ObjectKey, Snapshot, TlsSecret};
-use ferry_ingress::echo::{self, EchoConfig};
-use ferry_ingress::{ClassSelection, Engine, EngineConfig, IngressMetrics, Listeners};
+use ferry_ingress::{ClassSelection, Engine, EngineConfig, IngressMetrics};
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::Request;
@@ -21,35 +20,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+mod common;
+use common::{backend, parse, CLASS};
 
-/// An echo backend on 127.0.0.1:0 answering `body`.
-async fn backend(body: &str, cancel: &CancellationToken) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(echo::serve(
-        l,
-        EchoConfig {
-            body: body.into(),
-            request_info: true,
-        },
-        cancel.clone(),
-    ));
-    addr
-}
+const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A port with nothing listening (bound, then closed).
 async fn dead_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
-}
-
-fn parse(yaml: &str) -> Vec<Object> {
-    let mut out = Vec::new();
-    for d in ferry_cluster::files::parse_documents(std::path::Path::new("test.yaml"), yaml) {
-        out.extend(d.unwrap());
-    }
-    out
 }
 
 /// A Service `name` with one EndpointSlice per backend (each slice has its
@@ -68,8 +47,6 @@ fn service(name: &str, backends: &[SocketAddr], app_protocol: Option<&str>) -> S
     }
     y
 }
-
-const CLASS: &str = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: ferry}\nspec: {controller: ferry.dev/ingress-controller}\n---\n";
 
 fn ingress(name: &str, host: &str, path: &str, svc: &str, annotations: &str) -> String {
     format!(
@@ -96,28 +73,14 @@ impl Proxy {
         let mut config = config;
         config.upstream.connect_timeout = Duration::from_secs(2);
         config.drain_timeout = Duration::from_secs(10);
-        let metrics = IngressMetrics::default();
-        let engine = Engine::new(config, metrics.clone()).unwrap();
-        engine.apply(&Snapshot::from_objects(1, objects));
-        let listeners = Listeners::bind(
-            Some("127.0.0.1:0".parse().unwrap()),
-            Some("127.0.0.1:0".parse().unwrap()),
-        )
-        .await
-        .unwrap();
-        let http = listeners.http_addr().unwrap();
-        let https = listeners.https_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let e = engine.clone();
-        let c = cancel.clone();
-        let served = tokio::spawn(async move { e.serve(listeners, c).await.unwrap() });
+        let s = common::serve(config, objects).await;
         Proxy {
-            engine,
-            metrics,
-            http,
-            https,
-            cancel,
-            served,
+            engine: s.engine,
+            metrics: s.metrics,
+            http: s.http,
+            https: s.https,
+            cancel: s.cancel,
+            served: s.served,
             generation: AtomicUsize::new(1),
         }
     }
