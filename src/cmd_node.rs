@@ -74,7 +74,7 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     }
     let mut rt = crate::runtime::Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;
-    let mut parts = Parts::default();
+    let mut parts = Parts::new(rt.cancel.clone());
 
     if !args.no_proxy {
         let opts = args.proxy.options();
@@ -118,11 +118,11 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
     }
 
     parts.register(&mut rt.admin);
-    let cancel = rt.serve_admin(&args.run).await?;
+    let _cancel = rt.serve_admin(&args.run).await?;
     if let Some(failures) = parts.none_running() {
         anyhow::bail!("no part could start: {failures}");
     }
-    parts.wait(cancel).await;
+    parts.wait().await;
     Ok(())
 }
 

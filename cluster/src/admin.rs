@@ -182,33 +182,48 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// The engines one process runs (`ferry node`): a part that fails to start
-/// or stops while the process runs is named in `/readyz` with why, and
-/// the other parts keep running.
-#[derive(Default)]
+/// or stops before `cancel` fires is named in `/readyz` with why, and the
+/// other parts keep running.
 pub struct Parts {
     failures: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>>,
-    running: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
+    /// One watcher per started part, ending when the part does.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+    cancel: CancellationToken,
 }
 
 impl Parts {
+    pub fn new(cancel: CancellationToken) -> Parts {
+        Parts {
+            failures: Arc::default(),
+            watchers: Vec::new(),
+            cancel,
+        }
+    }
+
     /// `part` could not start (or stopped): logged and kept for `/readyz`.
     pub fn failed(&self, part: &'static str, why: String) {
         record(&self.failures, part, why);
     }
 
-    /// `part` started; its task's end is watched by `wait`.
+    /// `part` started; its end before `cancel` is recorded as a failure.
     pub fn started<E: std::fmt::Display + Send + 'static>(
         &mut self,
         part: &'static str,
         task: tokio::task::JoinHandle<Result<(), E>>,
     ) {
-        let task = tokio::spawn(async move {
-            match task.await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(e) => Err(format!("task ended: {e}")),
+        let (failures, cancel) = (self.failures.clone(), self.cancel.clone());
+        self.watchers.push(tokio::spawn(async move {
+            let result = task.await;
+            if cancel.is_cancelled() {
+                return;
             }
-        });
-        self.running.push((part, task));
+            let why = match result {
+                Ok(Ok(())) => "stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("task ended: {e}"),
+            };
+            record(&failures, part, why);
+        }));
     }
 
     /// Registers the `/readyz` check that lists the failed parts.
@@ -227,31 +242,14 @@ impl Parts {
 
     /// The failures so far, when no part is running at all.
     pub fn none_running(&self) -> Option<String> {
-        self.running
+        self.watchers
             .is_empty()
             .then(|| self.failures.lock().map(|f| format!("{f:?}")).unwrap_or_default())
     }
 
-    /// Waits for every part to end; one that ends before `cancel` fires is
-    /// recorded as failed.
-    pub async fn wait(self, cancel: CancellationToken) {
-        let mut waiters = Vec::new();
-        for (part, task) in self.running {
-            let (failures, cancel) = (self.failures.clone(), cancel.clone());
-            waiters.push(tokio::spawn(async move {
-                let result = task.await;
-                if cancel.is_cancelled() {
-                    return;
-                }
-                let why = match result {
-                    Ok(Ok(())) => "stopped".to_string(),
-                    Ok(Err(e)) => e,
-                    Err(e) => format!("task ended: {e}"),
-                };
-                record(&failures, part, why);
-            }));
-        }
-        for w in waiters {
+    /// Waits until every started part has ended.
+    pub async fn wait(self) {
+        for w in self.watchers {
             let _ = w.await;
         }
     }
