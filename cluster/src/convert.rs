@@ -20,8 +20,15 @@ use crate::model::*;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// The only Secret type ferry loads.
+/// The Secret types ferry loads: certificates, and generic Secrets that
+/// Ingress annotations name (htpasswd files, CA bundles).
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+pub const OPAQUE_SECRET_TYPE: &str = "Opaque";
+/// Field selector of the Secret watch: leaves out the types that are both
+/// common and large or sensitive and never used by ferry (the convert step
+/// drops any other type it does not use).
+pub const SECRET_FIELD_SELECTOR: &str =
+    "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token,type!=kubernetes.io/dockerconfigjson,type!=bootstrap.kubernetes.io/token";
 
 type Result<T> = std::result::Result<T, InvalidObject>;
 
@@ -483,32 +490,40 @@ pub fn ingress_class(ic: &networking::IngressClass) -> Result<IngressClass> {
     })
 }
 
-/// Converts a Secret; `Ok(None)` for any Secret that is not `kubernetes.io/tls`
-/// (the kube source filters those out on the server already).
-pub fn tls_secret(s: &core::Secret, default_ns: &str) -> Result<Option<TlsSecret>> {
+/// Converts a Secret; `Ok(None)` for types ferry does not use (anything
+/// but `kubernetes.io/tls` and `Opaque`). A TLS Secret must hold `tls.crt`
+/// and `tls.key`.
+pub fn secret(s: &core::Secret, default_ns: &str) -> Result<Option<Secret>> {
     const K: &str = "Secret";
-    if s.type_.as_deref() != Some(TLS_SECRET_TYPE) {
+    let type_ = match s.type_.as_deref() {
+        None | Some("") => OPAQUE_SECRET_TYPE,
+        Some(t) => t,
+    };
+    if type_ != TLS_SECRET_TYPE && type_ != OPAQUE_SECRET_TYPE {
         return Ok(None);
     }
     let key = key_of(K, &s.metadata, default_ns)?;
-    let field = |name: &str| -> Result<Vec<u8>> {
-        if let Some(v) = s.data.as_ref().and_then(|d| d.get(name)) {
-            return Ok(v.0.clone());
+    let mut data: BTreeMap<String, Vec<u8>> = s.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    // The apiserver folds stringData into data; files may still carry it.
+    for (k, v) in s.string_data.iter().flatten() {
+        data.insert(k.clone(), v.as_bytes().to_vec());
+    }
+    if type_ == TLS_SECRET_TYPE {
+        for name in ["tls.crt", "tls.key"] {
+            if !data.contains_key(name) {
+                return Err(InvalidObject::new(
+                    K,
+                    key.to_string(),
+                    format!("data[{name}]"),
+                    "missing",
+                ));
+            }
         }
-        if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(name)) {
-            return Ok(v.as_bytes().to_vec());
-        }
-        Err(InvalidObject::new(
-            K,
-            key.to_string(),
-            format!("data[{name}]"),
-            "missing",
-        ))
-    };
-    Ok(Some(TlsSecret {
-        cert_pem: field("tls.crt")?,
-        key_pem: field("tls.key")?,
+    }
+    Ok(Some(Secret {
         key,
+        type_: type_.to_string(),
+        data,
     }))
 }
 
@@ -659,12 +674,22 @@ mod tests {
     }
 
     #[test]
-    fn non_tls_secrets_are_ignored() {
-        let s: core::Secret = serde_saphyr::from_str("metadata: {name: s}\ntype: Opaque\nstringData: {a: b}").unwrap();
-        assert!(tls_secret(&s, "default").unwrap().is_none());
+    fn tls_and_opaque_secrets_are_loaded_and_other_types_are_not() {
+        let s: core::Secret =
+            serde_saphyr::from_str("metadata: {name: s}\ntype: Opaque\nstringData: {auth: 'u:x'}").unwrap();
+        let got = secret(&s, "default").unwrap().unwrap();
+        assert_eq!((got.type_.as_str(), got.get("auth")), ("Opaque", Some(&b"u:x"[..])));
+        // No type is Opaque.
+        let s: core::Secret = serde_saphyr::from_str("metadata: {name: s}\ndata: {ca.crt: Q0E=}").unwrap();
+        assert_eq!(secret(&s, "default").unwrap().unwrap().get("ca.crt"), Some(&b"CA"[..]));
+        let s: core::Secret = serde_saphyr::from_str(
+            "metadata: {name: s}\ntype: kubernetes.io/service-account-token\nstringData: {a: b}",
+        )
+        .unwrap();
+        assert!(secret(&s, "default").unwrap().is_none());
         let s: core::Secret =
             serde_saphyr::from_str("metadata: {name: s}\ntype: kubernetes.io/tls\nstringData: {tls.crt: x}").unwrap();
-        assert_eq!(tls_secret(&s, "default").unwrap_err().field, "data[tls.key]");
+        assert_eq!(secret(&s, "default").unwrap_err().field, "data[tls.key]");
     }
 
     #[test]

@@ -237,7 +237,7 @@ fn typed_object(
             convert::ingress_class(&parse!(networking::IngressClass)).map_err(invalid)?,
         ))),
         ("v1", "Secret") => {
-            if let Some(s) = convert::tls_secret(&parse!(core::Secret), ns).map_err(invalid)? {
+            if let Some(s) = convert::secret(&parse!(core::Secret), ns).map_err(invalid)? {
                 out.push(Object::Secret(Arc::new(s)));
             }
         }

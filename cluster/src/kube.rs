@@ -173,12 +173,12 @@ impl KubeSource {
             ),
             watch(
                 Api::<core::Secret>::all(c.clone()),
-                all.clone().fields(&format!("type={}", convert::TLS_SECRET_TYPE)),
+                all.clone().fields(convert::SECRET_FIELD_SELECTOR),
                 Kind::Secret,
                 m,
                 &tx,
                 &cancel,
-                |o| convert::tls_secret(o, no_ns).map(|s| s.map(|s| Object::Secret(Arc::new(s)))),
+                |o| convert::secret(o, no_ns).map(|s| s.map(|s| Object::Secret(Arc::new(s)))),
             ),
             watch(
                 Api::<core::Pod>::all(c.clone()),

@@ -341,20 +341,43 @@ pub struct IngressClass {
     pub is_default: bool,
 }
 
-/// A Secret of type `kubernetes.io/tls`; other Secrets are never loaded.
+/// A Secret ferry may use: type `kubernetes.io/tls` (Ingress certificates;
+/// `tls.crt` and `tls.key` required) or `Opaque` (htpasswd files, CA
+/// bundles and client certificates named by Ingress annotations). Other
+/// types are never loaded.
 #[derive(Clone, PartialEq, Eq)]
-pub struct TlsSecret {
+pub struct Secret {
     pub key: ObjectKey,
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
+    /// `type`, with an empty or missing type read as `Opaque`.
+    pub type_: String,
+    /// `data` (decoded) merged with `stringData`.
+    pub data: BTreeMap<String, Vec<u8>>,
 }
 
-impl fmt::Debug for TlsSecret {
+impl Secret {
+    /// The value of one data key.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.data.get(name).map(Vec::as_slice)
+    }
+
+    /// `tls.crt`, empty when missing.
+    pub fn cert_pem(&self) -> &[u8] {
+        self.get("tls.crt").unwrap_or_default()
+    }
+
+    /// `tls.key`, empty when missing.
+    pub fn key_pem(&self) -> &[u8] {
+        self.get("tls.key").unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print key material.
-        f.debug_struct("TlsSecret")
+        // Never print key material or passwords: only the key names.
+        f.debug_struct("Secret")
             .field("key", &self.key)
-            .field("cert_pem_len", &self.cert_pem.len())
+            .field("type", &self.type_)
+            .field("data_keys", &self.data.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -418,7 +441,7 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     Ingress(Arc<Ingress>),
     IngressClass(Arc<IngressClass>),
-    Secret(Arc<TlsSecret>),
+    Secret(Arc<Secret>),
     Pod(Arc<Pod>),
     Node(Arc<Node>),
     Namespace(Arc<Namespace>),

@@ -51,7 +51,7 @@ pub struct Snapshot {
     pub(crate) slice_count: usize,
     pub(crate) ingresses: Shared<ObjectKey, Arc<Ingress>>,
     pub(crate) ingress_classes: Shared<String, Arc<IngressClass>>,
-    pub(crate) secrets: Shared<ObjectKey, Arc<TlsSecret>>,
+    pub(crate) secrets: Shared<ObjectKey, Arc<Secret>>,
     pub(crate) pods: Shared<ObjectKey, Arc<Pod>>,
     pub(crate) nodes: Shared<String, Arc<Node>>,
     pub(crate) namespaces: Shared<String, Arc<Namespace>>,
@@ -143,11 +143,11 @@ impl Snapshot {
         self.ingress_classes.get(name)
     }
 
-    pub fn secret(&self, namespace: &str, name: &str) -> Option<&Arc<TlsSecret>> {
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<&Arc<Secret>> {
         self.secrets.get(&ObjectKey::new(namespace, name))
     }
 
-    pub fn secrets(&self) -> impl Iterator<Item = &Arc<TlsSecret>> {
+    pub fn secrets(&self) -> impl Iterator<Item = &Arc<Secret>> {
         self.secrets.values()
     }
 

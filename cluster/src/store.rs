@@ -36,7 +36,7 @@ pub struct Store {
     slices: Shared<ObjectKey, Arc<EndpointSlice>>,
     ingresses: Shared<ObjectKey, Arc<Ingress>>,
     ingress_classes: Shared<String, Arc<IngressClass>>,
-    secrets: Shared<ObjectKey, Arc<TlsSecret>>,
+    secrets: Shared<ObjectKey, Arc<Secret>>,
     pods: Shared<ObjectKey, Arc<Pod>>,
     nodes: Shared<String, Arc<Node>>,
     namespaces: Shared<String, Arc<Namespace>>,

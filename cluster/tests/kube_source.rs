@@ -73,8 +73,8 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
                "addressType": "IPv4", "ports": [{"port": 8080}],
                "endpoints": [{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}]}),
     );
-    // An opaque Secret would be filtered server-side by the field selector;
-    // check the selector is sent.
+    // Secret types ferry never uses (Helm releases, service-account
+    // tokens) are filtered server-side by the field selector; check it is sent.
     api.set_list_delay(PODS, Duration::from_millis(1500));
 
     let (mut rx, cancel) = start_source(&api, 20);
@@ -85,10 +85,10 @@ async fn lists_gate_first_snapshot_then_watch_relist_and_resume() {
     let snap = wait_for(&mut rx, "first snapshot", |s| s.service_count() == 1).await;
     let a = snap.service("default", "a").unwrap();
     assert_eq!(snap.backends(a, &a.ports[0]).len(), 1);
-    assert!(api
-        .requests()
-        .iter()
-        .any(|r| r.starts_with("GET /api/v1/secrets?") && r.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")));
+    assert!(api.requests().iter().any(|r| r.starts_with("GET /api/v1/secrets?")
+        && r.contains(
+            "fieldSelector=type%21%3Dhelm.sh%2Frelease.v1%2Ctype%21%3Dkubernetes.io%2Fservice-account-token"
+        )));
     assert!(api
         .requests()
         .iter()

@@ -66,12 +66,16 @@ fn terminating_fallback_when_none_ready() {
 }
 
 #[test]
-fn only_tls_secrets_and_dns_fields_of_pods() {
+fn tls_and_opaque_secrets_and_dns_fields_of_pods() {
     let snap = fixture("multi.yaml");
     let counts: std::collections::HashMap<Kind, usize> = snap.counts().into_iter().collect();
-    assert_eq!(counts[&Kind::Secret], 1);
+    assert_eq!(counts[&Kind::Secret], 2);
     let secret = snap.secret("other", "tls").unwrap();
-    assert_eq!(secret.cert_pem, b"CERT");
+    assert_eq!(secret.cert_pem(), b"CERT");
+    assert_eq!(
+        snap.secret("default", "opaque").unwrap().get("password"),
+        Some(&b"hunter2"[..])
+    );
     let pod = snap.pod("default", "redis-sts-0").unwrap();
     assert_eq!(pod.ips, vec!["10.1.5.5".parse::<IpAddr>().unwrap()]);
     assert_eq!(pod.hostname.as_deref(), Some("redis-sts-0"));

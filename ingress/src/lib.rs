@@ -10,6 +10,7 @@ pub mod echo;
 pub mod error;
 pub mod h1;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod run;

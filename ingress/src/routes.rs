@@ -26,6 +26,8 @@ use std::sync::Arc;
 
 use ferry_cluster::{BackendPort, Ingress, IngressBackend, ObjectKey, PathType, ServiceType, Snapshot};
 
+use crate::policy::{Policy, Reader};
+
 /// Annotation choosing the load-balancing method (NGINX Ingress Controller's name).
 pub const LB_METHOD_ANNOTATION: &str = "nginx.org/lb-method";
 /// Annotation asking for HTTP/2 cleartext (h2c) to the upstream.
@@ -208,6 +210,8 @@ pub struct Route {
     /// Largest request body accepted (413 beyond), from the Ingress's
     /// body-size annotation; `None`: no limit.
     pub max_body: Option<u64>,
+    /// What the Ingress's annotations ask for (shared by its routes).
+    pub policy: Arc<Policy>,
 }
 
 /// The result of a lookup.
@@ -218,6 +222,7 @@ pub struct RouteMatch<'a> {
     pub host: &'a str,
     pub https_only: bool,
     pub max_body: Option<u64>,
+    pub policy: &'a Policy,
 }
 
 impl Route {
@@ -228,6 +233,7 @@ impl Route {
             host: &self.host,
             https_only: self.https_only,
             max_body: self.max_body,
+            policy: &self.policy,
         }
     }
 }
@@ -271,6 +277,8 @@ pub struct RouteTable {
     pub tls: Vec<TlsBinding>,
     /// The Ingresses we serve (status is written on these).
     pub served: Vec<ObjectKey>,
+    /// Their annotation policies, in the same order.
+    pub policies: Vec<Arc<Policy>>,
     pub problems: Vec<Problem>,
 }
 
@@ -547,6 +555,15 @@ impl RouteTable {
                 t.ingress
             );
         }
+        for policy in &self.policies {
+            let lines = policy.describe();
+            if !lines.is_empty() {
+                let _ = writeln!(out, "ingress {}:", policy.ingress);
+                for l in lines {
+                    let _ = writeln!(out, "  {l}");
+                }
+            }
+        }
         for p in &self.problems {
             let _ = writeln!(out, "problem: {p}");
         }
@@ -580,18 +597,11 @@ impl Compiler<'_> {
 
     /// Whether plain HTTP to this Ingress's TLS hosts is redirected: yes
     /// unless an ssl-redirect annotation says `"false"`.
-    fn ssl_redirect(&mut self, ing: &Ingress) -> bool {
+    fn ssl_redirect(r: &mut Reader<'_>) -> bool {
         let mut redirect = true;
         for name in SSL_REDIRECT_ANNOTATIONS {
-            match ing.annotations.get(name).map(|v| v.trim().to_ascii_lowercase()) {
-                None => {}
-                Some(v) if v == "true" => {}
-                Some(v) if v == "false" => redirect = false,
-                Some(v) => self.problem(
-                    ing,
-                    format!("metadata.annotations[{name}]"),
-                    format!("{v:?} is neither \"true\" nor \"false\"; ignored"),
-                ),
+            if r.flag(name) == Some(false) {
+                redirect = false;
             }
         }
         redirect
@@ -600,47 +610,39 @@ impl Compiler<'_> {
     /// The request body limit of this Ingress: the first body-size
     /// annotation present; `0` or none means no limit. A value that does
     /// not parse is reported and means no limit.
-    fn max_body(&mut self, ing: &Ingress) -> Option<u64> {
-        let (name, value) = BODY_SIZE_ANNOTATIONS
-            .iter()
-            .find_map(|n| ing.annotations.get(*n).map(|v| (*n, v)))?;
-        match parse_size(value) {
-            Some(0) => None,
-            Some(n) => Some(n),
-            None => {
-                self.problem(
-                    ing,
-                    format!("metadata.annotations[{name}]"),
-                    format!("{value:?} is not a size (like 8m, 512k, 1g or bytes); no limit"),
-                );
-                None
-            }
-        }
+    fn max_body(r: &mut Reader<'_>) -> Option<u64> {
+        let (name, _) = r.first(&BODY_SIZE_ANNOTATIONS)?;
+        r.parse(name, |v| {
+            parse_size(v).ok_or_else(|| "not a size (like 8m, 512k, 1g or bytes); no limit".to_string())
+        })
+        .filter(|&n| n > 0)
+    }
+
+    /// The load-balancing method and whether the annotations ask for h2c.
+    fn upstream_options(r: &mut Reader<'_>) -> (LbMethod, bool) {
+        let lb = r
+            .parse(LB_METHOD_ANNOTATION, |v| {
+                LbMethod::parse(v).ok_or_else(|| "unsupported method; using round_robin".to_string())
+            })
+            .unwrap_or_default();
+        let h2c = r
+            .get(BACKEND_PROTOCOL_ANNOTATION)
+            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
+            || r.get(NGINX_BACKEND_PROTOCOL_ANNOTATION)
+                .is_some_and(|v| v.eq_ignore_ascii_case("grpc") || v.eq_ignore_ascii_case("h2c"));
+        (lb, h2c)
     }
 
     /// Resolves a backend to an upstream index. Missing Services or ports
     /// are reported and give an upstream without endpoints (503), so the
     /// path stays claimed rather than falling through to another route.
-    fn upstream(&mut self, ing: &Ingress, field: &str, backend: &IngressBackend) -> usize {
-        let lb = match ing.annotations.get(LB_METHOD_ANNOTATION) {
-            None => LbMethod::RoundRobin,
-            Some(v) => LbMethod::parse(v).unwrap_or_else(|| {
-                self.problem(
-                    ing,
-                    format!("metadata.annotations[{LB_METHOD_ANNOTATION}]"),
-                    format!("unsupported value {v:?}; using round_robin"),
-                );
-                LbMethod::RoundRobin
-            }),
-        };
-        let annotated_h2c = ing
-            .annotations
-            .get(BACKEND_PROTOCOL_ANNOTATION)
-            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
-            || ing
-                .annotations
-                .get(NGINX_BACKEND_PROTOCOL_ANNOTATION)
-                .is_some_and(|v| v.eq_ignore_ascii_case("grpc") || v.eq_ignore_ascii_case("h2c"));
+    fn upstream(
+        &mut self,
+        ing: &Ingress,
+        field: &str,
+        backend: &IngressBackend,
+        (lb, annotated_h2c): (LbMethod, bool),
+    ) -> usize {
         let (service, port) = match backend {
             IngressBackend::Service { name, port } => (name.clone(), port.clone()),
             IngressBackend::Resource { kind, name, .. } => {
@@ -770,8 +772,13 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
 
     for ing in ingresses {
         c.table.served.push(ing.key.clone());
-        let ssl_redirect = c.ssl_redirect(ing);
-        let max_body = c.max_body(ing);
+        let mut reader = Reader::new(ing);
+        let ssl_redirect = Compiler::ssl_redirect(&mut reader);
+        let max_body = Compiler::max_body(&mut reader);
+        let upstream_options = Compiler::upstream_options(&mut reader);
+        let policy = Arc::new(Policy::compile(snap, &mut reader));
+        c.table.problems.extend(reader.finish());
+        c.table.policies.push(policy.clone());
         if let Some(b) = &ing.default_backend {
             match &c.table.default_backend {
                 Some(existing) => {
@@ -782,7 +789,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     c.problem(ing, "spec.defaultBackend", msg);
                 }
                 None => {
-                    let upstream = c.upstream(ing, "spec.defaultBackend", b);
+                    let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options);
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
                         upstream,
@@ -790,6 +797,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                         host: String::new(),
                         https_only: false,
                         max_body,
+                        policy: policy.clone(),
                     });
                 }
             }
@@ -844,7 +852,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     continue;
                 }
                 claimed.insert(claim, ing.key.clone());
-                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend);
+                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options);
                 let route = Route {
                     path: matcher,
                     upstream,
@@ -852,6 +860,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     host: host.clone().unwrap_or_default(),
                     https_only,
                     max_body,
+                    policy: policy.clone(),
                 };
                 match &host {
                     None => c.table.any_host.push(route),

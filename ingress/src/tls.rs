@@ -132,7 +132,7 @@ pub fn compile(
                     });
                     None
                 }
-                Some(s) => match certified_key(&s.cert_pem, &s.key_pem) {
+                Some(s) => match certified_key(s.cert_pem(), s.key_pem()) {
                     Ok(k) => Some(Arc::new(k)),
                     Err(e) => {
                         problems.push(Problem {

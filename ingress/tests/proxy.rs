@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferry_cluster::{Object, ObjectKey, Snapshot, TlsSecret};
+use ferry_cluster::{Object, ObjectKey, Secret, Snapshot};
 use ferry_ingress::{ClassSelection, Engine, EngineConfig, IngressMetrics};
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty, Full};
@@ -549,10 +549,14 @@ async fn http2_clients_and_h2c_upstream() {
 
 fn tls_secret(name: &str, host: &str) -> (Object, rcgen::CertifiedKey<rcgen::KeyPair>) {
     let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
-    let obj = Object::Secret(std::sync::Arc::new(TlsSecret {
+    let obj = Object::Secret(std::sync::Arc::new(Secret {
         key: ObjectKey::new("default", name),
-        cert_pem: ck.cert.pem().into_bytes(),
-        key_pem: ck.signing_key.serialize_pem().into_bytes(),
+        type_: "kubernetes.io/tls".into(),
+        data: [
+            ("tls.crt".to_string(), ck.cert.pem().into_bytes()),
+            ("tls.key".to_string(), ck.signing_key.serialize_pem().into_bytes()),
+        ]
+        .into(),
     }));
     (obj, ck)
 }
