@@ -38,6 +38,7 @@ use crate::conn::{
 use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
 use crate::metrics::{CloseLabels, IngressMetrics, RequestLabels, UpstreamLabels};
+use crate::policy::paths::Rewritten;
 use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
 use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
@@ -714,6 +715,7 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// The downstream response body: an upstream body (keeping its endpoint
 /// counted as in flight until it is done) or a short local one.
@@ -760,18 +762,23 @@ impl Body for ProxyBody {
 
 /// A short local answer that reveals nothing about the backends.
 fn local(status: StatusCode) -> Response<ProxyBody> {
-    let text = match status {
-        StatusCode::BAD_REQUEST => "400 bad request\n",
-        StatusCode::PERMANENT_REDIRECT => "308 permanent redirect\n",
-        StatusCode::PAYLOAD_TOO_LARGE => "413 request entity too large\n",
-        StatusCode::NOT_FOUND => "404 not found\n",
-        StatusCode::METHOD_NOT_ALLOWED => "405 method not allowed\n",
-        StatusCode::REQUEST_TIMEOUT => "408 request timeout\n",
-        StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable\n",
-        StatusCode::GATEWAY_TIMEOUT => "504 gateway timeout\n",
-        _ => "502 bad gateway\n",
+    let text: Bytes = match status {
+        StatusCode::BAD_REQUEST => Bytes::from_static(b"400 bad request\n"),
+        StatusCode::PERMANENT_REDIRECT => Bytes::from_static(b"308 permanent redirect\n"),
+        StatusCode::PAYLOAD_TOO_LARGE => Bytes::from_static(b"413 request entity too large\n"),
+        StatusCode::NOT_FOUND => Bytes::from_static(b"404 not found\n"),
+        StatusCode::METHOD_NOT_ALLOWED => Bytes::from_static(b"405 method not allowed\n"),
+        StatusCode::REQUEST_TIMEOUT => Bytes::from_static(b"408 request timeout\n"),
+        StatusCode::SERVICE_UNAVAILABLE => Bytes::from_static(b"503 service unavailable\n"),
+        StatusCode::GATEWAY_TIMEOUT => Bytes::from_static(b"504 gateway timeout\n"),
+        StatusCode::BAD_GATEWAY => Bytes::from_static(b"502 bad gateway\n"),
+        other => Bytes::from(format!(
+            "{} {}\n",
+            other.as_u16(),
+            other.canonical_reason().unwrap_or("").to_ascii_lowercase()
+        )),
     };
-    let mut r = Response::new(ProxyBody::Local(Some(Bytes::from_static(text.as_bytes()))));
+    let mut r = Response::new(ProxyBody::Local(Some(text)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -956,16 +963,24 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
             set_path(&mut req, p);
         }
     }
-    let matched = match refused {
+    // `from-to-www-redirect` names have no routes of their own.
+    let www = match refused {
         Some(_) => None,
         None => live
             .routes
+            .www_redirect(authority_str)
+            .map(|to| www_redirect(ctx, to, authority_str, req.uri())),
+    };
+    let matched = match (refused, &www) {
+        (None, None) => live
+            .routes
             .route(authority_str, normalized.as_deref().unwrap_or(req.uri().path())),
+        _ => None,
     };
     let (outcome, host_label, upstream) = match matched {
         None => (
             Outcome {
-                response: local(refused.unwrap_or(StatusCode::NOT_FOUND)),
+                response: www.unwrap_or_else(|| local(refused.unwrap_or(StatusCode::NOT_FOUND))),
                 endpoint: None,
             },
             "",
@@ -981,21 +996,35 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
                 // service is pending).
                 tokio::task::yield_now().await;
             }
-            if m.https_only && !ctx.https {
-                match https_redirect(&ctx.shared, authority_str, req.uri()) {
-                    Some(response) => (
-                        Outcome {
-                            response,
-                            endpoint: None,
-                        },
-                        m.host,
-                        None,
-                    ),
-                    None => proxy_to(ctx, &live, m, req, authority.as_ref()).await,
-                }
-            } else {
-                proxy_to(ctx, &live, m, req, authority.as_ref()).await
+            // nginx's rewrite phase: the annotations' redirects, the one
+            // to HTTPS, then URI rewrites.
+            let answer = match path_redirect(ctx, &m, &req, authority_str, normalized.as_deref()) {
+                Some(r) => Some(r),
+                None if m.https_only && !ctx.https => https_redirect(&ctx.shared, authority_str, req.uri()),
+                None => rewrite_uri(&m, &mut req, normalized.as_deref()),
+            };
+            let hsts = m.policy.paths.hsts.is_some().then(|| {
+                let proto = req.headers().get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes);
+                m.policy.paths.hsts(ctx.https, proto).cloned()
+            });
+            let (mut outcome, host, upstream) = match answer {
+                Some(response) => (
+                    Outcome {
+                        response,
+                        endpoint: None,
+                    },
+                    m.host,
+                    None,
+                ),
+                None => proxy_to(ctx, &live, m, req, authority.as_ref()).await,
+            };
+            if let Some(Some(v)) = hsts {
+                outcome
+                    .response
+                    .headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, v);
             }
+            (outcome, host, upstream)
         }
     };
     cancel.armed = false;
@@ -1016,6 +1045,82 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
         );
     }
     outcome.response
+}
+
+/// A redirect response (`local`'s body, `Location`).
+fn redirect(code: u16, location: HeaderValue) -> Response<ProxyBody> {
+    let mut response = local(StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND));
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+}
+
+/// The redirects of a routed request's path annotations (`policy::paths`):
+/// `permanent-redirect`, `temporal-redirect`, `app-root`,
+/// `nginx.org/redirect-to-https`. One branch for routes without them.
+fn path_redirect<B>(
+    ctx: &ConnContext,
+    m: &RouteMatch<'_>,
+    req: &Request<B>,
+    authority: &str,
+    normalized: Option<&str>,
+) -> Option<Response<ProxyBody>> {
+    let paths = &m.policy.paths;
+    if !paths.answers() {
+        return None;
+    }
+    let path = normalized.unwrap_or(req.uri().path());
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let proto = req.headers().get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes);
+    let r = paths.answer(ctx.https, authority, path, target, proto)?;
+    Some(redirect(r.code, r.location))
+}
+
+/// `rewrite-target` / `nginx.org/rewrites` and `x-forwarded-prefix`: the
+/// URI forwarded upstream. A rewrite to an absolute URL is answered with
+/// a 302 to it, as nginx's `rewrite` does.
+fn rewrite_uri<B>(m: &RouteMatch<'_>, req: &mut Request<B>, normalized: Option<&str>) -> Option<Response<ProxyBody>> {
+    if let Some(rewrite) = m.rewrite {
+        let regex = match m.path {
+            routes::PathMatch::Regex(r) => Some(&r.regex),
+            _ => None,
+        };
+        let path = normalized.unwrap_or(req.uri().path());
+        match rewrite.apply(regex, path, req.uri().query()) {
+            Rewritten::Uri(target) => set_target(req, &target),
+            Rewritten::Redirect(url) => return HeaderValue::from_str(&url).ok().map(|l| redirect(302, l)),
+        }
+    }
+    if let Some(prefix) = &m.policy.paths.x_forwarded_prefix {
+        req.headers_mut().insert(X_FORWARDED_PREFIX.clone(), prefix.clone());
+    }
+    None
+}
+
+/// `from-to-www-redirect`: the 308 to the other name of the host, same
+/// scheme, port, path and query.
+fn www_redirect(ctx: &ConnContext, to: &str, authority: &str, uri: &Uri) -> Response<ProxyBody> {
+    let scheme = if ctx.https { "https" } else { "http" };
+    let port = match authority.rsplit_once(':') {
+        Some((_, p)) if !authority.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()) => p,
+        _ => "",
+    };
+    let colon = if port.is_empty() { "" } else { ":" };
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    match HeaderValue::from_str(&format!("{scheme}://{to}{colon}{port}{target}")) {
+        Ok(location) => redirect(308, location),
+        Err(_) => local(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// Replaces the path and query of `req`'s target (a rewrite's result).
+fn set_target<B>(req: &mut Request<B>, target: &str) {
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())) {
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
 }
 
 /// Replaces the path of `req`'s target, keeping its query.

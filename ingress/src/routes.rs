@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use ferry_cluster::{BackendPort, Ingress, IngressBackend, ObjectKey, PathType, ServiceType, Snapshot};
 
+use crate::policy::paths::{path_regex, OrgPathRegex, Rewrite};
 use crate::policy::{Policy, Reader};
 
 /// Annotation choosing the load-balancing method (NGINX Ingress Controller's name).
@@ -161,6 +162,32 @@ pub enum PathMatch {
     Exact(String),
     /// Path elements; stored without the trailing slash (`/` is stored empty).
     Prefix(String),
+    /// A regex anchored at the start (ingress-nginx `use-regex` and
+    /// `rewrite-target`, NGINX IC `path-regex`).
+    Regex(RegexPath),
+}
+
+/// A path regex with the path it was written as (which identifies it).
+#[derive(Debug, Clone)]
+pub struct RegexPath {
+    pub source: String,
+    pub case_insensitive: bool,
+    pub regex: regex::Regex,
+}
+
+impl PartialEq for RegexPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.case_insensitive == other.case_insensitive
+    }
+}
+
+impl Eq for RegexPath {}
+
+impl std::hash::Hash for RegexPath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.source.hash(state);
+        self.case_insensitive.hash(state);
+    }
 }
 
 impl PathMatch {
@@ -171,14 +198,28 @@ impl PathMatch {
                 p.is_empty()
                     || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
             }
+            PathMatch::Regex(r) => r.regex.is_match(path),
         }
     }
 
-    /// Longer matches win; on a tie Exact sorts first.
-    fn sort_key(&self) -> (std::cmp::Reverse<usize>, u8) {
+    /// `path` (as written) as a regex path.
+    fn regex(path: &str, case_insensitive: bool) -> Result<PathMatch, String> {
+        Ok(PathMatch::Regex(RegexPath {
+            source: path.to_string(),
+            case_insensitive,
+            regex: path_regex(path, case_insensitive)?,
+        }))
+    }
+
+    /// The order routes are tried in, first match wins: Exact paths, then
+    /// regexes (longest first, as ingress-nginx orders its regex
+    /// locations), then prefixes (longest first). Without regexes this is
+    /// the spec's "longest match wins, Exact before Prefix on a tie".
+    fn sort_key(&self) -> (u8, std::cmp::Reverse<usize>) {
         match self {
-            PathMatch::Exact(p) => (std::cmp::Reverse(p.len()), 0),
-            PathMatch::Prefix(p) => (std::cmp::Reverse(p.len()), 1),
+            PathMatch::Exact(p) => (0, std::cmp::Reverse(p.len())),
+            PathMatch::Regex(r) => (1, std::cmp::Reverse(r.source.len())),
+            PathMatch::Prefix(p) => (2, std::cmp::Reverse(p.len())),
         }
     }
 }
@@ -189,6 +230,8 @@ impl fmt::Display for PathMatch {
             PathMatch::Exact(p) => write!(f, "Exact {p}"),
             PathMatch::Prefix(p) if p.is_empty() => f.write_str("Prefix /"),
             PathMatch::Prefix(p) => write!(f, "Prefix {p}"),
+            PathMatch::Regex(r) if r.case_insensitive => write!(f, "Regex ~* ^{}", r.source),
+            PathMatch::Regex(r) => write!(f, "Regex ~ ^{}", r.source),
         }
     }
 }
@@ -197,6 +240,11 @@ impl fmt::Display for PathMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub path: PathMatch,
+    /// The path as the Ingress wrote it (what a regex is made of when the
+    /// host's paths become regexes).
+    pub written_path: String,
+    /// How the forwarded URI is rewritten, if it is.
+    pub rewrite: Option<Rewrite>,
     /// Index into `RouteTable::upstreams`.
     pub upstream: usize,
     /// The Ingress this route came from.
@@ -218,6 +266,8 @@ pub struct Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteMatch<'a> {
     pub upstream: usize,
+    pub path: &'a PathMatch,
+    pub rewrite: Option<&'a Rewrite>,
     pub ingress: &'a ObjectKey,
     pub host: &'a str,
     pub https_only: bool,
@@ -229,6 +279,8 @@ impl Route {
     fn matched(&self) -> RouteMatch<'_> {
         RouteMatch {
             upstream: self.upstream,
+            path: &self.path,
+            rewrite: self.rewrite.as_ref(),
             ingress: &self.ingress,
             host: &self.host,
             https_only: self.https_only,
@@ -273,6 +325,10 @@ pub struct RouteTable {
     /// Rules without a host.
     any_host: Vec<Route>,
     default_backend: Option<Route>,
+    /// `server-alias`: alias host → the host whose routes it shares.
+    aliases: HashMap<String, String>,
+    /// `from-to-www-redirect`: host → the host it is redirected to.
+    www_redirects: HashMap<String, String>,
     pub upstreams: Vec<Arc<UpstreamSpec>>,
     pub tls: Vec<TlsBinding>,
     /// The Ingresses we serve (status is written on these).
@@ -449,7 +505,11 @@ impl RouteTable {
     pub fn route(&self, host: &str, path: &str) -> Option<RouteMatch<'_>> {
         let host = normalize_host(host);
         let host: &str = &host;
-        if let Some(routes) = self.exact.get(host) {
+        let exact = match self.exact.get(host) {
+            None if !self.aliases.is_empty() => self.aliases.get(host).and_then(|h| self.exact.get(h)),
+            found => found,
+        };
+        if let Some(routes) = exact {
             if let Some(m) = first_match(routes, path) {
                 return Some(m);
             }
@@ -465,6 +525,15 @@ impl RouteTable {
             return Some(m);
         }
         self.default_backend.as_ref().map(Route::matched)
+    }
+
+    /// `from-to-www-redirect`: the host a request for `host` is redirected
+    /// to (308), when `host` has no rules of its own.
+    pub fn www_redirect(&self, host: &str) -> Option<&str> {
+        if self.www_redirects.is_empty() {
+            return None;
+        }
+        self.www_redirects.get(&*normalize_host(host)).map(String::as_str)
     }
 
     pub fn upstream(&self, index: usize) -> Option<&Arc<UpstreamSpec>> {
@@ -534,6 +603,16 @@ impl RouteTable {
         }
         if !self.any_host.is_empty() {
             section("any host", &self.any_host);
+        }
+        let mut aliases: Vec<_> = self.aliases.iter().collect();
+        aliases.sort();
+        for (alias, host) in aliases {
+            let _ = writeln!(out, "host {alias}: alias of {host}");
+        }
+        let mut www: Vec<_> = self.www_redirects.iter().collect();
+        www.sort();
+        for (from, to) in www {
+            let _ = writeln!(out, "host {from}: 308 to {to}");
         }
         match &self.default_backend {
             Some(r) => {
@@ -792,6 +871,8 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options);
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
+                        written_path: "/".into(),
+                        rewrite: None,
                         upstream,
                         ingress: ing.key.clone(),
                         host: String::new(),
@@ -812,12 +893,12 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 }
             };
             // Once per rule: whether its host is one of the Ingress's TLS hosts.
-            let https_only = ssl_redirect
-                && host.as_deref().is_some_and(|h| {
-                    ing.tls
-                        .iter()
-                        .any(|t| t.hosts.is_empty() || t.hosts.iter().any(|th| tls_covers(&th.to_ascii_lowercase(), h)))
-                });
+            let tls_host = host.as_deref().is_some_and(|h| {
+                ing.tls
+                    .iter()
+                    .any(|t| t.hosts.is_empty() || t.hosts.iter().any(|th| tls_covers(&th.to_ascii_lowercase(), h)))
+            });
+            let https_only = policy.paths.force_ssl_redirect || (ssl_redirect && tls_host);
             for (j, p) in rule.paths.iter().enumerate() {
                 let field = format!("spec.rules[{i}].http.paths[{j}]");
                 let path = match (&p.path, p.path_type) {
@@ -836,11 +917,30 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                         continue;
                     }
                 };
-                let matcher = match p.path_type {
-                    PathType::Exact => PathMatch::Exact(path),
-                    PathType::Prefix | PathType::ImplementationSpecific => {
-                        PathMatch::Prefix(path.trim_end_matches('/').to_string())
+                let paths = &policy.paths;
+                let matcher = match (p.path_type, paths.org_path_regex) {
+                    _ if paths.enforces_regex() => PathMatch::regex(&path, true),
+                    (_, Some(OrgPathRegex::CaseInsensitive)) => PathMatch::regex(&path, true),
+                    (_, Some(OrgPathRegex::CaseSensitive)) => PathMatch::regex(&path, false),
+                    (_, Some(OrgPathRegex::Exact)) | (PathType::Exact, None) => Ok(PathMatch::Exact(path.clone())),
+                    (PathType::Prefix | PathType::ImplementationSpecific, None) => {
+                        Ok(PathMatch::Prefix(path.trim_end_matches('/').to_string()))
                     }
+                };
+                let matcher = match matcher {
+                    Ok(m) => m,
+                    Err(msg) => {
+                        c.problem(ing, format!("{field}.path"), format!("{path:?} is {msg}; path skipped"));
+                        continue;
+                    }
+                };
+                let rewrite = match (&paths.rewrite_target, &p.backend) {
+                    (Some(t), _) => Some(Rewrite::Target(t.clone())),
+                    (None, IngressBackend::Service { name, .. }) => paths.org_rewrite(name).map(|r| Rewrite::Prefix {
+                        prefix: path.clone(),
+                        replacement: r.to_string(),
+                    }),
+                    (None, IngressBackend::Resource { .. }) => None,
                 };
                 let claim = (host.clone().unwrap_or_default(), matcher.clone());
                 if let Some(owner) = claimed.get(&claim) {
@@ -855,6 +955,8 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options);
                 let route = Route {
                     path: matcher,
+                    written_path: path,
+                    rewrite,
                     upstream,
                     ingress: ing.key.clone(),
                     host: host.clone().unwrap_or_default(),
@@ -902,11 +1004,95 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
         }
     }
 
-    let sort = |routes: &mut Vec<Route>| routes.sort_by_key(|r| r.path.sort_key());
-    c.table.exact.values_mut().for_each(sort);
-    c.table.wildcard.values_mut().for_each(sort);
-    sort(&mut c.table.any_host);
+    let problems = &mut c.table.problems;
+    let mut finish = |routes: &mut Vec<Route>| {
+        enforce_regex(routes, problems);
+        routes.sort_by_key(|r| r.path.sort_key());
+    };
+    c.table.exact.values_mut().for_each(&mut finish);
+    c.table.wildcard.values_mut().for_each(&mut finish);
+    finish(&mut c.table.any_host);
+    host_aliases(&mut c.table, snap);
     c.table
+}
+
+/// ingress-nginx: when any Ingress of a host uses `use-regex` or
+/// `rewrite-target`, every path of that host is a case-insensitive regex,
+/// whichever Ingress it comes from. A path that is no valid regex is
+/// reported and dropped.
+fn enforce_regex(routes: &mut Vec<Route>, problems: &mut Vec<Problem>) {
+    if !routes.iter().any(|r| r.policy.paths.enforces_regex()) {
+        return;
+    }
+    routes.retain_mut(|r| {
+        if matches!(&r.path, PathMatch::Regex(re) if re.case_insensitive) {
+            return true;
+        }
+        match PathMatch::regex(&r.written_path, true) {
+            Ok(m) => {
+                r.path = m;
+                true
+            }
+            Err(msg) => {
+                problems.push(Problem {
+                    object: format!("Ingress {}", r.ingress),
+                    field: "spec.rules[].http.paths[].path".into(),
+                    message: format!(
+                        "{:?} on host {:?} must be a regex (another Ingress of the host sets use-regex or rewrite-target) and is {msg}; path skipped",
+                        r.written_path, r.host
+                    ),
+                });
+                false
+            }
+        }
+    });
+}
+
+/// `server-alias` and `from-to-www-redirect`: extra names for the hosts of
+/// an Ingress, never taking a name that has rules of its own (the first
+/// Ingress to claim a name keeps it).
+fn host_aliases(table: &mut RouteTable, snap: &Snapshot) {
+    let mut problems = Vec::new();
+    for policy in &table.policies {
+        let paths = &policy.paths;
+        if paths.aliases.is_empty() && !paths.from_to_www {
+            continue;
+        }
+        let Some(ing) = snap.ingress(&policy.ingress.namespace, &policy.ingress.name) else {
+            continue;
+        };
+        let hosts: Vec<String> = ing
+            .rules
+            .iter()
+            .filter_map(|r| r.host.as_deref())
+            .map(str::to_ascii_lowercase)
+            .filter(|h| !h.starts_with("*."))
+            .collect();
+        for alias in &paths.aliases {
+            let Some(host) = hosts.first() else { break };
+            if table.exact.contains_key(alias) || table.aliases.contains_key(alias) {
+                problems.push(Problem {
+                    object: format!("Ingress {}", ing.key),
+                    field: "metadata.annotations[nginx.ingress.kubernetes.io/server-alias]".into(),
+                    message: format!("alias {alias:?} is already a host with rules or an alias; ignored"),
+                });
+                continue;
+            }
+            table.aliases.insert(alias.clone(), host.clone());
+        }
+        if paths.from_to_www {
+            for host in &hosts {
+                let other = match host.strip_prefix("www.") {
+                    Some(bare) => bare.to_string(),
+                    None => format!("www.{host}"),
+                };
+                if !table.exact.contains_key(&other) && !table.aliases.contains_key(&other) {
+                    table.www_redirects.entry(other).or_insert_with(|| host.clone());
+                }
+            }
+        }
+    }
+    table.problems.extend(problems);
 }
 
 #[cfg(test)]
