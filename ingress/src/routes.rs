@@ -847,6 +847,9 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
         upstream_index: BTreeMap::new(),
     };
     // (host or "" , path match) → the Ingress that claimed it.
+    // A `RegexPath` hashes and compares the path it was written as only,
+    // never the regex's internal cache.
+    #[allow(clippy::mutable_key_type)]
     let mut claimed: HashMap<(String, PathMatch), ObjectKey> = HashMap::new();
 
     for ing in ingresses {
