@@ -659,6 +659,15 @@ struct UpstreamKey {
     h2c: bool,
 }
 
+/// One Ingress with what its annotations say.
+struct Annotated<'a> {
+    ing: &'a Arc<Ingress>,
+    ssl_redirect: bool,
+    max_body: Option<u64>,
+    upstream_options: (LbMethod, bool),
+    policy: Arc<Policy>,
+}
+
 struct Compiler<'a> {
     snap: &'a Snapshot,
     table: RouteTable,
@@ -852,14 +861,47 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
     #[allow(clippy::mutable_key_type)]
     let mut claimed: HashMap<(String, PathMatch), ObjectKey> = HashMap::new();
 
-    for ing in ingresses {
+    // The annotations first: ingress-nginx makes every path of a host a
+    // regex when any Ingress of that host asks for regexes, so that must
+    // be known before any path is compiled.
+    let annotated: Vec<Annotated<'_>> = ingresses
+        .into_iter()
+        .map(|ing| {
+            let mut reader = Reader::new(ing);
+            let ssl_redirect = Compiler::ssl_redirect(&mut reader);
+            let max_body = Compiler::max_body(&mut reader);
+            let upstream_options = Compiler::upstream_options(&mut reader);
+            let policy = Arc::new(Policy::compile(snap, &mut reader));
+            c.table.problems.extend(reader.finish());
+            Annotated {
+                ing,
+                ssl_redirect,
+                max_body,
+                upstream_options,
+                policy,
+            }
+        })
+        .collect();
+    let regex_hosts: HashSet<Option<String>> = annotated
+        .iter()
+        .filter(|a| a.policy.paths.enforces_regex())
+        .flat_map(|a| {
+            a.ing
+                .rules
+                .iter()
+                .map(|r| r.host.as_deref().map(str::to_ascii_lowercase))
+        })
+        .collect();
+
+    for Annotated {
+        ing,
+        ssl_redirect,
+        max_body,
+        upstream_options,
+        policy,
+    } in annotated
+    {
         c.table.served.push(ing.key.clone());
-        let mut reader = Reader::new(ing);
-        let ssl_redirect = Compiler::ssl_redirect(&mut reader);
-        let max_body = Compiler::max_body(&mut reader);
-        let upstream_options = Compiler::upstream_options(&mut reader);
-        let policy = Arc::new(Policy::compile(snap, &mut reader));
-        c.table.problems.extend(reader.finish());
         c.table.policies.push(policy.clone());
         if let Some(b) = &ing.default_backend {
             match &c.table.default_backend {
@@ -902,6 +944,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     .any(|t| t.hosts.is_empty() || t.hosts.iter().any(|th| tls_covers(&th.to_ascii_lowercase(), h)))
             });
             let https_only = policy.paths.force_ssl_redirect || (ssl_redirect && tls_host);
+            let regex_host = regex_hosts.contains(&host);
             for (j, p) in rule.paths.iter().enumerate() {
                 let field = format!("spec.rules[{i}].http.paths[{j}]");
                 let path = match (&p.path, p.path_type) {
@@ -922,7 +965,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 };
                 let paths = &policy.paths;
                 let matcher = match (p.path_type, paths.org_path_regex) {
-                    _ if paths.enforces_regex() => PathMatch::regex(&path, true),
+                    _ if regex_host => PathMatch::regex(&path, true),
                     (_, Some(OrgPathRegex::CaseInsensitive)) => PathMatch::regex(&path, true),
                     (_, Some(OrgPathRegex::CaseSensitive)) => PathMatch::regex(&path, false),
                     (_, Some(OrgPathRegex::Exact)) | (PathType::Exact, None) => Ok(PathMatch::Exact(path.clone())),
@@ -933,7 +976,16 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 let matcher = match matcher {
                     Ok(m) => m,
                     Err(msg) => {
-                        c.problem(ing, format!("{field}.path"), format!("{path:?} is {msg}; path skipped"));
+                        let why = if regex_host && !paths.enforces_regex() {
+                            " (an Ingress of this host sets use-regex or rewrite-target, so all its paths are regexes)"
+                        } else {
+                            ""
+                        };
+                        c.problem(
+                            ing,
+                            format!("{field}.path"),
+                            format!("{path:?} is {msg}{why}; path skipped"),
+                        );
                         continue;
                     }
                 };
@@ -1007,48 +1059,12 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
         }
     }
 
-    let problems = &mut c.table.problems;
-    let mut finish = |routes: &mut Vec<Route>| {
-        enforce_regex(routes, problems);
-        routes.sort_by_key(|r| r.path.sort_key());
-    };
-    c.table.exact.values_mut().for_each(&mut finish);
-    c.table.wildcard.values_mut().for_each(&mut finish);
-    finish(&mut c.table.any_host);
+    let sort = |routes: &mut Vec<Route>| routes.sort_by_key(|r| r.path.sort_key());
+    c.table.exact.values_mut().for_each(sort);
+    c.table.wildcard.values_mut().for_each(sort);
+    sort(&mut c.table.any_host);
     host_aliases(&mut c.table, snap);
     c.table
-}
-
-/// ingress-nginx: when any Ingress of a host uses `use-regex` or
-/// `rewrite-target`, every path of that host is a case-insensitive regex,
-/// whichever Ingress it comes from. A path that is no valid regex is
-/// reported and dropped.
-fn enforce_regex(routes: &mut Vec<Route>, problems: &mut Vec<Problem>) {
-    if !routes.iter().any(|r| r.policy.paths.enforces_regex()) {
-        return;
-    }
-    routes.retain_mut(|r| {
-        if matches!(&r.path, PathMatch::Regex(re) if re.case_insensitive) {
-            return true;
-        }
-        match PathMatch::regex(&r.written_path, true) {
-            Ok(m) => {
-                r.path = m;
-                true
-            }
-            Err(msg) => {
-                problems.push(Problem {
-                    object: format!("Ingress {}", r.ingress),
-                    field: "spec.rules[].http.paths[].path".into(),
-                    message: format!(
-                        "{:?} on host {:?} must be a regex (another Ingress of the host sets use-regex or rewrite-target) and is {msg}; path skipped",
-                        r.written_path, r.host
-                    ),
-                });
-                false
-            }
-        }
-    });
 }
 
 /// `server-alias` and `from-to-www-redirect`: extra names for the hosts of
