@@ -18,6 +18,7 @@
 pub mod access;
 pub mod balance;
 pub mod paths;
+mod unsupported;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -179,12 +180,17 @@ impl<'a> Reader<'a> {
             .filter(|k| is_ours(k) && !self.read.contains(k))
             .collect();
         for name in unread {
+            let value = self.ing.annotations.get(name).map_or("", String::as_str);
             if is_snippet(name) {
                 self.problem(
                     name,
                     "refused: snippets are raw nginx configuration, which ferry never runs \
                      (the IngressNightmare class of bug); annotation ignored",
                 );
+            } else if unsupported::already_so(name, value) {
+                // What it asks for is what ferry always does.
+            } else if let Some(why) = unsupported::reason(name) {
+                self.problem(name, format!("not supported by ferry ({why}); annotation ignored"));
             } else {
                 self.problem(name, "not supported by ferry; annotation ignored");
             }
