@@ -152,7 +152,15 @@ pub struct RenderArgs {
     pub ingress: crate::cmd_ingress::IngressOpts,
 }
 
+/// The `--log-format` in force (the access log follows it).
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn log_json() -> bool {
+    LOG_JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub fn init_logging(format: LogFormat) {
+    LOG_JSON.store(format == LogFormat::Json, std::sync::atomic::Ordering::Relaxed);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs collected from files or pods stay plain.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use ferry_cluster::{ObjectKey, Snapshot, SnapshotRx};
+use ferry_ingress::access_log;
 use ferry_ingress::echo::{self, EchoConfig};
 use ferry_ingress::status::StatusSource;
 use ferry_ingress::upstream::UpstreamConfig;
@@ -87,6 +88,11 @@ pub struct IngressOpts {
     /// Forward the raw request path (routing still uses the normalized one).
     #[arg(long)]
     pub forward_raw_path: bool,
+    /// Access log, one line per request: `stderr` (with the rest of the
+    /// log), `off`, or a file path (appended to). Text or JSON as
+    /// --log-format; `RUST_LOG=info,ferry::access=off` also turns it off.
+    #[arg(long, value_name = "stderr|off|PATH", default_value = "stderr")]
+    pub access_log: String,
 }
 
 fn parse_object_key(s: &str) -> Result<ObjectKey, String> {
@@ -118,6 +124,22 @@ impl IngressOpts {
             drain_timeout: self.drain_timeout,
             workers: self.workers(),
             limits: self.limits(),
+            access_log: self.access_log(),
+        }
+    }
+
+    /// `--access-log`, off when the `ferry::access` log target is filtered out.
+    fn access_log(&self) -> access_log::Config {
+        let on = tracing::enabled!(target: "ferry::access", tracing::Level::INFO);
+        let target = match self.access_log.as_str() {
+            _ if !on => access_log::Target::Off,
+            "off" => access_log::Target::Off,
+            "stderr" | "" => access_log::Target::Stderr,
+            path => access_log::Target::File(path.into()),
+        };
+        access_log::Config {
+            target,
+            json: crate::cli::log_json(),
         }
     }
 

@@ -20,6 +20,8 @@ pub enum IngressError {
         #[source]
         source: kube::Error,
     },
+    #[error("opening the access log: {0}")]
+    AccessLog(std::io::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -5,6 +5,7 @@
 //! `ArcSwap`. `routes` and `tls` are the compile steps; `proxy` and
 //! `upstream` are the request path; `status` writes Ingress status.
 
+pub mod access_log;
 pub mod conn;
 pub mod echo;
 pub mod error;

@@ -51,6 +51,9 @@ pub struct IngressMetrics {
     pub connections_shed: Counter,
     pub connections_closed: Family<CloseLabels, Counter>,
     pub memory_trims: Counter,
+    /// Access-log lines written, and dropped because the writer fell behind.
+    pub access_log_lines: Counter,
+    pub access_log_dropped: Counter,
 }
 
 impl Default for IngressMetrics {
@@ -69,6 +72,8 @@ impl Default for IngressMetrics {
             connections_shed: Counter::default(),
             connections_closed: Family::default(),
             memory_trims: Counter::default(),
+            access_log_lines: Counter::default(),
+            access_log_dropped: Counter::default(),
         }
     }
 }
@@ -132,6 +137,16 @@ impl IngressMetrics {
             "memory_trims",
             "Times freed heap was returned to the kernel after a connection burst",
             self.memory_trims.clone(),
+        );
+        r.register(
+            "access_log_lines",
+            "Access-log lines formatted",
+            self.access_log_lines.clone(),
+        );
+        r.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because the log writer fell behind",
+            self.access_log_dropped.clone(),
         );
     }
 }

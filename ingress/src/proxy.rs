@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access_log::{self, AccessLog};
 use crate::conn::{
     self, ActiveRequest, Admission, CloseReason, ConnRegistry, ConnState, Limits, Registered, Verdict, Watchdog,
 };
@@ -57,6 +58,8 @@ pub struct EngineConfig {
     pub workers: usize,
     /// What one client may hold, and for how long.
     pub limits: Limits,
+    /// Where access-log lines go (off by default; the binary's default is stderr).
+    pub access_log: access_log::Config,
 }
 
 /// The default worker count: one per CPU.
@@ -73,6 +76,7 @@ impl Default for EngineConfig {
             drain_timeout: Duration::from_secs(30),
             workers: default_workers(),
             limits: Limits::default(),
+            access_log: access_log::Config::default(),
         }
     }
 }
@@ -91,6 +95,8 @@ struct Shared {
     /// The HTTPS listener's port while serving (0: none), where plain
     /// HTTP requests to TLS hosts are redirected.
     https_port: AtomicU16,
+    /// The access log's writer, when it is on.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// The ingress engine: cheap to clone, shared by the listeners and the
@@ -136,6 +142,12 @@ impl Engine {
     /// the first `apply`) and a freshly generated default certificate.
     pub fn new(config: EngineConfig, metrics: IngressMetrics) -> Result<Engine, IngressError> {
         let (fallback_cert, fallback_cert_pem) = tls::self_signed(&["ferry.invalid".into(), "localhost".into()])?;
+        let access_log = AccessLog::start(
+            &config.access_log,
+            metrics.access_log_lines.clone(),
+            metrics.access_log_dropped.clone(),
+        )
+        .map_err(IngressError::AccessLog)?;
         Ok(Engine {
             shared: Arc::new(Shared {
                 config,
@@ -147,6 +159,7 @@ impl Engine {
                 logged_problems: Mutex::new(HashSet::new()),
                 applied: AtomicU64::new(0),
                 https_port: AtomicU16::new(0),
+                access_log,
             }),
         })
     }
@@ -365,21 +378,37 @@ impl Worker {
             .spawn(move || {
                 upstream::set_pool_slot(index + 1);
                 let drain_timeout = shared.config.drain_timeout;
+                // This worker's access-log buffer, flushed while it is quiet.
+                let log = shared.access_log.as_ref().map(|l| Arc::new(l.buffer()));
                 let drained = runtime.block_on(
                     async move {
+                        if let Some(log) = &log {
+                            let log = log.clone();
+                            tokio::spawn(async move {
+                                let mut tick = tokio::time::interval(access_log::FLUSH_EVERY);
+                                loop {
+                                    tick.tick().await;
+                                    log.flush();
+                                }
+                            });
+                        }
                         let tracker = TaskTracker::new();
                         loop {
                             tokio::select! {
                                 _ = stop.cancelled() => break,
                                 c = rx.recv() => match c {
-                                    Some(c) => serve_connection(&shared, c, &tracker, &stop),
+                                    Some(c) => serve_connection(&shared, c, &tracker, &stop, log.as_ref()),
                                     None => break,
                                 },
                             }
                         }
                         drop(rx);
                         tracker.close();
-                        tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok()
+                        let drained = tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok();
+                        if let Some(log) = &log {
+                            log.flush();
+                        }
+                        drained
                     }
                     .instrument(span),
                 );
@@ -395,7 +424,13 @@ impl Worker {
 }
 
 /// Serves one connection on the current (worker) runtime.
-fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTracker, stop: &CancellationToken) {
+fn serve_connection(
+    shared: &Arc<Shared>,
+    accepted: Accepted,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+    log: Option<&Arc<access_log::Buffer>>,
+) {
     let Accepted {
         stream,
         peer,
@@ -410,6 +445,7 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
             return;
         }
     };
+    let log = log.cloned();
     let shared = shared.clone();
     let stop = stop.clone();
     let span = tracing::debug_span!("conn", %peer, tls = tls.is_some());
@@ -421,7 +457,7 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
             let state = registered.state.clone();
             let limits = shared.config.limits.clone();
             let metrics = shared.metrics.clone();
-            let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone()));
+            let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone(), log));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // The watchdog owns the head deadlines: hyper's own would cost
             // a timer allocation per request.
@@ -622,11 +658,20 @@ struct ConnContext {
     port: HeaderValue,
     /// What the connection's watchdog reads.
     conn: Arc<ConnState>,
+    /// The worker's access-log buffer, when the access log is on.
+    log: Option<Arc<access_log::Buffer>>,
 }
 
 impl ConnContext {
     /// Formats the per-connection header values once, not per request.
-    fn new(shared: Arc<Shared>, peer: SocketAddr, https: bool, port: u16, conn: Arc<ConnState>) -> ConnContext {
+    fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        https: bool,
+        port: u16,
+        conn: Arc<ConnState>,
+        log: Option<Arc<access_log::Buffer>>,
+    ) -> ConnContext {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
         ConnContext {
             shared,
@@ -635,6 +680,7 @@ impl ConnContext {
             client_ip,
             port: HeaderValue::from(port),
             conn,
+            log,
         }
     }
 }
@@ -910,7 +956,7 @@ struct Outcome {
 }
 
 async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<ProxyBody> {
-    let log_access = tracing::enabled!(target: "ferry::access", tracing::Level::INFO);
+    let log_access = ctx.log.is_some();
     let started = log_access.then(Instant::now);
     let live = ctx.shared.live.load_full();
     let h2 = req.version() == Version::HTTP_2;
@@ -924,11 +970,8 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
     };
     let authority_str = authority.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
     let method = log_access.then(|| req.method().clone());
-    let path = if log_access {
-        req.uri().path().to_string()
-    } else {
-        String::new()
-    };
+    // The URI as received (a clone shares its bytes).
+    let logged_uri = log_access.then(|| req.uri().clone());
     let mut cancel = CancelGuard {
         ctx,
         host: "",
@@ -1030,19 +1073,17 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
     cancel.armed = false;
     let status = outcome.response.status().as_u16();
     count_request(&ctx.shared.metrics, host_label, status, upstream.map(|u| &**u));
-    if log_access {
-        tracing::info!(
-            target: "ferry::access",
-            client = %ctx.peer.ip(),
-            method = %method.unwrap_or_default(),
-            host = %normalize_host(authority_str),
-            path = %path,
+    if let Some(log) = &ctx.log {
+        log.write(&access_log::Record {
+            client: ctx.peer.ip(),
+            method: method.as_ref().map_or("", Method::as_str),
+            host: &normalize_host(authority_str),
+            path: logged_uri.as_ref().map_or("", Uri::path),
             status,
-            upstream = %upstream.map_or("", |u| u.spec.name.as_str()),
-            endpoint = %outcome.endpoint.map(|e| e.to_string()).unwrap_or_default(),
-            duration_ms = started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0),
-            "request"
-        );
+            upstream: upstream.map_or("", |u| u.spec.name.as_str()),
+            endpoint: outcome.endpoint,
+            duration: started.map_or(Duration::ZERO, |t| t.elapsed()),
+        });
     }
     outcome.response
 }

@@ -103,7 +103,7 @@ const REASONS: &[(&str, &str)] = &[
     ),
     (
         "nginx.ingress.kubernetes.io/enable-access-log",
-        "access logging is set for the whole node (--access-log)",
+        "access logging is set for the whole node (the `ferry::access` log target)",
     ),
     (
         "nginx.ingress.kubernetes.io/enable-rewrite-log",
