@@ -1084,8 +1084,9 @@ async fn proxy_to<'a>(
             https: ctx.https,
             host: authority.and_then(|a| a.to_str().ok()).unwrap_or_default(),
         };
-        match m.policy.access.check(&conn, &mut req).await {
-            access::Decision::Continue(a) => after = Some(a),
+        // Boxed: the plain path's future stays as small as it was.
+        match Box::pin(m.policy.access.check(&conn, &mut req)).await {
+            access::Decision::Continue(a) => after = Some(Box::new(a)),
             access::Decision::Respond(r) => {
                 let outcome = Outcome {
                     response: r.map(ProxyBody::Local),
