@@ -39,6 +39,7 @@ use crate::conn::{
 use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
 use crate::metrics::{CloseLabels, IngressMetrics, RequestLabels, UpstreamLabels};
+use crate::policy::access;
 use crate::policy::paths::Rewritten;
 use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
@@ -473,8 +474,10 @@ fn serve_connection(
                 let ctx = ctx.clone();
                 async move {
                     let active = ctx.conn.request_started();
-                    let response = handle(&ctx, req).await;
-                    Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, active }))
+                    let mut response = handle(&ctx, req).await;
+                    // A `limit-connections` slot lives as long as the body.
+                    let held = response.extensions_mut().remove::<access::Held>();
+                    Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, active, _held: held }))
                 }
             });
             match tls {
@@ -691,6 +694,7 @@ impl ConnContext {
 pub struct ResponseBody {
     inner: ProxyBody,
     active: ActiveRequest,
+    _held: Option<access::Held>,
 }
 
 impl Body for ResponseBody {
@@ -1210,8 +1214,42 @@ fn body_too_large(e: &hyper::Error) -> bool {
     false
 }
 
-/// Forwards a routed request to its upstream (503 when it has none).
+/// Forwards a routed request to its upstream (503 when it has none),
+/// once the route's access policy lets it through.
 async fn proxy_to<'a>(
+    ctx: &ConnContext,
+    live: &'a LiveTable,
+    m: RouteMatch<'a>,
+    mut req: Request<Incoming>,
+    authority: Option<&HeaderValue>,
+) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
+    let mut after = None;
+    if m.policy.access.is_active() {
+        let conn = access::Conn {
+            peer: ctx.peer.ip(),
+            https: ctx.https,
+            host: authority.and_then(|a| a.to_str().ok()).unwrap_or_default(),
+        };
+        // Boxed: the plain path's future stays as small as it was.
+        match Box::pin(m.policy.access.check(&conn, &mut req)).await {
+            access::Decision::Continue(a) => after = Some(Box::new(a)),
+            access::Decision::Respond(r) => {
+                let outcome = Outcome {
+                    response: r.map(ProxyBody::Local),
+                    endpoint: None,
+                };
+                return (outcome, m.host, None);
+            }
+        }
+    }
+    let (mut outcome, host, upstream) = proxy_to_upstream(ctx, live, m, req, authority).await;
+    if let Some(a) = after {
+        a.apply(&mut outcome.response);
+    }
+    (outcome, host, upstream)
+}
+
+async fn proxy_to_upstream<'a>(
     ctx: &ConnContext,
     live: &'a LiveTable,
     m: RouteMatch<'a>,

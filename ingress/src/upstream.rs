@@ -385,6 +385,7 @@ impl LiveTable {
     /// state and round-robin positions where they still apply.
     /// `pool_slots`: see `EndpointState::new`.
     pub fn build(routes: Arc<RouteTable>, previous: &LiveTable, pool_slots: usize) -> LiveTable {
+        crate::policy::access::carry_over(&routes, &previous.routes);
         let mut old_eps: HashMap<(SocketAddr, bool), Arc<EndpointState>> = HashMap::new();
         let mut old_rr: HashMap<&str, Arc<AtomicUsize>> = HashMap::new();
         for u in &previous.upstreams {

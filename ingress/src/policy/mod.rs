@@ -17,7 +17,11 @@
 
 pub mod access;
 pub mod balance;
+pub mod cors;
+pub mod extauth;
+pub mod htpasswd;
 pub mod paths;
+pub mod ratelimit;
 mod unsupported;
 
 use std::collections::{BTreeMap, BTreeSet};
