@@ -892,3 +892,435 @@ pub(crate) mod test_support {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::{compile, ClassSelection, UpstreamEndpoint};
+    use test_support::ingress;
+
+    fn parse(annotations: &str) -> (BalancePolicy, Vec<String>) {
+        let ing = ingress(annotations);
+        let mut r = Reader::new(&ing);
+        let snap = Snapshot::from_objects(1, Vec::new());
+        let p = BalancePolicy::parse(&snap, &mut r);
+        (p, r.finish().into_iter().map(|p| p.to_string()).collect())
+    }
+
+    const N: &str = "nginx.ingress.kubernetes.io/";
+
+    #[test]
+    fn load_balancing_annotations() {
+        // (annotations, lb, choice description, problems)
+        let cases: Vec<(String, LbMethod, Option<&str>, usize)> = vec![
+            (String::new(), LbMethod::RoundRobin, None, 0),
+            (format!("{N}load-balance: ewma"), LbMethod::Ewma, None, 0),
+            (format!("{N}load-balance: round_robin"), LbMethod::RoundRobin, None, 0),
+            (format!("{N}load-balance: least_conn"), LbMethod::LeastConn, None, 0),
+            (format!("{N}load-balance: fastest"), LbMethod::RoundRobin, None, 1),
+            ("nginx.org/lb-method: least_conn".into(), LbMethod::LeastConn, None, 0),
+            ("nginx.org/lb-method: random two least_conn".into(), LbMethod::RandomTwoLeastConn, None, 0),
+            ("nginx.org/lb-method: ip_hash".into(), LbMethod::RoundRobin, Some("hash: ip_hash (client /24)"), 0),
+            ("nginx.org/lb-method: hash $request_uri".into(), LbMethod::RoundRobin, Some("hash: $request_uri"), 0),
+            (
+                "nginx.org/lb-method: hash $host$request_uri consistent".into(),
+                LbMethod::RoundRobin,
+                Some("hash: $host$request_uri (consistent)"),
+                0,
+            ),
+            ("nginx.org/lb-method: hash $bogus".into(), LbMethod::RoundRobin, None, 1),
+            ("nginx.org/lb-method: least_time header".into(), LbMethod::RoundRobin, None, 1),
+            (
+                format!("{N}upstream-hash-by: '$http_x_user'"),
+                LbMethod::RoundRobin,
+                Some("hash: $http_x_user (consistent)"),
+                0,
+            ),
+            (format!("{N}upstream-hash-by: nothing"), LbMethod::RoundRobin, None, 1),
+            (
+                format!("{N}upstream-hash-by: '$remote_addr', {N}upstream-hash-by-subset: 'true', {N}upstream-hash-by-subset-size: '3'"),
+                LbMethod::RoundRobin,
+                Some("hash: $remote_addr (consistent)"),
+                2,
+            ),
+            // Affinity beats hashing (reported), ewma still picks new sessions.
+            (
+                format!("{N}affinity: cookie, {N}upstream-hash-by: '$uri', {N}load-balance: ewma"),
+                LbMethod::Ewma,
+                Some("affinity: cookie INGRESSCOOKIE (balanced)"),
+                1,
+            ),
+        ];
+        for (annotations, lb, choice, problems) in cases {
+            let (p, found) = parse(&annotations);
+            assert_eq!(p.lb, lb, "{annotations}");
+            assert_eq!(
+                p.choice.as_ref().map(|c| c.describe()).as_deref(),
+                choice,
+                "{annotations}"
+            );
+            assert_eq!(found.len(), problems, "{annotations}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn affinity_annotations() {
+        let (p, problems) = parse(&format!(
+            "{N}affinity: cookie, {N}affinity-mode: persistent, {N}session-cookie-name: route, \
+             {N}session-cookie-path: /app, {N}session-cookie-max-age: '3600', {N}session-cookie-expires: '7200', \
+             {N}session-cookie-samesite: none, {N}session-cookie-conditional-samesite-none: 'true', \
+             {N}session-cookie-secure: 'true', {N}session-cookie-change-on-failure: 'true', {N}session-cookie-domain: x.test"
+        ));
+        assert!(problems.is_empty(), "{problems:?}");
+        let Some(Choice::Sticky(a)) = p.choice.as_deref() else {
+            panic!("{:?}", p.choice)
+        };
+        assert_eq!(
+            a,
+            &Affinity {
+                cookie: "route".into(),
+                persistent: true,
+                path: Some("/app".into()),
+                domain: Some("x.test".into()),
+                max_age: Some(3600),
+                expires: Some(7200),
+                samesite: Some(SameSite::None),
+                conditional_samesite_none: true,
+                secure: true,
+                change_on_failure: true,
+            }
+        );
+        // Bad values: reported, defaults used.
+        let (p, problems) = parse(&format!(
+            "{N}affinity: cookie, {N}affinity-mode: sticky, {N}session-cookie-name: 'a b', \
+             {N}session-cookie-path: app, {N}session-cookie-max-age: 1h, {N}session-cookie-samesite: sometimes"
+        ));
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        let Some(Choice::Sticky(a)) = p.choice.as_deref() else {
+            panic!("{:?}", p.choice)
+        };
+        assert_eq!(
+            (a.cookie.as_str(), a.persistent, &a.path, a.max_age),
+            ("INGRESSCOOKIE", false, &None, None)
+        );
+        // Cookie settings without affinity are reported; other affinity kinds too.
+        let (p, problems) = parse(&format!("{N}session-cookie-name: x, {N}affinity-mode: persistent"));
+        assert!(p.choice.is_none());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        let (p, problems) = parse(&format!("{N}affinity: ip"));
+        assert!(p.choice.is_none());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn canary_ingress_annotations() {
+        // A canary honours its own balancing; the rest is reported as ignored.
+        let (p, problems) = parse(&format!(
+            "{N}canary: 'true', {N}canary-weight: '20', {N}load-balance: ewma, {N}rewrite-target: /x, \
+             {N}configuration-snippet: x, {N}affinity: cookie"
+        ));
+        assert_eq!(p.canary.as_ref().map(|c| c.weight), Some(20));
+        assert_eq!(p.lb, LbMethod::Ewma);
+        assert!(matches!(p.choice.as_deref(), Some(Choice::Sticky(_))));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("rewrite-target") || problems[1].contains("rewrite-target"));
+        assert!(problems.iter().any(|p| p.contains("refused")), "{problems:?}");
+        // Legacy behaviour: the canary ignores affinity.
+        let (p, _) = parse(&format!(
+            "{N}canary: 'true', {N}affinity: cookie, {N}affinity-canary-behavior: legacy"
+        ));
+        assert!(p.choice.is_none());
+    }
+
+    const OBJECTS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: ferry}
+spec: {controller: ferry.dev/ingress-controller}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: main}
+spec: {ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: next}
+spec: {ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: main-1, labels: {kubernetes.io/service-name: main}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: next-1, labels: {kubernetes.io/service-name: next}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.1]}]
+"#;
+
+    fn ing(name: &str, created: &str, host: &str, path: &str, svc: &str, annotations: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, creationTimestamp: \"{created}\", annotations: {{{annotations}}}}}\nspec:\n  ingressClassName: ferry\n  rules:\n  - host: {host}\n    http: {{paths: [{{path: {path}, pathType: Prefix, backend: {{service: {{name: {svc}, port: {{number: 80}}}}}}}}]}}\n"
+        )
+    }
+
+    fn table(extra: &str) -> RouteTable {
+        let text = format!("{OBJECTS}{extra}");
+        let mut objects = Vec::new();
+        for doc in ferry_cluster::files::parse_documents(std::path::Path::new("t.yaml"), &text) {
+            objects.extend(doc.unwrap());
+        }
+        compile(&Snapshot::from_objects(1, objects), &ClassSelection::default())
+    }
+
+    #[test]
+    fn canaries_attach_to_main_routes() {
+        let canary = format!("{N}canary: 'true', {N}canary-by-header: x-canary");
+        let t = table(
+            &(ing("main", "2020-01-01T00:00:00Z", "x.test", "/app", "main", "")
+                + &ing("can", "2021-01-01T00:00:00Z", "x.test", "/app", "next", &canary)
+                + &ing("late", "2022-01-01T00:00:00Z", "x.test", "/app", "next", &canary)
+                + &ing("orphan", "2021-01-01T00:00:00Z", "y.test", "/", "next", &canary)),
+        );
+        let m = t.route("x.test", "/app/a").unwrap();
+        assert_eq!(t.upstreams[m.upstream].name, "default/main:80");
+        let b = m.balance.expect("canary attached");
+        let c = b.canary.as_ref().unwrap();
+        assert_eq!(t.upstreams[c.upstream].name, "default/next:80");
+        assert_eq!(c.ingress.name, "can");
+        assert_eq!(b.cookie_path, "/app");
+        // The canary claims nothing itself.
+        assert!(t.route("y.test", "/").is_none());
+        let problems: Vec<String> = t.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("default/late") && p.contains("older canary")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("default/orphan") && p.contains("no main Ingress")),
+            "{problems:?}"
+        );
+        assert!(t.render().contains("canary"), "{}", t.render());
+        // Without a canary or keyed pick, routes carry nothing.
+        let t = table(&ing("main", "2020-01-01T00:00:00Z", "x.test", "/", "main", ""));
+        assert!(t.route("x.test", "/").unwrap().balance.is_none());
+    }
+
+    #[test]
+    fn balancing_mode_is_part_of_the_upstream_identity() {
+        let t = table(
+            &(ing("a", "2020-01-01T00:00:00Z", "a.test", "/", "main", "")
+                + &ing(
+                    "b",
+                    "2020-01-01T00:00:00Z",
+                    "b.test",
+                    "/",
+                    "main",
+                    &format!("{N}upstream-hash-by: '$uri'"),
+                )
+                + &ing(
+                    "c",
+                    "2020-01-01T00:00:00Z",
+                    "c.test",
+                    "/",
+                    "main",
+                    &format!("{N}affinity: cookie"),
+                )
+                + &ing(
+                    "d",
+                    "2020-01-01T00:00:00Z",
+                    "d.test",
+                    "/",
+                    "main",
+                    &format!("{N}upstream-hash-by: '$uri'"),
+                )),
+        );
+        let up = |h: &str| t.route(h, "/").unwrap().upstream;
+        assert_ne!(up("a.test"), up("b.test"));
+        assert_ne!(up("b.test"), up("c.test"));
+        assert_eq!(up("b.test"), up("d.test"));
+        assert!(t.route("a.test", "/").unwrap().balance.is_none());
+        assert_eq!(t.route("c.test", "/").unwrap().balance.unwrap().cookie_path, "/");
+        assert!(t.render().contains("affinity: cookie INGRESSCOOKIE"), "{}", t.render());
+    }
+
+    fn spec(choice: Choice, n: u8) -> UpstreamSpec {
+        UpstreamSpec {
+            name: "ns/s:80".into(),
+            endpoints: (0..n)
+                .map(|i| UpstreamEndpoint {
+                    addr: SocketAddr::from(([10, 0, 0, i + 1], 8080)),
+                    pod: None,
+                })
+                .collect(),
+            lb: LbMethod::RoundRobin,
+            h2c: false,
+            choice: Some(Arc::new(choice)),
+        }
+    }
+
+    fn states(s: &UpstreamSpec) -> Vec<Arc<EndpointState>> {
+        s.endpoints
+            .iter()
+            .map(|e| Arc::new(EndpointState::new(e.addr, None, false, 1)))
+            .collect()
+    }
+
+    fn affinity(persistent: bool) -> Affinity {
+        Affinity {
+            cookie: "route".into(),
+            persistent,
+            path: None,
+            domain: None,
+            max_age: Some(60),
+            expires: None,
+            samesite: Some(SameSite::Lax),
+            conditional_samesite_none: false,
+            secure: false,
+            change_on_failure: false,
+        }
+    }
+
+    fn cookie_headers(set_cookie: &HeaderValue) -> HeaderMap {
+        let pair = set_cookie.to_str().unwrap().split(';').next().unwrap().to_string();
+        let mut h = HeaderMap::new();
+        h.insert(http::header::COOKIE, pair.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn sticky_cookies_name_their_endpoint() {
+        for persistent in [true, false] {
+            let s = spec(Choice::Sticky(affinity(persistent)), 3);
+            let eps = states(&s);
+            let c = Chooser::build(&s).unwrap();
+            let fresh = PickKey::Sticky {
+                cookie: None,
+                samesite_none: true,
+            };
+            // No cookie: the method picks, the response sets the cookie.
+            assert_eq!(c.pick(&eps, &[], fresh), None);
+            let set = c.set_cookie(fresh, 2, "/app", false).unwrap();
+            let text = set.to_str().unwrap();
+            assert!(text.starts_with("route="), "{text}");
+            assert!(
+                text.ends_with("; Path=/app; Max-Age=60; HttpOnly; SameSite=Lax"),
+                "{text}"
+            );
+            assert!(!text.contains("10.0.0"), "{text}");
+            // With it: the same endpoint, no new cookie.
+            let key = c.cookie_key(&cookie_headers(&set));
+            assert!(key.is_some());
+            let sticky = PickKey::Sticky {
+                cookie: key,
+                samesite_none: true,
+            };
+            assert_eq!(c.pick(&eps, &[], sticky), Some(Some(2)));
+            assert_eq!(c.set_cookie(sticky, 2, "/app", false), None);
+            // Tried already, without change-on-failure: nothing else.
+            assert_eq!(c.pick(&eps, &[2], sticky), Some(None));
+            // Another upstream's cookie is not ours.
+            let mut other = s.clone();
+            other.name = "ns/t:80".into();
+            assert_eq!(Chooser::build(&other).unwrap().cookie_key(&cookie_headers(&set)), None);
+        }
+        // change-on-failure: a failed session endpoint falls back to the method.
+        let mut a = affinity(true);
+        a.change_on_failure = true;
+        let s = spec(Choice::Sticky(a), 3);
+        let c = Chooser::build(&s).unwrap();
+        let set = c
+            .set_cookie(
+                PickKey::Sticky {
+                    cookie: None,
+                    samesite_none: true,
+                },
+                1,
+                "/",
+                true,
+            )
+            .unwrap();
+        assert!(set.to_str().unwrap().contains("; Secure"));
+        let key = PickKey::Sticky {
+            cookie: c.cookie_key(&cookie_headers(&set)),
+            samesite_none: true,
+        };
+        assert_eq!(c.pick(&states(&s), &[1], key), None);
+        // Persistent: gone endpoint → a new pick; balanced keeps mapping.
+        let mut fewer = s.clone();
+        fewer.endpoints.remove(1);
+        let c2 = Chooser::build(&fewer).unwrap();
+        assert_eq!(c2.pick(&states(&fewer), &[], key), None);
+    }
+
+    #[test]
+    fn hashing_picks_skip_tried_endpoints() {
+        for consistent in [true, false] {
+            let s = spec(
+                Choice::Hash(HashBy {
+                    source: "$uri".into(),
+                    parts: vec![Part::Uri],
+                    consistent,
+                }),
+                4,
+            );
+            let eps = states(&s);
+            let c = Chooser::build(&s).unwrap();
+            let mut seen = HashSet::new();
+            for k in 0..64u64 {
+                let key = PickKey::Hash(chash::hash64(&k.to_le_bytes()));
+                let first = c.pick(&eps, &[], key).unwrap().unwrap();
+                assert_eq!(c.pick(&eps, &[], key), Some(Some(first)));
+                let second = c.pick(&eps, &[first], key).unwrap().unwrap();
+                assert_ne!(first, second);
+                assert_eq!(c.pick(&eps, &[0, 1, 2, 3], key), Some(None));
+                seen.insert(first);
+            }
+            assert_eq!(seen.len(), 4, "keys spread over every endpoint");
+        }
+    }
+
+    #[test]
+    fn ewma_prefers_the_faster_endpoint() {
+        let s = spec(Choice::Sticky(affinity(true)), 2);
+        let eps = states(&s);
+        eps[0].ewma.observe(Duration::from_millis(200));
+        eps[1].ewma.observe(Duration::from_millis(5));
+        assert!(eps[1].ewma.score() < eps[0].ewma.score());
+        for _ in 0..20 {
+            assert_eq!(ewma_pick(&eps, &[0, 1]), Some(1));
+        }
+        assert_eq!(ewma_pick(&eps, &[0]), Some(0));
+        assert_eq!(ewma_pick(&eps, &[]), None);
+    }
+
+    #[test]
+    fn cookie_dates_and_samesite_none_clients() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(http_date(t, 0), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(http_date(t, 86_400), "Mon, 07 Nov 1994 08:49:37 GMT");
+        let ua = |s: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::USER_AGENT, s.parse().unwrap());
+            samesite_none_compatible(&h)
+        };
+        assert!(!ua(
+            "Mozilla/5.0 (Windows NT 10.0) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/62.0.3202.94 Safari/537.36"
+        ));
+        assert!(ua(
+            "Mozilla/5.0 (Windows NT 10.0) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+        ));
+        assert!(!ua("Mozilla/5.0 (iPhone; CPU iPhone OS 12_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/12.1.2 Mobile/15E148 Safari/604.1"));
+        assert!(samesite_none_compatible(&HeaderMap::new()));
+    }
+}
