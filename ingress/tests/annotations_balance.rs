@@ -465,6 +465,14 @@ async fn canary_weight_total_and_affinity_stickiness() {
                 "next",
                 &format!("{N}canary: 'true', {N}canary-weight: '50', {N}canary-weight-total: '1000'"),
             )
+            + &service("empty", &[])
+            + &ingress("e", "empty.test", "main", "")
+            + &ingress(
+                "e-canary",
+                "empty.test",
+                "empty",
+                &format!("{N}canary: 'true', {N}canary-weight: '100'"),
+            )
             + &ingress("s", "sticky.test", "main", &format!("{N}affinity: cookie"))
             + &ingress(
                 "s-canary",
@@ -483,6 +491,13 @@ async fn canary_weight_total_and_affinity_stickiness() {
         }
     }
     assert!((20..=80).contains(&n), "canary got {n} of 1000");
+
+    // A canary without endpoints is skipped, as in ingress-nginx.
+    for _ in 0..10 {
+        let a = c.get("empty.test", "/", &[]).await;
+        assert_eq!(a.status, 200);
+        assert!(a.backend().starts_with("main-"), "{}", a.body);
+    }
 
     // With affinity on both: once a client has a cookie from either side,
     // it stays there (ingress-nginx's sticky canary behaviour).

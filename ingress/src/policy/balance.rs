@@ -127,7 +127,12 @@ impl BalancePolicy {
         if canary.is_some() {
             ignored_on_canary(r);
         }
-        let (mut lb, org_hash) = parse_lb_method(r);
+        // On a canary, nginx.org/lb-method was reported as ignored above.
+        let (mut lb, org_hash) = if canary.is_some() {
+            Default::default()
+        } else {
+            parse_lb_method(r)
+        };
         if let Some(m) = r.parse(LOAD_BALANCE, |v| match v {
             "round_robin" => Ok(LbMethod::RoundRobin),
             "ewma" => Ok(LbMethod::Ewma),
@@ -486,7 +491,7 @@ pub fn attach(table: &mut RouteTable, canaries: Vec<PendingCanary>) {
                 rules: c.rules,
             }
         });
-        if canary.is_some() || needs_key(route.upstream) || canary.as_ref().is_some_and(|c| needs_key(c.upstream)) {
+        if canary.is_some() || needs_key(route.upstream) {
             route.balance = Some(Arc::new(RouteBalance {
                 cookie_path: location_path(&route.path),
                 canary,
@@ -758,7 +763,10 @@ fn http_date(now: SystemTime, secs: i64) -> String {
 pub fn prepare(b: &RouteBalance, main: usize, live: &LiveTable, req: &RequestView<'_>) -> (usize, PickKey) {
     let mut upstream = main;
     if let Some(c) = &b.canary {
-        if to_canary(c, main, live, req.headers) {
+        // A canary without endpoints is skipped (ingress-nginx has no
+        // balancer for it and stays on the main backend).
+        let usable = live.upstreams.get(c.upstream).is_some_and(|u| !u.endpoints.is_empty());
+        if usable && to_canary(c, main, live, req.headers) {
             upstream = c.upstream;
         }
     }

@@ -268,15 +268,10 @@ pub fn hash_request(parts: &[Part], req: &RequestView<'_>) -> u64 {
             Part::Args => {
                 h.write(req.uri.query().unwrap_or_default().as_bytes());
             }
-            Part::RemoteAddr => match req.client {
-                IpAddr::V4(a) => {
-                    h.write(a.to_string().as_bytes());
-                }
-                IpAddr::V6(a) => {
-                    h.write(a.to_string().as_bytes());
-                }
-            },
-            Part::RemoteNet => match req.client {
+            Part::RemoteAddr => {
+                h.write(req.client.to_canonical().to_string().as_bytes());
+            }
+            Part::RemoteNet => match req.client.to_canonical() {
                 IpAddr::V4(a) => {
                     h.write(&a.octets()[..3]);
                 }
