@@ -40,6 +40,8 @@ use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
 use crate::metrics::{CloseLabels, IngressMetrics, RequestLabels, UpstreamLabels};
 use crate::policy::access;
+use crate::policy::balance::{self, PickKey};
+use crate::policy::chash::RequestView;
 use crate::policy::paths::Rewritten;
 use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
@@ -1034,6 +1036,24 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
             None,
         ),
         Some(m) => {
+            // Canary choice and the key of a hashed or sticky pick; plain
+            // routes have no `balance`.
+            let (m, key) = match m.balance {
+                None => (m, PickKey::None),
+                Some(b) => {
+                    let host = normalize_host(authority_str);
+                    let view = RequestView {
+                        uri: req.uri(),
+                        method: req.method(),
+                        headers: req.headers(),
+                        host: &host,
+                        client: ctx.peer.ip(),
+                        https: ctx.https,
+                    };
+                    let (upstream, key) = balance::prepare(b, m.upstream, &live, &view);
+                    (RouteMatch { upstream, ..m }, key)
+                }
+            };
             cancel.host = m.host;
             cancel.upstream = live.upstreams.get(m.upstream).map(|u| &**u);
             if h2 {
@@ -1063,7 +1083,7 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
                     m.host,
                     None,
                 ),
-                None => proxy_to(ctx, &live, m, req, authority.as_ref()).await,
+                None => proxy_to(ctx, &live, m, req, authority.as_ref(), key).await,
             };
             if let Some(Some(v)) = hsts {
                 outcome
@@ -1222,6 +1242,7 @@ async fn proxy_to<'a>(
     m: RouteMatch<'a>,
     mut req: Request<Incoming>,
     authority: Option<&HeaderValue>,
+    key: PickKey,
 ) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
     let mut after = None;
     if m.policy.access.is_active() {
@@ -1242,7 +1263,7 @@ async fn proxy_to<'a>(
             }
         }
     }
-    let (mut outcome, host, upstream) = proxy_to_upstream(ctx, live, m, req, authority).await;
+    let (mut outcome, host, upstream) = proxy_to_upstream(ctx, live, m, req, authority, key).await;
     if let Some(a) = after {
         a.apply(&mut outcome.response);
     }
@@ -1255,6 +1276,7 @@ async fn proxy_to_upstream<'a>(
     m: RouteMatch<'a>,
     req: Request<Incoming>,
     authority: Option<&HeaderValue>,
+    key: PickKey,
 ) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
     match live.upstreams.get(m.upstream) {
         None => (
@@ -1266,7 +1288,11 @@ async fn proxy_to_upstream<'a>(
             None,
         ),
         Some(upstream) => {
-            let outcome = forward(ctx, upstream, req, authority, m.max_body).await;
+            let mut outcome = forward(ctx, upstream, req, authority, m.max_body, key).await;
+            if let Some(b) = m.balance {
+                let headers = outcome.response.headers_mut();
+                balance::finish(b, upstream, key, outcome.endpoint, ctx.https, headers);
+            }
             (outcome, m.host, Some(upstream))
         }
     }
@@ -1402,6 +1428,7 @@ async fn forward(
     mut req: Request<Incoming>,
     authority: Option<&HeaderValue>,
     max_body: Option<u64>,
+    key: PickKey,
 ) -> Outcome {
     let s = &ctx.shared;
     let config = &s.config.upstream;
@@ -1425,7 +1452,7 @@ async fn forward(
     }
     let upgrade = is_upgrade_request(&req) && !upstream.spec.h2c;
     if !upgrade && !upstream.spec.h2c && idempotent(req.method()) && req.body().is_end_stream() {
-        return forward_lean(ctx, upstream, req, authority).await;
+        return forward_lean(ctx, upstream, req, authority, key).await;
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare_upstream_request(&mut req, ctx, authority, upgrade, upstream.spec.h2c);
@@ -1444,7 +1471,7 @@ async fn forward(
     let mut last_status = StatusCode::BAD_GATEWAY;
     // Bounded: every turn either returns or consumes an attempt.
     while let Some((i, conn, fresh)) =
-        connect_next(s, upstream, &mut tried, &mut attempts, |ep| ep.connection(config)).await
+        connect_next(s, upstream, &mut tried, &mut attempts, key, |ep| ep.connection(config)).await
     {
         let ep = upstream.endpoints[i].clone();
         let in_flight = ep.track();
@@ -1469,7 +1496,7 @@ async fn forward(
         };
         match result {
             Ok(mut resp) => {
-                observe_latency(s, upstream, sent_at);
+                observe_latency(s, upstream, &ep, sent_at);
                 let endpoint = Some(ep.addr);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(down) = downstream_upgrade {
@@ -1569,6 +1596,7 @@ async fn connect_next<'a, C, F>(
     upstream: &'a LiveUpstream,
     tried: &mut Tried,
     attempts: &mut usize,
+    key: PickKey,
     connect: impl Fn(&'a EndpointState) -> F,
 ) -> Option<(usize, C, bool)>
 where
@@ -1577,7 +1605,7 @@ where
     let config = &s.config.upstream;
     while *attempts < config.max_attempts + 2 {
         *attempts += 1;
-        let i = upstream.pick(tried.as_slice())?;
+        let i = upstream.pick_with(tried.as_slice(), key)?;
         tried.push(i);
         let ep = &upstream.endpoints[i];
         match connect(ep).await {
@@ -1617,7 +1645,10 @@ fn connect_failed(s: &Shared, upstream: &LiveUpstream, ep: &EndpointState, e: &u
     tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e, "upstream connect failed");
 }
 
-fn observe_latency(s: &Shared, upstream: &LiveUpstream, sent_at: Instant) {
+fn observe_latency(s: &Shared, upstream: &LiveUpstream, ep: &EndpointState, sent_at: Instant) {
+    if upstream.spec.lb == LbMethod::Ewma {
+        ep.ewma.observe(sent_at.elapsed());
+    }
     upstream
         .metrics
         .latency
@@ -1640,6 +1671,7 @@ async fn forward_lean(
     upstream: &LiveUpstream,
     mut req: Request<Incoming>,
     authority: Option<&HeaderValue>,
+    key: PickKey,
 ) -> Outcome {
     let s = &ctx.shared;
     let config = &s.config.upstream;
@@ -1652,8 +1684,10 @@ async fn forward_lean(
     let mut tried = Tried::default();
     let mut attempts = 0usize;
     // Bounded: every turn either returns or consumes an attempt.
-    while let Some((i, mut conn, fresh)) =
-        connect_next(s, upstream, &mut tried, &mut attempts, |ep| ep.raw_connection(config)).await
+    while let Some((i, mut conn, fresh)) = connect_next(s, upstream, &mut tried, &mut attempts, key, |ep| {
+        ep.raw_connection(config)
+    })
+    .await
     {
         let ep = &upstream.endpoints[i];
         // Requests in flight matter only to the least-connection pickers.
@@ -1662,7 +1696,7 @@ async fn forward_lean(
         let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
         match tokio::time::timeout_at(deadline, conn.exchange(&request, head_request)).await {
             Ok(Ok(head)) => {
-                observe_latency(s, upstream, sent_at);
+                observe_latency(s, upstream, ep, sent_at);
                 let (mut parts, ()) = head.response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
                 // The downstream connection speaks its own version.

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use ferry_cluster::{BackendPort, Ingress, IngressBackend, ObjectKey, PathType, ServiceType, Snapshot};
 
+use crate::policy::balance::{self, Choice, PendingCanary, RouteBalance};
 use crate::policy::paths::{path_regex, OrgPathRegex, Rewrite};
 use crate::policy::{Policy, Reader};
 
@@ -112,6 +113,9 @@ pub enum LbMethod {
     Random,
     /// Two random endpoints, the one with fewer requests in flight wins.
     RandomTwoLeastConn,
+    /// Two random endpoints, the one with the lower decaying average
+    /// response time wins (ingress-nginx's `load-balance: ewma`).
+    Ewma,
 }
 
 impl LbMethod {
@@ -133,6 +137,7 @@ impl LbMethod {
             LbMethod::LeastConn => "least_conn",
             LbMethod::Random => "random",
             LbMethod::RandomTwoLeastConn => "random two least_conn",
+            LbMethod::Ewma => "ewma",
         }
     }
 }
@@ -153,6 +158,8 @@ pub struct UpstreamSpec {
     pub lb: LbMethod,
     /// Speak HTTP/2 cleartext to the endpoints (gRPC).
     pub h2c: bool,
+    /// Hashing or cookie affinity (`policy::balance`).
+    pub choice: Option<Arc<Choice>>,
 }
 
 /// How a rule's path is compared with the request path.
@@ -260,6 +267,9 @@ pub struct Route {
     pub max_body: Option<u64>,
     /// What the Ingress's annotations ask for (shared by its routes).
     pub policy: Arc<Policy>,
+    /// A canary, or a per-request key for the endpoint pick
+    /// (`policy::balance`); `None` on plain routes.
+    pub balance: Option<Arc<RouteBalance>>,
 }
 
 /// The result of a lookup.
@@ -273,6 +283,7 @@ pub struct RouteMatch<'a> {
     pub https_only: bool,
     pub max_body: Option<u64>,
     pub policy: &'a Policy,
+    pub balance: Option<&'a RouteBalance>,
 }
 
 impl Route {
@@ -286,6 +297,7 @@ impl Route {
             https_only: self.https_only,
             max_body: self.max_body,
             policy: &self.policy,
+            balance: self.balance.as_deref(),
         }
     }
 }
@@ -536,6 +548,17 @@ impl RouteTable {
         self.www_redirects.get(&*normalize_host(host)).map(String::as_str)
     }
 
+    /// Every route with a host rule or none (not the default backend), for
+    /// the compile passes that attach things to routes.
+    pub(crate) fn for_each_route_mut(&mut self, mut f: impl FnMut(&mut Route)) {
+        self.exact
+            .values_mut()
+            .chain(self.wildcard.values_mut())
+            .flatten()
+            .chain(self.any_host.iter_mut())
+            .for_each(&mut f);
+    }
+
     pub fn upstream(&self, index: usize) -> Option<&Arc<UpstreamSpec>> {
         self.upstreams.get(index)
     }
@@ -572,7 +595,12 @@ impl RouteTable {
                     } else {
                         eps.join(" ")
                     };
-                    format!("{} [{}{}] -> {}", u.name, u.lb.as_str(), proto, eps)
+                    let choice = u
+                        .choice
+                        .as_ref()
+                        .map(|c| format!(", {}", c.describe()))
+                        .unwrap_or_default();
+                    format!("{} [{}{}{}] -> {}", u.name, u.lb.as_str(), proto, choice, eps)
                 }
                 None => "?".into(),
             }
@@ -589,6 +617,15 @@ impl RouteTable {
                     if r.https_only { ", http -> 308 https" } else { "" },
                     r.max_body.map(|n| format!(", body <= {n} bytes")).unwrap_or_default()
                 );
+                if let Some(c) = r.balance.as_ref().and_then(|b| b.canary.as_ref()) {
+                    let _ = writeln!(
+                        out,
+                        "  {:<28} {}  (ingress {})",
+                        "  canary",
+                        upstream(c.upstream),
+                        c.ingress
+                    );
+                }
             }
         };
         let mut hosts: Vec<&String> = self.exact.keys().collect();
@@ -657,6 +694,7 @@ struct UpstreamKey {
     port: String,
     lb: LbMethod,
     h2c: bool,
+    choice: Option<Arc<Choice>>,
 }
 
 /// One Ingress with what its annotations say.
@@ -664,7 +702,7 @@ struct Annotated<'a> {
     ing: &'a Arc<Ingress>,
     ssl_redirect: bool,
     max_body: Option<u64>,
-    upstream_options: (LbMethod, bool),
+    upstream_options: (LbMethod, bool, Option<Arc<Choice>>),
     policy: Arc<Policy>,
 }
 
@@ -706,19 +744,15 @@ impl Compiler<'_> {
         .filter(|&n| n > 0)
     }
 
-    /// The load-balancing method and whether the annotations ask for h2c.
-    fn upstream_options(r: &mut Reader<'_>) -> (LbMethod, bool) {
-        let lb = r
-            .parse(LB_METHOD_ANNOTATION, |v| {
-                LbMethod::parse(v).ok_or_else(|| "unsupported method; using round_robin".to_string())
-            })
-            .unwrap_or_default();
+    /// Whether the annotations ask for h2c (the load-balancing method is
+    /// read by `policy::balance`).
+    fn upstream_options(r: &mut Reader<'_>) -> bool {
         let h2c = r
             .get(BACKEND_PROTOCOL_ANNOTATION)
             .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
             || r.get(NGINX_BACKEND_PROTOCOL_ANNOTATION)
                 .is_some_and(|v| v.eq_ignore_ascii_case("grpc") || v.eq_ignore_ascii_case("h2c"));
-        (lb, h2c)
+        h2c
     }
 
     /// Resolves a backend to an upstream index. Missing Services or ports
@@ -729,7 +763,7 @@ impl Compiler<'_> {
         ing: &Ingress,
         field: &str,
         backend: &IngressBackend,
-        (lb, annotated_h2c): (LbMethod, bool),
+        (lb, annotated_h2c, choice): (LbMethod, bool, Option<Arc<Choice>>),
     ) -> usize {
         let (service, port) = match backend {
             IngressBackend::Service { name, port } => (name.clone(), port.clone()),
@@ -746,6 +780,7 @@ impl Compiler<'_> {
                         port: String::new(),
                         lb,
                         h2c: false,
+                        choice,
                     },
                     Vec::new(),
                 );
@@ -797,6 +832,7 @@ impl Compiler<'_> {
                 port: port.to_string(),
                 lb,
                 h2c,
+                choice,
             },
             endpoints,
         )
@@ -817,6 +853,7 @@ impl Compiler<'_> {
             endpoints,
             lb: key.lb,
             h2c: key.h2c,
+            choice: key.choice.clone(),
         }));
         self.upstream_index.insert(key, i);
         i
@@ -856,10 +893,9 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
         upstream_index: BTreeMap::new(),
     };
     // (host or "" , path match) → the Ingress that claimed it.
-    // A `RegexPath` hashes and compares the path it was written as only,
-    // never the regex's internal cache.
-    #[allow(clippy::mutable_key_type)]
     let mut claimed: HashMap<(String, PathMatch), ObjectKey> = HashMap::new();
+    // Paths of canary Ingresses, attached to their main routes at the end.
+    let mut canaries: Vec<PendingCanary> = Vec::new();
 
     // The annotations first: ingress-nginx makes every path of a host a
     // regex when any Ingress of that host asks for regexes, so that must
@@ -870,8 +906,9 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
             let mut reader = Reader::new(ing);
             let ssl_redirect = Compiler::ssl_redirect(&mut reader);
             let max_body = Compiler::max_body(&mut reader);
-            let upstream_options = Compiler::upstream_options(&mut reader);
+            let annotated_h2c = Compiler::upstream_options(&mut reader);
             let policy = Arc::new(Policy::compile(snap, &mut reader));
+            let upstream_options = (policy.balance.lb, annotated_h2c, policy.balance.choice.clone());
             c.table.problems.extend(reader.finish());
             Annotated {
                 ing,
@@ -902,8 +939,15 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
     } in annotated
     {
         c.table.served.push(ing.key.clone());
+        let canary = policy.balance.canary.clone();
         c.table.policies.push(policy.clone());
-        if let Some(b) = &ing.default_backend {
+        if let (Some(_), Some(_)) = (&ing.default_backend, &canary) {
+            c.problem(
+                ing,
+                "spec.defaultBackend",
+                "a canary of the default backend is not supported; ignored",
+            );
+        } else if let Some(b) = &ing.default_backend {
             match &c.table.default_backend {
                 Some(existing) => {
                     let msg = format!(
@@ -913,7 +957,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     c.problem(ing, "spec.defaultBackend", msg);
                 }
                 None => {
-                    let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options);
+                    let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options.clone());
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
                         written_path: "/".into(),
@@ -924,6 +968,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                         https_only: false,
                         max_body,
                         policy: policy.clone(),
+                        balance: None,
                     });
                 }
             }
@@ -998,6 +1043,18 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     (None, IngressBackend::Resource { .. }) => None,
                 };
                 let claim = (host.clone().unwrap_or_default(), matcher.clone());
+                if let Some(rules) = &canary {
+                    let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options.clone());
+                    canaries.push(PendingCanary {
+                        ingress: ing.key.clone(),
+                        field,
+                        host: claim.0,
+                        path: matcher,
+                        upstream,
+                        rules: rules.clone(),
+                    });
+                    continue;
+                }
                 if let Some(owner) = claimed.get(&claim) {
                     let msg = format!(
                         "{matcher} on host {:?} already routed by older Ingress {owner}; ignored",
@@ -1007,7 +1064,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     continue;
                 }
                 claimed.insert(claim, ing.key.clone());
-                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options);
+                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options.clone());
                 let route = Route {
                     path: matcher,
                     written_path: path,
@@ -1018,6 +1075,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     https_only,
                     max_body,
                     policy: policy.clone(),
+                    balance: None,
                 };
                 match &host {
                     None => c.table.any_host.push(route),
@@ -1059,6 +1117,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
         }
     }
 
+    balance::attach(&mut c.table, canaries);
     let sort = |routes: &mut Vec<Route>| routes.sort_by_key(|r| r.path.sort_key());
     c.table.exact.values_mut().for_each(sort);
     c.table.wildcard.values_mut().for_each(sort);

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::conn::ClientBody;
 use crate::h1::RawConn;
+use crate::policy::balance::{self, Chooser, Ewma, PickKey};
 use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
 
 /// What is sent upstream: the client's body (cut off with an error past
@@ -100,6 +101,8 @@ pub struct EndpointState {
     /// Idle connections of the lean HTTP/1.1 path (`h1`), one pool per slot.
     raw_idle: Box<[Mutex<Vec<RawConn>>]>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// Response times, for `LbMethod::Ewma`.
+    pub ewma: Ewma,
 }
 
 /// A connection ready for one request.
@@ -131,6 +134,7 @@ impl EndpointState {
             h1_idle: (0..pool_slots.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             raw_idle: (0..pool_slots.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
+            ewma: Ewma::default(),
         }
     }
 
@@ -300,6 +304,8 @@ pub struct LiveUpstream {
     pub spec: Arc<UpstreamSpec>,
     pub endpoints: Vec<Arc<EndpointState>>,
     rr: Arc<AtomicUsize>,
+    /// Hash ring and affinity cookie keys, when the spec has a `choice`.
+    pub chooser: Option<Chooser>,
     /// Metric handles looked up once per table rather than per request
     /// (a `Family` lookup hashes the String labels under a lock).
     pub metrics: UpstreamMetrics,
@@ -317,6 +323,17 @@ pub struct UpstreamMetrics {
 }
 
 impl LiveUpstream {
+    /// Picks an endpoint for a request with `key` (hashing, affinity),
+    /// falling back to the upstream's method (see `Chooser::pick`).
+    pub fn pick_with(&self, tried: &[usize], key: PickKey) -> Option<usize> {
+        if let (Some(c), false) = (&self.chooser, key == PickKey::None) {
+            if let Some(decided) = c.pick(&self.endpoints, tried, key) {
+                return decided;
+            }
+        }
+        self.pick(tried)
+    }
+
     /// Picks an endpoint not in `tried`, preferring ones that are not
     /// ejected (when all are ejected, ejection is ignored rather than
     /// failing every request).
@@ -346,6 +363,10 @@ impl LiveUpstream {
             LbMethod::Random => {
                 let candidates: Vec<usize> = (0..n).filter(|&i| ok(i)).collect();
                 candidates.get(fastrand::usize(..candidates.len().max(1))).copied()
+            }
+            LbMethod::Ewma => {
+                let candidates: Vec<usize> = (0..n).filter(|&i| ok(i)).collect();
+                balance::ewma_pick(&self.endpoints, &candidates)
             }
             LbMethod::RandomTwoLeastConn => {
                 let candidates: Vec<usize> = (0..n).filter(|&i| ok(i)).collect();
@@ -419,6 +440,7 @@ impl LiveTable {
                     .cloned()
                     .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)));
                 Arc::new(LiveUpstream {
+                    chooser: Chooser::build(spec),
                     spec: spec.clone(),
                     endpoints,
                     rr,
@@ -447,8 +469,10 @@ mod tests {
             endpoints: endpoints.clone(),
             lb,
             h2c: false,
+            choice: None,
         });
         LiveUpstream {
+            chooser: None,
             endpoints: endpoints
                 .iter()
                 .map(|e| Arc::new(EndpointState::new(e.addr, None, false, 1)))
@@ -520,6 +544,7 @@ mod tests {
                     .collect(),
                 lb: LbMethod::RoundRobin,
                 h2c: false,
+                choice: None,
             })];
             Arc::new(t)
         };

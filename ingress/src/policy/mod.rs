@@ -17,6 +17,8 @@
 
 pub mod access;
 pub mod balance;
+pub mod canary;
+pub mod chash;
 pub mod cors;
 pub mod extauth;
 pub mod htpasswd;
