@@ -26,14 +26,17 @@ use std::sync::Arc;
 
 use ferry_cluster::{BackendPort, Ingress, IngressBackend, ObjectKey, PathType, ServiceType, Snapshot};
 
+use crate::policy::upstream_opts::UpstreamPolicy;
+use crate::policy::upstream_tls::UpstreamTls;
 use crate::policy::{Policy, Reader};
 
 /// Annotation choosing the load-balancing method (NGINX Ingress Controller's name).
 pub const LB_METHOD_ANNOTATION: &str = "nginx.org/lb-method";
 /// Annotation asking for HTTP/2 cleartext (h2c) to the upstream.
 pub const BACKEND_PROTOCOL_ANNOTATION: &str = "ferry.dev/backend-protocol";
-/// ingress-nginx's equivalent; `GRPC` and `H2C` select h2c.
-pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = "nginx.ingress.kubernetes.io/backend-protocol";
+/// ingress-nginx's equivalent (read with the other upstream annotations
+/// in `policy::upstream_opts`).
+pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = crate::policy::upstream_opts::BACKEND_PROTOCOL;
 /// The `appProtocol` value that selects h2c to the upstream.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 /// Annotations limiting the request body size (nginx size syntax: `8m`,
@@ -150,8 +153,12 @@ pub struct UpstreamSpec {
     pub name: String,
     pub endpoints: Vec<UpstreamEndpoint>,
     pub lb: LbMethod,
-    /// Speak HTTP/2 cleartext to the endpoints (gRPC).
+    /// Speak HTTP/2 with prior knowledge to the endpoints (gRPC): h2c, or
+    /// h2 over TLS (ALPN h2) when `tls` is set.
     pub h2c: bool,
+    /// Connect over TLS (`backend-protocol: HTTPS`/`GRPCS`); such
+    /// upstreams always take the hyper client.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// How a rule's path is compared with the request path.
@@ -497,7 +504,11 @@ impl RouteTable {
             match self.upstreams.get(i) {
                 Some(u) => {
                     let eps: Vec<String> = u.endpoints.iter().map(|e| e.addr.to_string()).collect();
-                    let proto = if u.h2c { " h2c" } else { "" };
+                    let proto = match (&u.tls, u.h2c) {
+                        (Some(t), _) => format!(" {}", t.describe()),
+                        (None, true) => " h2c".to_string(),
+                        (None, false) => String::new(),
+                    };
                     let eps = if eps.is_empty() {
                         "no endpoints (503)".to_string()
                     } else {
@@ -578,6 +589,9 @@ struct UpstreamKey {
     port: String,
     lb: LbMethod,
     h2c: bool,
+    tls: Option<Arc<UpstreamTls>>,
+    /// `service-upstream`: the ClusterIP is dialled.
+    cluster_ip: bool,
 }
 
 struct Compiler<'a> {
@@ -627,9 +641,7 @@ impl Compiler<'_> {
             .unwrap_or_default();
         let h2c = r
             .get(BACKEND_PROTOCOL_ANNOTATION)
-            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
-            || r.get(NGINX_BACKEND_PROTOCOL_ANNOTATION)
-                .is_some_and(|v| v.eq_ignore_ascii_case("grpc") || v.eq_ignore_ascii_case("h2c"));
+            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"));
         (lb, h2c)
     }
 
@@ -642,6 +654,7 @@ impl Compiler<'_> {
         field: &str,
         backend: &IngressBackend,
         (lb, annotated_h2c): (LbMethod, bool),
+        up: &UpstreamPolicy,
     ) -> usize {
         let (service, port) = match backend {
             IngressBackend::Service { name, port } => (name.clone(), port.clone()),
@@ -658,6 +671,8 @@ impl Compiler<'_> {
                         port: String::new(),
                         lb,
                         h2c: false,
+                        tls: None,
+                        cluster_ip: false,
                     },
                     Vec::new(),
                 );
@@ -668,8 +683,11 @@ impl Compiler<'_> {
             BackendPort::Number(n) => s.ports.iter().find(|p| p.port == *n),
             BackendPort::Name(n) => s.port_named(n),
         });
-        let mut h2c = annotated_h2c || svc_port.is_some_and(|p| p.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL));
+        let (policy_h2, _) = up.protocol_for(&service);
+        let mut h2c =
+            annotated_h2c || policy_h2 || svc_port.is_some_and(|p| p.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL));
         let mut endpoints = Vec::new();
+        let mut cluster_ip = false;
         match (&svc, svc_port) {
             (None, _) => self.problem(
                 ing,
@@ -692,7 +710,26 @@ impl Compiler<'_> {
                     ing.key.namespace
                 ),
             ),
+            (Some(s), Some(p)) if up.service_upstream && !s.cluster_ips.is_empty() => {
+                // `service-upstream`: the ClusterIP, load-balanced by the
+                // service proxy, instead of the pods.
+                cluster_ip = true;
+                endpoints.push(UpstreamEndpoint {
+                    addr: SocketAddr::new(s.cluster_ips[0], p.port),
+                    pod: None,
+                });
+            }
             (Some(s), Some(p)) => {
+                if up.service_upstream {
+                    self.problem(
+                        ing,
+                        format!("{field}.service.name"),
+                        format!(
+                            "Service {}/{service} has no ClusterIP for service-upstream; using its endpoints",
+                            ing.key.namespace
+                        ),
+                    );
+                }
                 for b in self.snap.usable_backends(s, p) {
                     h2c |= b.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL);
                     endpoints.push(UpstreamEndpoint {
@@ -702,6 +739,7 @@ impl Compiler<'_> {
                 }
             }
         }
+        let tls = up.tls_for(&ing.key.namespace, &service, h2c);
         self.push_upstream(
             UpstreamKey {
                 namespace: ing.key.namespace.clone(),
@@ -709,6 +747,8 @@ impl Compiler<'_> {
                 port: port.to_string(),
                 lb,
                 h2c,
+                tls,
+                cluster_ip,
             },
             endpoints,
         )
@@ -729,6 +769,7 @@ impl Compiler<'_> {
             endpoints,
             lb: key.lb,
             h2c: key.h2c,
+            tls: key.tls.clone(),
         }));
         self.upstream_index.insert(key, i);
         i
@@ -776,8 +817,18 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
         let ssl_redirect = Compiler::ssl_redirect(&mut reader);
         let max_body = Compiler::max_body(&mut reader);
         let upstream_options = Compiler::upstream_options(&mut reader);
-        let policy = Arc::new(Policy::compile(snap, &mut reader));
+        let mut policy = Policy::compile(snap, &mut reader);
         c.table.problems.extend(reader.finish());
+        if let Some(backend) = crate::policy::upstream_opts::default_backend(snap, ing, &policy.upstream) {
+            let plain = UpstreamPolicy::default();
+            let field = format!(
+                "metadata.annotations[{}]",
+                crate::policy::upstream_opts::DEFAULT_BACKEND
+            );
+            let i = c.upstream(ing, &field, &backend, (LbMethod::default(), false), &plain);
+            policy.upstream.default_backend_upstream = Some(i);
+        }
+        let policy = Arc::new(policy);
         c.table.policies.push(policy.clone());
         if let Some(b) = &ing.default_backend {
             match &c.table.default_backend {
@@ -789,7 +840,7 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     c.problem(ing, "spec.defaultBackend", msg);
                 }
                 None => {
-                    let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options);
+                    let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options, &policy.upstream);
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
                         upstream,
@@ -852,7 +903,13 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     continue;
                 }
                 claimed.insert(claim, ing.key.clone());
-                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options);
+                let upstream = c.upstream(
+                    ing,
+                    &format!("{field}.backend"),
+                    &p.backend,
+                    upstream_options,
+                    &policy.upstream,
+                );
                 let route = Route {
                     path: matcher,
                     upstream,

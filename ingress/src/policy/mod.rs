@@ -12,12 +12,15 @@
 //! The areas, each parsed into its own part of [`Policy`]:
 //! - [`paths`]: regex paths, rewrites, redirects, aliases, HSTS;
 //! - [`access`]: allow/deny lists, basic and external auth, CORS, rate limits;
-//! - [`balance`]: endpoint choice (hashing, affinity, EWMA), canaries and
-//!   upstream protocol, TLS and timeouts.
+//! - [`balance`]: endpoint choice (hashing, affinity, EWMA), canaries;
+//! - [`upstream_opts`] (with [`upstream_tls`]): upstream protocol, TLS,
+//!   Host, timeouts, retries and error pages.
 
 pub mod access;
 pub mod balance;
 pub mod paths;
+pub mod upstream_opts;
+pub mod upstream_tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -41,6 +44,7 @@ pub struct Policy {
     pub paths: paths::PathPolicy,
     pub access: access::AccessPolicy,
     pub balance: balance::BalancePolicy,
+    pub upstream: upstream_opts::UpstreamPolicy,
 }
 
 impl PartialEq for Policy {
@@ -77,6 +81,7 @@ impl Policy {
             paths: paths::PathPolicy::parse(reader),
             access: access::AccessPolicy::parse(snap, reader),
             balance: balance::BalancePolicy::parse(snap, reader),
+            upstream: upstream_opts::UpstreamPolicy::parse(snap, reader),
         }
     }
 
@@ -86,6 +91,7 @@ impl Policy {
         let mut out = self.paths.describe();
         out.extend(self.access.describe());
         out.extend(self.balance.describe());
+        out.extend(self.upstream.describe());
         out
     }
 }
