@@ -38,7 +38,9 @@ use crate::conn::{
 use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
 use crate::metrics::{CloseLabels, IngressMetrics, RequestLabels, UpstreamLabels};
-use crate::policy::upstream_opts::{ErrorRequest, ReadTimeout, Retry, UpstreamPolicy};
+use crate::policy::upstream_opts::{
+    wait_response, ErrorRequest, ReadTimeout, Retry, SendWatch, UpstreamPolicy, WaitTimeout,
+};
 use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
 use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
@@ -1312,7 +1314,17 @@ async fn forward(
     });
     let (parts, body) = req.into_parts();
     let limit = max_body.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let (body, body_done) = conn::ClientBody::new(body, s.config.limits.body_timeout);
+    let (mut body, body_done) = conn::ClientBody::new(body, s.config.limits.body_timeout);
+    // `proxy-send-timeout`: only requests with a body on routes with it pay for the watch.
+    let send_watch = match up.send_timeout {
+        Some(t) if !body_done.load(Ordering::Relaxed) => {
+            let w = Arc::new(SendWatch::new());
+            body.set_watch(w.clone());
+            Some((w, t))
+        }
+        _ => None,
+    };
+    let watch = send_watch.as_ref().map(|(w, t)| (&**w, *t, &*body_done));
     let mut req: Request<UpstreamBody> = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
     let mut tried = Tried::default();
     let mut attempts = 0usize;
@@ -1327,22 +1339,33 @@ async fn forward(
         let in_flight = ep.track();
         let sent_at = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
+        let mut send_stalled = false;
         let result = match conn {
-            Conn::H1(mut sender) => match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
-                Err(_) => Err(None),
-                Ok(Ok(resp)) => {
-                    if !upgrade {
-                        ep.give_back(sender);
+            Conn::H1(mut sender) => {
+                match wait_response(sender.try_send_request(req), deadline, watch, config.header_timeout).await {
+                    Err(w) => {
+                        send_stalled = w == WaitTimeout::Send;
+                        Err(None)
                     }
-                    Ok(resp)
+                    Ok(Ok(resp)) => {
+                        if !upgrade {
+                            ep.give_back(sender);
+                        }
+                        Ok(resp)
+                    }
+                    Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
                 }
-                Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
-            },
-            Conn::H2(mut sender) => match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
-                Err(_) => Err(None),
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
-            },
+            }
+            Conn::H2(mut sender) => {
+                match wait_response(sender.try_send_request(req), deadline, watch, config.header_timeout).await {
+                    Err(w) => {
+                        send_stalled = w == WaitTimeout::Send;
+                        Err(None)
+                    }
+                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
+                }
+            }
         };
         match result {
             Ok(resp) if retry.on_status(resp.status()) && replay.is_some() && tried.len() < config.max_attempts => {
@@ -1381,6 +1404,14 @@ async fn forward(
                 return Outcome {
                     response: Response::from_parts(parts, body.read_timeout(up.read_timeout)),
                     endpoint,
+                };
+            }
+            Err(None) if send_stalled => {
+                tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr,
+                    "upstream send timeout: the upstream stopped reading the request body");
+                return Outcome {
+                    response: local(StatusCode::GATEWAY_TIMEOUT),
+                    endpoint: Some(ep.addr),
                 };
             }
             Err(None) if !body_done.load(Ordering::Relaxed) => {

@@ -465,6 +465,36 @@ async fn read_timeout_gives_504_and_cuts_stalled_bodies() {
 }
 
 #[tokio::test]
+async fn send_timeout_gives_504_when_the_upstream_stops_reading() {
+    let cancel = CancellationToken::new();
+    // Reads the first bytes of the request, then nothing more.
+    let stall = stalling_backend(&cancel, false).await;
+    let live = backend("took-it", &cancel).await;
+    let yaml = CLASS.to_string()
+        + &service("stall", &[stall], None)
+        + &service("live", &[live], None)
+        + &ingress("a", "a.test", "stall", &format!("{A}proxy-send-timeout: '1'"))
+        + &ingress(
+            "b",
+            "b.test",
+            "live",
+            &format!("{A}proxy-send-timeout: '1', {A}proxy-read-timeout: '5'"),
+        );
+    let proxy = start(parse(&yaml)).await;
+    let c = client();
+    // Far more than the socket buffers hold.
+    let big = "x".repeat(48 << 20);
+    let (status, _) = send(&c, proxy.http, "POST", "a.test", "/", &[], &big).await;
+    assert_eq!(status, 504);
+    // A backend that reads the body answers as usual.
+    let (status, body) = send(&c, proxy.http, "POST", "b.test", "/", &[], &big[..(4 << 20)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("body-bytes: {}", 4 << 20)), "{body}");
+    stop(proxy).await;
+    cancel.cancel();
+}
+
+#[tokio::test]
 async fn next_upstream_tries_walks_past_dead_endpoints() {
     let cancel = CancellationToken::new();
     let live = backend("live", &cancel).await;

@@ -544,6 +544,106 @@ impl ErrorRequest {
     }
 }
 
+/// `proxy-send-timeout` for one request with a body: when hyper last
+/// polled the client's body and whether that poll waited on the client.
+/// The upstream is stalling when, with the body unfinished and not waiting
+/// on the client, hyper has not asked for more for the send timeout (its
+/// write buffer is full: the upstream stopped reading).
+#[derive(Debug)]
+pub struct SendWatch {
+    started: std::time::Instant,
+    /// Milliseconds since `started` of the last poll, shifted left by one;
+    /// the low bit is set when that poll waited on the client.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl SendWatch {
+    pub fn new() -> SendWatch {
+        SendWatch {
+            started: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX >> 2)
+    }
+
+    /// Called on every poll of the client's body.
+    pub fn polled(&self, waiting_on_client: bool) {
+        let v = (self.now_ms() << 1) | u64::from(waiting_on_client);
+        self.last.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the upstream has not taken body data, `None` while the
+    /// body waits on the client.
+    fn stalled_for(&self) -> Option<Duration> {
+        let v = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        if v & 1 == 1 {
+            return None;
+        }
+        Some(Duration::from_millis(self.now_ms().saturating_sub(v >> 1)))
+    }
+}
+
+impl Default for SendWatch {
+    fn default() -> Self {
+        SendWatch::new()
+    }
+}
+
+/// Why waiting for a response head ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitTimeout {
+    /// The read (response header) timeout.
+    Read,
+    /// `proxy-send-timeout`: the upstream stopped taking the request body.
+    Send,
+}
+
+/// Awaits `fut` (sending a request and reading the response head) until
+/// `deadline`; with a `watch` (`proxy-send-timeout` set and a body to
+/// send), the send timeout also bounds every pause in the upstream taking
+/// the body, and the read timeout counts from when the body was sent whole.
+pub async fn wait_response<F: Future>(
+    fut: F,
+    deadline: Instant,
+    watch: Option<(&SendWatch, Duration, &std::sync::atomic::AtomicBool)>,
+    read_timeout: Duration,
+) -> Result<F::Output, WaitTimeout> {
+    let Some((watch, send_timeout, done)) = watch else {
+        return tokio::time::timeout_at(deadline, fut)
+            .await
+            .map_err(|_| WaitTimeout::Read);
+    };
+    // The clock starts now: hyper has not been asked to send yet.
+    watch.polled(false);
+    tokio::pin!(fut);
+    let mut read_deadline: Option<Instant> = None;
+    // Bounded: every turn waits at least until the next check, and a
+    // check past a deadline returns.
+    loop {
+        let now = Instant::now();
+        let next = if done.load(std::sync::atomic::Ordering::Relaxed) {
+            *read_deadline.get_or_insert(now + read_timeout)
+        } else {
+            match watch.stalled_for() {
+                Some(stalled) if stalled >= send_timeout => return Err(WaitTimeout::Send),
+                Some(stalled) => now + (send_timeout - stalled),
+                None => now + send_timeout,
+            }
+        };
+        tokio::select! {
+            out = &mut fut => return Ok(out),
+            () = tokio::time::sleep_until(next) => {
+                if read_deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(WaitTimeout::Read);
+                }
+            }
+        }
+    }
+}
+
 /// A response body from the upstream whose frames must each arrive within
 /// `proxy-read-timeout` of the previous one; past it, the body ends with
 /// an error (the client's connection or stream is cut, as nginx does).
