@@ -47,9 +47,10 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    /// `tls(verify=…, sni=…, …)`, for `ferry render`.
+    /// `tls(verify=…, sni=…, …)`, for `ferry render` (without the hash
+    /// of the key material).
     pub fn describe(&self) -> &str {
-        &self.key
+        self.key.split('#').next().unwrap_or_default()
     }
 
     /// What identifies these settings (equal ids: equal settings).
@@ -96,7 +97,10 @@ pub struct TlsSettings {
     h1: Arc<ClientConfig>,
     h2: Arc<ClientConfig>,
     name: Option<String>,
+    /// The settings, printable.
     key: String,
+    /// A hash of the Secret's data: part of the identity, never printed.
+    material: u64,
 }
 
 impl fmt::Debug for TlsSettings {
@@ -250,7 +254,7 @@ impl TlsSettings {
         }
         let versions = versions.unwrap_or_else(|| vec![&rustls::version::TLS13, &rustls::version::TLS12]);
         let key = format!(
-            "tls(verify={}{}, sni={}, versions={}, secret={}, material={material:016x})",
+            "tls(verify={}{}, sni={}, versions={}, secret={})",
             if verify { "on" } else { "off" },
             depth.map(|d| format!(", depth={d}")).unwrap_or_default(),
             if sni { "on" } else { "off" },
@@ -290,7 +294,13 @@ impl TlsSettings {
             Ok(Arc::new(config))
         };
         match (build(b"http/1.1"), build(b"h2")) {
-            (Ok(h1), Ok(h2)) => Some(TlsSettings { h1, h2, name, key }),
+            (Ok(h1), Ok(h2)) => Some(TlsSettings {
+                h1,
+                h2,
+                name,
+                key,
+                material,
+            }),
             (Err(e), _) | (_, Err(e)) => {
                 r.problem(
                     PROXY_SSL_SECRET,
@@ -312,7 +322,13 @@ impl TlsSettings {
         Some(Arc::new(UpstreamTls {
             config: if h2 { self.h2.clone() } else { self.h1.clone() },
             server_name,
-            key: format!("{} name={name} alpn={}", self.key, if h2 { "h2" } else { "http/1.1" }).into(),
+            key: format!(
+                "{} name={name} alpn={}#{:016x}",
+                self.key,
+                if h2 { "h2" } else { "http/1.1" },
+                self.material
+            )
+            .into(),
         }))
     }
 

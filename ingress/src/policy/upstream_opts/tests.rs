@@ -272,6 +272,14 @@ fn pools_are_keyed_by_tls_settings() {
     assert_eq!(ta, tb);
     assert_eq!(ta.id(), tb.id());
     assert_ne!(ta, tc);
+    // The same settings with other key material are another identity.
+    let d = table(
+        &format!("{P}backend-protocol: HTTPS, {P}proxy-ssl-secret: default/upstream-ca"),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: upstream-ca}\ntype: Opaque\nstringData:\n  ca.crt: other\n",
+    );
+    let td = spec(&d, "/").tls.as_ref().unwrap();
+    assert_eq!(td.describe(), tc.describe());
+    assert_ne!(td, tc);
     let live_a = crate::upstream::LiveTable::build(Arc::new(a.clone()), &Default::default(), 1);
     let live_b = crate::upstream::LiveTable::build(Arc::new(b.clone()), &live_a, 1);
     assert!(Arc::ptr_eq(
@@ -478,5 +486,6 @@ fn describe_lists_settings_without_secrets() {
         assert!(lines.contains(want), "{want} in {lines}");
     }
     assert!(!lines.contains("not a certificate"), "{lines}");
+    assert!(!t.render().contains('#'), "{}", t.render());
     assert!(t.render().contains("tls(verify=off"), "{}", t.render());
 }
