@@ -245,9 +245,17 @@ pub struct ClientBody {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
     done: Arc<AtomicBool>,
+    /// `proxy-send-timeout`: told of every poll (set only on routes with it).
+    watch: Option<Arc<crate::policy::upstream_opts::SendWatch>>,
 }
 
 impl ClientBody {
+    /// Reports every poll to `watch` (how `proxy-send-timeout` sees the
+    /// upstream stop taking the body).
+    pub fn set_watch(&mut self, watch: Arc<crate::policy::upstream_opts::SendWatch>) {
+        self.watch = Some(watch);
+    }
+
     pub fn new(inner: hyper::body::Incoming, timeout: Duration) -> (ClientBody, Arc<AtomicBool>) {
         let done = Arc::new(AtomicBool::new(hyper::body::Body::is_end_stream(&inner)));
         (
@@ -257,6 +265,7 @@ impl ClientBody {
                 sleep: None,
                 armed: false,
                 done: done.clone(),
+                watch: None,
             },
             done,
         )
@@ -272,7 +281,11 @@ impl hyper::body::Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, ClientBodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(w) = &this.watch {
+            w.polled(polled.is_pending());
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.armed = false;
                 if this.inner.is_end_stream() {

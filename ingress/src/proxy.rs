@@ -43,6 +43,9 @@ use crate::policy::access;
 use crate::policy::balance::{self, PickKey};
 use crate::policy::chash::RequestView;
 use crate::policy::paths::Rewritten;
+use crate::policy::upstream_opts::{
+    wait_response, ErrorRequest, ReadTimeout, Retry, SendWatch, UpstreamPolicy, WaitTimeout,
+};
 use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
 use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
@@ -779,6 +782,19 @@ pub enum ProxyBody {
     /// Read straight from a lean-path upstream connection (`h1`).
     Raw(RawBody),
     Local(Option<Bytes>),
+    /// An upstream body under `proxy-read-timeout` between frames.
+    Timed(Box<ReadTimeout<ProxyBody>>),
+}
+
+impl ProxyBody {
+    /// `self` with `timeout` between two frames, when one is set.
+    fn read_timeout(self, timeout: Option<Duration>) -> ProxyBody {
+        match (timeout, self) {
+            (None, b) => b,
+            (Some(_), b @ ProxyBody::Local(_)) => b,
+            (Some(t), b) => ProxyBody::Timed(Box::new(ReadTimeout::new(b, t))),
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -792,6 +808,7 @@ impl Body for ProxyBody {
                 .map(|f| f.map(|r| r.map_err(BodyError::from))),
             ProxyBody::Raw(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Timed(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -800,6 +817,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Raw(body) => body.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
+            ProxyBody::Timed(body) => body.is_end_stream(),
         }
     }
 
@@ -808,6 +826,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Raw(body) => body.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Timed(body) => body.size_hint(),
         }
     }
 }
@@ -1287,8 +1306,42 @@ async fn proxy_to_upstream<'a>(
             m.host,
             None,
         ),
+        Some(upstream) if m.policy.upstream.plain => {
+            let mut outcome = forward(ctx, upstream, req, authority, m.max_body, &m.policy.upstream, key).await;
+            if let Some(b) = m.balance {
+                let headers = outcome.response.headers_mut();
+                balance::finish(b, upstream, key, outcome.endpoint, ctx.https, headers);
+            }
+            (outcome, m.host, Some(upstream))
+        }
         Some(upstream) => {
-            let mut outcome = forward(ctx, upstream, req, authority, m.max_body, key).await;
+            let up = &m.policy.upstream;
+            let default_backend = up.default_backend_upstream.and_then(|i| live.upstreams.get(i));
+            // `default-backend`: it answers when the route's Service has no endpoints.
+            let upstream = match default_backend {
+                Some(d) if upstream.endpoints.is_empty() => d,
+                _ => upstream,
+            };
+            let errors = up
+                .errors
+                .as_ref()
+                .and(default_backend)
+                .map(|d| (d, ErrorRequest::capture(&req, authority)));
+            let mut outcome = forward(ctx, upstream, req, authority, m.max_body, up, key).await;
+            if let (Some((backend, capture)), Some(pages)) = (errors, &up.errors) {
+                let status = outcome.response.status();
+                if pages.codes.contains(&status.as_u16()) {
+                    // `custom-http-errors`: the default backend's answer
+                    // replaces the response (ingress-nginx passes it on
+                    // unchanged; error backends answer with `X-Code`).
+                    let req = capture.request(status, m.ingress, &upstream.spec.name);
+                    let plain = UpstreamPolicy::default();
+                    let page = forward_lean(ctx, backend, req, authority, &plain, PickKey::None).await;
+                    if page.endpoint.is_some() {
+                        outcome = page;
+                    }
+                }
+            }
             if let Some(b) = m.balance {
                 let headers = outcome.response.headers_mut();
                 balance::finish(b, upstream, key, outcome.endpoint, ctx.https, headers);
@@ -1364,6 +1417,9 @@ struct Tried {
     len: usize,
     /// All entries once more than `inline` holds.
     spill: Option<Vec<usize>>,
+    /// Connection attempts so far (a retried pooled connection pops its
+    /// endpoint but still counts), which bounds the retry loops.
+    attempts: usize,
 }
 
 impl Tried {
@@ -1428,10 +1484,11 @@ async fn forward(
     mut req: Request<Incoming>,
     authority: Option<&HeaderValue>,
     max_body: Option<u64>,
+    up: &UpstreamPolicy,
     key: PickKey,
 ) -> Outcome {
     let s = &ctx.shared;
-    let config = &s.config.upstream;
+    let config = &*up.config(&s.config.upstream, upstream.endpoints.len());
     if upstream.endpoints.is_empty() {
         return Outcome {
             response: local(StatusCode::SERVICE_UNAVAILABLE),
@@ -1451,12 +1508,24 @@ async fn forward(
         }
     }
     let upgrade = is_upgrade_request(&req) && !upstream.spec.h2c;
-    if !upgrade && !upstream.spec.h2c && idempotent(req.method()) && req.body().is_end_stream() {
-        return forward_lean(ctx, upstream, req, authority, key).await;
+    let tls = upstream.spec.tls.is_some();
+    if !upgrade
+        && !upstream.spec.h2c
+        && !tls
+        && idempotent(req.method())
+        && req.body().is_end_stream()
+        && !up.retry.retries_statuses()
+    {
+        return forward_lean(ctx, upstream, req, authority, up, key).await;
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare_upstream_request(&mut req, ctx, authority, upgrade, upstream.spec.h2c);
-    let replay = (idempotent(req.method()) && req.body().is_end_stream() && !upgrade).then(|| Replay {
+    if tls || up.vhost.is_some() {
+        up.fix_request(&mut req, upstream.spec.h2c, tls);
+    }
+    let retry = up.retry;
+    let replayable = idempotent(req.method()) || retry.non_idempotent;
+    let replay = (replayable && req.body().is_end_stream() && !upgrade).then(|| Replay {
         method: req.method().clone(),
         uri: req.uri().clone(),
         version: req.version(),
@@ -1464,37 +1533,67 @@ async fn forward(
     });
     let (parts, body) = req.into_parts();
     let limit = max_body.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    let (body, body_done) = conn::ClientBody::new(body, s.config.limits.body_timeout);
+    let (mut body, body_done) = conn::ClientBody::new(body, s.config.limits.body_timeout);
+    // `proxy-send-timeout`: only requests with a body on routes with it pay for the watch.
+    let send_watch = match up.send_timeout {
+        Some(t) if !body_done.load(Ordering::Relaxed) => {
+            let w = Arc::new(SendWatch::new());
+            body.set_watch(w.clone());
+            Some((w, t))
+        }
+        _ => None,
+    };
+    let watch = send_watch.as_ref().map(|(w, t)| (&**w, *t, &*body_done));
     let mut req: Request<UpstreamBody> = Request::from_parts(parts, Either::Left(Limited::new(body, limit)));
     let mut tried = Tried::default();
-    let mut attempts = 0usize;
     let mut last_status = StatusCode::BAD_GATEWAY;
     // Bounded: every turn either returns or consumes an attempt.
     while let Some((i, conn, fresh)) =
-        connect_next(s, upstream, &mut tried, &mut attempts, key, |ep| ep.connection(config)).await
+        connect_next(s, upstream, config, retry, &mut tried, key, |ep| ep.connection(config)).await
     {
         let ep = upstream.endpoints[i].clone();
         let in_flight = ep.track();
         let sent_at = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
+        let mut send_stalled = false;
         let result = match conn {
-            Conn::H1(mut sender) => match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
-                Err(_) => Err(None),
-                Ok(Ok(resp)) => {
-                    if !upgrade {
-                        ep.give_back(sender);
+            Conn::H1(mut sender) => {
+                match wait_response(sender.try_send_request(req), deadline, watch, config.header_timeout).await {
+                    Err(w) => {
+                        send_stalled = w == WaitTimeout::Send;
+                        Err(None)
                     }
-                    Ok(resp)
+                    Ok(Ok(resp)) => {
+                        if !upgrade {
+                            ep.give_back(sender);
+                        }
+                        Ok(resp)
+                    }
+                    Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
                 }
-                Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
-            },
-            Conn::H2(mut sender) => match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
-                Err(_) => Err(None),
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
-            },
+            }
+            Conn::H2(mut sender) => {
+                match wait_response(sender.try_send_request(req), deadline, watch, config.header_timeout).await {
+                    Err(w) => {
+                        send_stalled = w == WaitTimeout::Send;
+                        Err(None)
+                    }
+                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Err(mut e)) => Err(Some((e.take_message(), e.into_error()))),
+                }
+            }
         };
         match result {
+            Ok(resp) if retry.on_status(resp.status()) && replay.is_some() && tried.len() < config.max_attempts => {
+                // `proxy-next-upstream http_NNN`: the next endpoint gets the request.
+                observe_latency(s, upstream, &ep, sent_at);
+                tracing::debug!(upstream = %upstream.spec.name, endpoint = %ep.addr, status = resp.status().as_u16(),
+                    "retrying on the response status");
+                last_status = resp.status();
+                s.metrics.retries.inc();
+                let Some(r) = &replay else { break };
+                req = r.request();
+            }
             Ok(mut resp) => {
                 observe_latency(s, upstream, &ep, sent_at);
                 let endpoint = Some(ep.addr);
@@ -1514,15 +1613,21 @@ async fn forward(
                 // HTTP/1.0 upstream must not downgrade a 1.1 client).
                 *resp.version_mut() = Version::default();
                 let (parts, body) = resp.into_parts();
+                let body = ProxyBody::Upstream {
+                    body,
+                    _in_flight: in_flight,
+                };
                 return Outcome {
-                    response: Response::from_parts(
-                        parts,
-                        ProxyBody::Upstream {
-                            body,
-                            _in_flight: in_flight,
-                        },
-                    ),
+                    response: Response::from_parts(parts, body.read_timeout(up.read_timeout)),
                     endpoint,
+                };
+            }
+            Err(None) if send_stalled => {
+                tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr,
+                    "upstream send timeout: the upstream stopped reading the request body");
+                return Outcome {
+                    response: local(StatusCode::GATEWAY_TIMEOUT),
+                    endpoint: Some(ep.addr),
                 };
             }
             Err(None) if !body_done.load(Ordering::Relaxed) => {
@@ -1536,10 +1641,19 @@ async fn forward(
             Err(None) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, timeout = ?config.header_timeout,
                     "upstream response header timeout");
-                return Outcome {
-                    response: local(StatusCode::GATEWAY_TIMEOUT),
-                    endpoint: Some(ep.addr),
-                };
+                match &replay {
+                    Some(r) if retry.read_timeout && tried.len() < config.max_attempts => {
+                        last_status = StatusCode::GATEWAY_TIMEOUT;
+                        s.metrics.retries.inc();
+                        req = r.request();
+                    }
+                    _ => {
+                        return Outcome {
+                            response: local(StatusCode::GATEWAY_TIMEOUT),
+                            endpoint: Some(ep.addr),
+                        }
+                    }
+                }
             }
             Err(Some((Some(back), e))) => {
                 // Never written to the wire (a pooled connection had
@@ -1570,7 +1684,7 @@ async fn forward(
                     "upstream failed before responding");
                 last_status = StatusCode::BAD_GATEWAY;
                 match &replay {
-                    Some(r) if tried.len() < config.max_attempts => {
+                    Some(r) if retry.error && tried.len() < config.max_attempts => {
                         s.metrics.retries.inc();
                         req = r.request();
                     }
@@ -1594,17 +1708,17 @@ async fn forward(
 async fn connect_next<'a, C, F>(
     s: &Shared,
     upstream: &'a LiveUpstream,
+    config: &UpstreamConfig,
+    retry: Retry,
     tried: &mut Tried,
-    attempts: &mut usize,
     key: PickKey,
     connect: impl Fn(&'a EndpointState) -> F,
 ) -> Option<(usize, C, bool)>
 where
     F: std::future::Future<Output = Result<(C, bool), upstream::ConnectError>>,
 {
-    let config = &s.config.upstream;
-    while *attempts < config.max_attempts + 2 {
-        *attempts += 1;
+    while tried.attempts < config.max_attempts + 2 {
+        tried.attempts += 1;
         let i = upstream.pick_with(tried.as_slice(), key)?;
         tried.push(i);
         let ep = &upstream.endpoints[i];
@@ -1617,7 +1731,11 @@ where
             }
             Err(e) => {
                 connect_failed(s, upstream, ep, &e);
-                if tried.len() >= config.max_attempts {
+                let retried = match e {
+                    upstream::ConnectError::Timeout => retry.connect_timeout,
+                    _ => retry.error,
+                };
+                if !retried || tried.len() >= config.max_attempts {
                     return None;
                 }
                 s.metrics.retries.inc();
@@ -1666,25 +1784,35 @@ fn observe_latency(s: &Shared, upstream: &LiveUpstream, ep: &EndpointState, sent
 /// `forward` for a body-less idempotent request to a plain HTTP/1.1
 /// upstream, through the lean client in `h1`: same retries, headers,
 /// metrics and timeouts, without hyper's per-connection task.
-async fn forward_lean(
+async fn forward_lean<B>(
     ctx: &ConnContext,
     upstream: &LiveUpstream,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     authority: Option<&HeaderValue>,
+    up: &UpstreamPolicy,
     key: PickKey,
 ) -> Outcome {
     let s = &ctx.shared;
-    let config = &s.config.upstream;
+    let config = &*up.config(&s.config.upstream, upstream.endpoints.len());
+    if upstream.endpoints.is_empty() {
+        return Outcome {
+            response: local(StatusCode::SERVICE_UNAVAILABLE),
+            endpoint: None,
+        };
+    }
     prepare_upstream_request(&mut req, ctx, authority, false, false);
+    if up.vhost.is_some() {
+        up.fix_request(&mut req, false, false);
+    }
     let head_request = req.method() == Method::HEAD;
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let request = lean::encode_request(req.method(), target, req.headers());
     drop(req);
     let track_in_flight = matches!(upstream.spec.lb, LbMethod::LeastConn | LbMethod::RandomTwoLeastConn);
     let mut tried = Tried::default();
-    let mut attempts = 0usize;
     // Bounded: every turn either returns or consumes an attempt.
-    while let Some((i, mut conn, fresh)) = connect_next(s, upstream, &mut tried, &mut attempts, key, |ep| {
+    let mut last_status = StatusCode::BAD_GATEWAY;
+    while let Some((i, mut conn, fresh)) = connect_next(s, upstream, config, up.retry, &mut tried, key, |ep| {
         ep.raw_connection(config)
     })
     .await
@@ -1708,7 +1836,8 @@ async fn forward_lean(
                         }
                         ProxyBody::Local((!bytes.is_empty()).then_some(bytes))
                     }
-                    None => ProxyBody::Raw(RawBody::new(conn, head.framing, head.keep_alive, ep.clone(), in_flight)),
+                    None => ProxyBody::Raw(RawBody::new(conn, head.framing, head.keep_alive, ep.clone(), in_flight))
+                        .read_timeout(up.read_timeout),
                 };
                 return Outcome {
                     response: Response::from_parts(parts, body),
@@ -1718,10 +1847,14 @@ async fn forward_lean(
             Err(_) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, timeout = ?config.header_timeout,
                     "upstream response header timeout");
-                return Outcome {
-                    response: local(StatusCode::GATEWAY_TIMEOUT),
-                    endpoint: Some(ep.addr),
-                };
+                if !(up.retry.read_timeout && tried.len() < config.max_attempts) {
+                    return Outcome {
+                        response: local(StatusCode::GATEWAY_TIMEOUT),
+                        endpoint: Some(ep.addr),
+                    };
+                }
+                last_status = StatusCode::GATEWAY_TIMEOUT;
+                s.metrics.retries.inc();
             }
             Ok(Err(ExchangeError::Closed(e))) if !fresh => {
                 // A pooled connection the upstream had closed while idle:
@@ -1732,7 +1865,8 @@ async fn forward_lean(
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e,
                     "upstream failed before responding");
-                if tried.len() >= config.max_attempts {
+                last_status = StatusCode::BAD_GATEWAY;
+                if !up.retry.error || tried.len() >= config.max_attempts {
                     break;
                 }
                 s.metrics.retries.inc();
@@ -1740,7 +1874,7 @@ async fn forward_lean(
         }
     }
     Outcome {
-        response: local(StatusCode::BAD_GATEWAY),
+        response: local(last_status),
         endpoint: None,
     }
 }

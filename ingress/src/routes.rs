@@ -28,14 +28,17 @@ use ferry_cluster::{BackendPort, Ingress, IngressBackend, ObjectKey, PathType, S
 
 use crate::policy::balance::{self, Choice, PendingCanary, RouteBalance};
 use crate::policy::paths::{path_regex, OrgPathRegex, Rewrite};
+use crate::policy::upstream_opts::{self, UpstreamPolicy};
+use crate::policy::upstream_tls::UpstreamTls;
 use crate::policy::{Policy, Reader};
 
 /// Annotation choosing the load-balancing method (NGINX Ingress Controller's name).
 pub const LB_METHOD_ANNOTATION: &str = "nginx.org/lb-method";
 /// Annotation asking for HTTP/2 cleartext (h2c) to the upstream.
 pub const BACKEND_PROTOCOL_ANNOTATION: &str = "ferry.dev/backend-protocol";
-/// ingress-nginx's equivalent; `GRPC` and `H2C` select h2c.
-pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = "nginx.ingress.kubernetes.io/backend-protocol";
+/// ingress-nginx's equivalent (read with the other upstream annotations
+/// in `policy::upstream_opts`).
+pub const NGINX_BACKEND_PROTOCOL_ANNOTATION: &str = crate::policy::upstream_opts::BACKEND_PROTOCOL;
 /// The `appProtocol` value that selects h2c to the upstream.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 /// Annotations limiting the request body size (nginx size syntax: `8m`,
@@ -156,10 +159,14 @@ pub struct UpstreamSpec {
     pub name: String,
     pub endpoints: Vec<UpstreamEndpoint>,
     pub lb: LbMethod,
-    /// Speak HTTP/2 cleartext to the endpoints (gRPC).
+    /// Speak HTTP/2 with prior knowledge to the endpoints (gRPC): h2c, or
+    /// h2 over TLS (ALPN h2) when `tls` is set.
     pub h2c: bool,
     /// Hashing or cookie affinity (`policy::balance`).
     pub choice: Option<Arc<Choice>>,
+    /// Connect over TLS (`backend-protocol: HTTPS`/`GRPCS`); such
+    /// upstreams always take the hyper client.
+    pub tls: Option<Arc<UpstreamTls>>,
 }
 
 /// How a rule's path is compared with the request path.
@@ -589,7 +596,11 @@ impl RouteTable {
             match self.upstreams.get(i) {
                 Some(u) => {
                     let eps: Vec<String> = u.endpoints.iter().map(|e| e.addr.to_string()).collect();
-                    let proto = if u.h2c { " h2c" } else { "" };
+                    let proto = match (&u.tls, u.h2c) {
+                        (Some(t), _) => format!(" {}", t.describe()),
+                        (None, true) => " h2c".to_string(),
+                        (None, false) => String::new(),
+                    };
                     let eps = if eps.is_empty() {
                         "no endpoints (503)".to_string()
                     } else {
@@ -695,6 +706,9 @@ struct UpstreamKey {
     lb: LbMethod,
     h2c: bool,
     choice: Option<Arc<Choice>>,
+    tls: Option<Arc<UpstreamTls>>,
+    /// `service-upstream`: the ClusterIP is dialled.
+    cluster_ip: bool,
 }
 
 /// One Ingress with what its annotations say.
@@ -749,9 +763,7 @@ impl Compiler<'_> {
     fn upstream_options(r: &mut Reader<'_>) -> bool {
         let h2c = r
             .get(BACKEND_PROTOCOL_ANNOTATION)
-            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"))
-            || r.get(NGINX_BACKEND_PROTOCOL_ANNOTATION)
-                .is_some_and(|v| v.eq_ignore_ascii_case("grpc") || v.eq_ignore_ascii_case("h2c"));
+            .is_some_and(|v| v.eq_ignore_ascii_case("h2c"));
         h2c
     }
 
@@ -764,6 +776,7 @@ impl Compiler<'_> {
         field: &str,
         backend: &IngressBackend,
         (lb, annotated_h2c, choice): (LbMethod, bool, Option<Arc<Choice>>),
+        up: &UpstreamPolicy,
     ) -> usize {
         let (service, port) = match backend {
             IngressBackend::Service { name, port } => (name.clone(), port.clone()),
@@ -781,6 +794,8 @@ impl Compiler<'_> {
                         lb,
                         h2c: false,
                         choice,
+                        tls: None,
+                        cluster_ip: false,
                     },
                     Vec::new(),
                 );
@@ -791,8 +806,11 @@ impl Compiler<'_> {
             BackendPort::Number(n) => s.ports.iter().find(|p| p.port == *n),
             BackendPort::Name(n) => s.port_named(n),
         });
-        let mut h2c = annotated_h2c || svc_port.is_some_and(|p| p.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL));
+        let (policy_h2, _) = up.protocol_for(&service);
+        let mut h2c =
+            annotated_h2c || policy_h2 || svc_port.is_some_and(|p| p.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL));
         let mut endpoints = Vec::new();
+        let mut cluster_ip = false;
         match (&svc, svc_port) {
             (None, _) => self.problem(
                 ing,
@@ -815,7 +833,26 @@ impl Compiler<'_> {
                     ing.key.namespace
                 ),
             ),
+            (Some(s), Some(p)) if up.service_upstream && !s.cluster_ips.is_empty() => {
+                // `service-upstream`: the ClusterIP, load-balanced by the
+                // service proxy, instead of the pods.
+                cluster_ip = true;
+                endpoints.push(UpstreamEndpoint {
+                    addr: SocketAddr::new(s.cluster_ips[0], p.port),
+                    pod: None,
+                });
+            }
             (Some(s), Some(p)) => {
+                if up.service_upstream {
+                    self.problem(
+                        ing,
+                        format!("{field}.service.name"),
+                        format!(
+                            "Service {}/{service} has no ClusterIP for service-upstream; using its endpoints",
+                            ing.key.namespace
+                        ),
+                    );
+                }
                 for b in self.snap.usable_backends(s, p) {
                     h2c |= b.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL);
                     endpoints.push(UpstreamEndpoint {
@@ -825,6 +862,7 @@ impl Compiler<'_> {
                 }
             }
         }
+        let tls = up.tls_for(&ing.key.namespace, &service, h2c);
         self.push_upstream(
             UpstreamKey {
                 namespace: ing.key.namespace.clone(),
@@ -833,6 +871,8 @@ impl Compiler<'_> {
                 lb,
                 h2c,
                 choice,
+                tls,
+                cluster_ip,
             },
             endpoints,
         )
@@ -854,6 +894,7 @@ impl Compiler<'_> {
             lb: key.lb,
             h2c: key.h2c,
             choice: key.choice.clone(),
+            tls: key.tls.clone(),
         }));
         self.upstream_index.insert(key, i);
         i
@@ -907,9 +948,17 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
             let ssl_redirect = Compiler::ssl_redirect(&mut reader);
             let max_body = Compiler::max_body(&mut reader);
             let annotated_h2c = Compiler::upstream_options(&mut reader);
-            let policy = Arc::new(Policy::compile(snap, &mut reader));
-            let upstream_options = (policy.balance.lb, annotated_h2c, policy.balance.choice.clone());
+            let mut policy = Policy::compile(snap, &mut reader);
             c.table.problems.extend(reader.finish());
+            // `default-backend` (and its custom error pages) as an upstream of its own.
+            if let Some(backend) = upstream_opts::default_backend(snap, ing, &policy.upstream) {
+                let field = format!("metadata.annotations[{}]", upstream_opts::DEFAULT_BACKEND);
+                let plain = UpstreamPolicy::default();
+                let i = c.upstream(ing, &field, &backend, (LbMethod::default(), false, None), &plain);
+                policy.upstream.default_backend_upstream = Some(i);
+            }
+            let upstream_options = (policy.balance.lb, annotated_h2c, policy.balance.choice.clone());
+            let policy = Arc::new(policy);
             Annotated {
                 ing,
                 ssl_redirect,
@@ -957,7 +1006,13 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     c.problem(ing, "spec.defaultBackend", msg);
                 }
                 None => {
-                    let upstream = c.upstream(ing, "spec.defaultBackend", b, upstream_options.clone());
+                    let upstream = c.upstream(
+                        ing,
+                        "spec.defaultBackend",
+                        b,
+                        upstream_options.clone(),
+                        &policy.upstream,
+                    );
                     c.table.default_backend = Some(Route {
                         path: PathMatch::Prefix(String::new()),
                         written_path: "/".into(),
@@ -1044,7 +1099,13 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                 };
                 let claim = (host.clone().unwrap_or_default(), matcher.clone());
                 if let Some(rules) = &canary {
-                    let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options.clone());
+                    let upstream = c.upstream(
+                        ing,
+                        &format!("{field}.backend"),
+                        &p.backend,
+                        upstream_options.clone(),
+                        &policy.upstream,
+                    );
                     canaries.push(PendingCanary {
                         ingress: ing.key.clone(),
                         field,
@@ -1064,7 +1125,13 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     continue;
                 }
                 claimed.insert(claim, ing.key.clone());
-                let upstream = c.upstream(ing, &format!("{field}.backend"), &p.backend, upstream_options.clone());
+                let upstream = c.upstream(
+                    ing,
+                    &format!("{field}.backend"),
+                    &p.backend,
+                    upstream_options.clone(),
+                    &policy.upstream,
+                );
                 let route = Route {
                     path: matcher,
                     written_path: path,

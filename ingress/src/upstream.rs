@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use crate::conn::ClientBody;
 use crate::h1::RawConn;
 use crate::policy::balance::{self, Chooser, Ewma, PickKey};
+use crate::policy::upstream_tls::UpstreamTls;
 use crate::routes::{LbMethod, RouteTable, UpstreamSpec};
 
 /// What is sent upstream: the client's body (cut off with an error past
@@ -92,6 +93,9 @@ pub struct EndpointState {
     pub addr: SocketAddr,
     pub pod: Option<String>,
     pub h2c: bool,
+    /// TLS to the endpoint (`h2c` then means h2 over TLS); part of the
+    /// endpoint's identity, so pools never mix plain and TLS connections.
+    pub tls: Option<Arc<UpstreamTls>>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Milliseconds since `epoch()` until which the endpoint is ejected.
@@ -128,6 +132,7 @@ impl EndpointState {
             addr,
             pod,
             h2c,
+            tls: None,
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -136,6 +141,12 @@ impl EndpointState {
             h2: Mutex::new(None),
             ewma: Ewma::default(),
         }
+    }
+
+    /// Makes connections to this endpoint use `tls`.
+    pub fn with_tls(mut self, tls: Option<Arc<UpstreamTls>>) -> EndpointState {
+        self.tls = tls;
+        self
     }
 
     pub fn in_flight(&self) -> usize {
@@ -255,7 +266,30 @@ impl EndpointState {
         if let Some(c) = self.take_idle() {
             return Ok((c, false));
         }
-        let io = TokioIo::new(self.connect(config).await?);
+        let started = tokio::time::Instant::now();
+        let tcp = self.connect(config).await?;
+        match &self.tls {
+            None => self.handshake(TokioIo::new(tcp)).await,
+            Some(tls) => {
+                // The TLS handshake counts against the connect timeout.
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let deadline = started + config.connect_timeout;
+                let stream =
+                    match tokio::time::timeout_at(deadline, connector.connect(tls.server_name.clone(), tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                        Err(_) => return Err(ConnectError::Timeout),
+                    };
+                self.handshake(TokioIo::new(stream)).await
+            }
+        }
+    }
+
+    /// The HTTP handshake (h2 or HTTP/1.1) on a new connection.
+    async fn handshake<I>(&self, io: I) -> Result<(Conn, bool), ConnectError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         if self.h2c {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -296,6 +330,8 @@ pub enum ConnectError {
     Timeout,
     #[error("handshake: {0}")]
     Handshake(hyper::Error),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 /// An upstream with live endpoint state.
@@ -407,15 +443,16 @@ impl LiveTable {
     /// `pool_slots`: see `EndpointState::new`.
     pub fn build(routes: Arc<RouteTable>, previous: &LiveTable, pool_slots: usize) -> LiveTable {
         crate::policy::access::carry_over(&routes, &previous.routes);
-        let mut old_eps: HashMap<(SocketAddr, bool), Arc<EndpointState>> = HashMap::new();
+        type Key = (SocketAddr, bool, Option<Arc<str>>);
+        let mut old_eps: HashMap<Key, Arc<EndpointState>> = HashMap::new();
         let mut old_rr: HashMap<&str, Arc<AtomicUsize>> = HashMap::new();
         for u in &previous.upstreams {
             old_rr.insert(u.spec.name.as_str(), u.rr.clone());
             for e in &u.endpoints {
-                old_eps.insert((e.addr, e.h2c), e.clone());
+                old_eps.insert((e.addr, e.h2c, e.tls.as_ref().map(|t| t.id())), e.clone());
             }
         }
-        let mut new_eps: HashMap<(SocketAddr, bool), Arc<EndpointState>> = HashMap::new();
+        let mut new_eps: HashMap<Key, Arc<EndpointState>> = HashMap::new();
         let upstreams = routes
             .upstreams
             .iter()
@@ -424,12 +461,16 @@ impl LiveTable {
                     .endpoints
                     .iter()
                     .map(|e| {
-                        let key = (e.addr, spec.h2c);
+                        let key = (e.addr, spec.h2c, spec.tls.as_ref().map(|t| t.id()));
+                        let old = old_eps.get(&key).cloned();
                         new_eps
                             .entry(key)
                             .or_insert_with(|| {
-                                old_eps.get(&key).cloned().unwrap_or_else(|| {
-                                    Arc::new(EndpointState::new(e.addr, e.pod.clone(), spec.h2c, pool_slots))
+                                old.unwrap_or_else(|| {
+                                    Arc::new(
+                                        EndpointState::new(e.addr, e.pod.clone(), spec.h2c, pool_slots)
+                                            .with_tls(spec.tls.clone()),
+                                    )
                                 })
                             })
                             .clone()
@@ -470,6 +511,7 @@ mod tests {
             lb,
             h2c: false,
             choice: None,
+            tls: None,
         });
         LiveUpstream {
             chooser: None,
@@ -545,6 +587,7 @@ mod tests {
                 lb: LbMethod::RoundRobin,
                 h2c: false,
                 choice: None,
+                tls: None,
             })];
             Arc::new(t)
         };

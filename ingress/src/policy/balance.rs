@@ -1177,6 +1177,7 @@ endpoints: [{addresses: [10.0.1.1]}]
             lb: LbMethod::RoundRobin,
             h2c: false,
             choice: Some(Arc::new(choice)),
+            tls: None,
         }
     }
 

@@ -12,8 +12,9 @@
 //! The areas, each parsed into its own part of [`Policy`]:
 //! - [`paths`]: regex paths, rewrites, redirects, aliases, HSTS;
 //! - [`access`]: allow/deny lists, basic and external auth, CORS, rate limits;
-//! - [`balance`]: endpoint choice (hashing, affinity, EWMA), canaries and
-//!   upstream protocol, TLS and timeouts.
+//! - [`balance`]: endpoint choice (hashing, affinity, EWMA), canaries;
+//! - [`upstream_opts`] (with [`upstream_tls`]): upstream protocol, TLS,
+//!   Host, timeouts, retries and error pages.
 
 pub mod access;
 pub mod balance;
@@ -25,6 +26,8 @@ pub mod htpasswd;
 pub mod paths;
 pub mod ratelimit;
 mod unsupported;
+pub mod upstream_opts;
+pub mod upstream_tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -48,6 +51,7 @@ pub struct Policy {
     pub paths: paths::PathPolicy,
     pub access: access::AccessPolicy,
     pub balance: balance::BalancePolicy,
+    pub upstream: upstream_opts::UpstreamPolicy,
 }
 
 impl PartialEq for Policy {
@@ -84,6 +88,7 @@ impl Policy {
             paths: paths::PathPolicy::parse(reader),
             access: access::AccessPolicy::parse(snap, reader),
             balance: balance::BalancePolicy::parse(snap, reader),
+            upstream: upstream_opts::UpstreamPolicy::parse(snap, reader),
         }
     }
 
@@ -93,6 +98,7 @@ impl Policy {
         let mut out = self.paths.describe();
         out.extend(self.access.describe());
         out.extend(self.balance.describe());
+        out.extend(self.upstream.describe());
         out
     }
 }
