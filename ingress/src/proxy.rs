@@ -85,6 +85,8 @@ struct Shared {
     metrics: IngressMetrics,
     /// Problems already logged, so a reload logs only new ones.
     logged_problems: Mutex<HashSet<String>>,
+    /// The problems of the last applied configuration (for `events`).
+    problems: tokio::sync::watch::Sender<Arc<Vec<routes::Problem>>>,
     /// Tables applied so far (readiness: at least one).
     applied: AtomicU64,
     /// The HTTPS listener's port while serving (0: none), where plain
@@ -144,6 +146,7 @@ impl Engine {
                 fallback_cert_pem,
                 metrics,
                 logged_problems: Mutex::new(HashSet::new()),
+                problems: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
                 applied: AtomicU64::new(0),
                 https_port: AtomicU16::new(0),
             }),
@@ -156,12 +159,9 @@ impl Engine {
         let s = &self.shared;
         let table = Arc::new(routes::compile(snap, &s.config.classes));
         let certs = tls::compile(snap, &table, s.config.default_tls_secret.as_ref(), &s.fallback_cert);
-        let problems: Vec<String> = table
-            .problems
-            .iter()
-            .chain(&certs.problems)
-            .map(|p| p.to_string())
-            .collect();
+        let all: Vec<routes::Problem> = table.problems.iter().chain(&certs.problems).cloned().collect();
+        let annotation_problems = all.iter().filter(|p| crate::events::is_annotation_problem(p)).count();
+        let problems: Vec<String> = all.iter().map(|p| p.to_string()).collect();
         if let Ok(mut logged) = s.logged_problems.lock() {
             for p in &problems {
                 if !logged.contains(p) {
@@ -178,6 +178,17 @@ impl Engine {
         s.metrics
             .config_problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
+        s.metrics
+            .annotation_problems
+            .set(i64::try_from(annotation_problems).unwrap_or(i64::MAX));
+        // Receivers wake only when the problems changed.
+        s.problems.send_if_modified(|current| {
+            let changed = **current != all;
+            if changed {
+                *current = Arc::new(all);
+            }
+            changed
+        });
         tracing::info!(
             generation = snap.generation,
             ingresses = table.served.len(),
@@ -187,6 +198,12 @@ impl Engine {
             "ingress routes applied"
         );
         table
+    }
+
+    /// The problems of the configuration last applied, updated by every
+    /// `apply` (the Event writer follows this).
+    pub fn problems(&self) -> crate::events::ProblemsRx {
+        self.shared.problems.subscribe()
     }
 
     /// How many tables have been applied (0 until the first snapshot).
