@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -89,6 +89,11 @@ struct Shared {
     problems: tokio::sync::watch::Sender<Arc<Vec<routes::Problem>>>,
     /// Tables applied so far (readiness: at least one).
     applied: AtomicU64,
+    /// Some host has client-certificate authentication: TLS handshakes
+    /// pick their config after the ClientHello, requests are checked.
+    client_auth_active: AtomicBool,
+    /// The TLS config that asks for client certificates (set by `serve`).
+    request_cert_config: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// The HTTPS listener's port while serving (0: none), where plain
     /// HTTP requests to TLS hosts are redirected.
     https_port: AtomicU16,
@@ -148,6 +153,8 @@ impl Engine {
                 logged_problems: Mutex::new(HashSet::new()),
                 problems: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
                 applied: AtomicU64::new(0),
+                client_auth_active: AtomicBool::new(false),
+                request_cert_config: std::sync::OnceLock::new(),
                 https_port: AtomicU16::new(0),
             }),
         })
@@ -170,9 +177,18 @@ impl Engine {
             }
             *logged = problems.iter().cloned().collect();
         }
+        // Client-certificate checks go on before the routes they guard
+        // (and off after): no request sees new routes unchecked.
+        let client_auth = !certs.client_auth.is_empty();
+        if client_auth {
+            s.client_auth_active.store(true, Ordering::SeqCst);
+        }
+        s.certs.swap(certs);
         let live = LiveTable::build(table.clone(), &s.live.load(), s.config.workers.max(1) + 1);
         s.live.store(Arc::new(live));
-        s.certs.swap(certs);
+        if !client_auth {
+            s.client_auth_active.store(false, Ordering::SeqCst);
+        }
         s.metrics.reloads.inc();
         s.applied.fetch_add(1, Ordering::Relaxed);
         s.metrics
@@ -250,9 +266,15 @@ impl Engine {
     /// scheduler, which cost more than the proxying itself.
     pub async fn serve(&self, listeners: Listeners, cancel: CancellationToken) -> Result<(), IngressError> {
         let tls = match &listeners.https {
-            Some(_) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-                self.shared.certs.clone(),
-            )?)),
+            Some(_) => {
+                let _ = self
+                    .shared
+                    .request_cert_config
+                    .set(tls::server_config_requesting_client_cert(self.shared.certs.clone())?);
+                Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+                    self.shared.certs.clone(),
+                )?))
+            }
             None => None,
         };
         let http_port = listeners.http_addr().map_or(0, |a| a.port());
@@ -437,7 +459,11 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
             let state = registered.state.clone();
             let limits = shared.config.limits.clone();
             let metrics = shared.metrics.clone();
+            let client_auth = tls.is_some() && shared.client_auth_active.load(Ordering::SeqCst);
+            let request_cert_config = shared.request_cert_config.get().cloned();
+            let certs = shared.certs.clone();
             let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone()));
+            let tls_ctx = ctx.clone();
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // The watchdog owns the head deadlines: hyper's own would cost
             // a timer allocation per request.
@@ -464,9 +490,22 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
                     drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
                 }
                 Some(acceptor) => {
+                    let accept = async {
+                        match request_cert_config.filter(|_| client_auth) {
+                            // Some host asks for client certificates: the
+                            // config is chosen by the ClientHello's SNI.
+                            Some(requesting) => {
+                                let acceptor_default = acceptor.config().clone();
+                                let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+                                let wants = certs.current().client_auth.wants_cert(start.client_hello().server_name());
+                                start.into_stream(if wants { requesting } else { acceptor_default }).await
+                            }
+                            None => acceptor.accept(stream).await,
+                        }
+                    };
                     let handshake = tokio::time::timeout(
                         limits.tls_handshake_timeout.min(limits.header_timeout),
-                        acceptor.accept(stream),
+                        accept,
                     );
                     let tls_stream = tokio::select! {
                         r = handshake => match r {
@@ -485,6 +524,10 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
                         _ = Watchdog::woken(&state) => None,
                     };
                     let Some(tls_stream) = tls_stream else { return };
+                    if client_auth {
+                        let chain = tls_stream.get_ref().1.peer_certificates();
+                        let _ = tls_ctx.peer_cert.set(crate::policy::client_cert::PeerCert::new(chain));
+                    }
                     let io = TokioIo::new(conn::Guarded::new(tls_stream, state.clone()));
                     let conn = builder.serve_connection_with_upgrades(io, service);
                     drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
@@ -638,6 +681,8 @@ struct ConnContext {
     port: HeaderValue,
     /// What the connection's watchdog reads.
     conn: Arc<ConnState>,
+    /// The client's certificate chain, kept when some host checks them.
+    peer_cert: std::sync::OnceLock<crate::policy::client_cert::PeerCert>,
 }
 
 impl ConnContext {
@@ -651,6 +696,7 @@ impl ConnContext {
             client_ip,
             port: HeaderValue::from(port),
             conn,
+            peer_cert: std::sync::OnceLock::new(),
         }
     }
 }
@@ -998,7 +1044,23 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
                 // service is pending).
                 tokio::task::yield_now().await;
             }
-            if m.https_only && !ctx.https {
+            let client_cert = if m.policy.client_cert.is_some()
+                || (ctx.https && ctx.shared.client_auth_active.load(Ordering::Relaxed))
+            {
+                client_cert_gate(ctx, &m, &mut req)
+            } else {
+                None
+            };
+            if let Some(response) = client_cert {
+                (
+                    Outcome {
+                        response,
+                        endpoint: None,
+                    },
+                    m.host,
+                    None,
+                )
+            } else if m.https_only && !ctx.https {
                 match https_redirect(&ctx.shared, authority_str, req.uri()) {
                     Some(response) => (
                         Outcome {
@@ -1033,6 +1095,19 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
         );
     }
     outcome.response
+}
+
+/// Client-certificate authentication (`policy::client_cert`): the route's
+/// own setting, and over TLS its host's.
+fn client_cert_gate<B>(ctx: &ConnContext, m: &RouteMatch<'_>, req: &mut Request<B>) -> Option<Response<ProxyBody>> {
+    let certs = ctx.https.then(|| ctx.shared.certs.current());
+    crate::policy::client_cert::gate(
+        m.policy.client_cert.as_ref(),
+        certs.as_ref().map(|c| &*c.client_auth),
+        m.host,
+        ctx.peer_cert.get(),
+        req.headers_mut(),
+    )
 }
 
 /// Replaces the path of `req`'s target, keeping its query.

@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod balance;
+pub mod client_cert;
 pub mod paths;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +42,8 @@ pub struct Policy {
     pub paths: paths::PathPolicy,
     pub access: access::AccessPolicy,
     pub balance: balance::BalancePolicy,
+    /// `auth-tls-*`: client-certificate authentication.
+    pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
 }
 
 impl PartialEq for Policy {
@@ -77,6 +80,7 @@ impl Policy {
             paths: paths::PathPolicy::parse(reader),
             access: access::AccessPolicy::parse(snap, reader),
             balance: balance::BalancePolicy::parse(snap, reader),
+            client_cert: client_cert::ClientCert::parse(snap, reader),
         }
     }
 
@@ -86,6 +90,7 @@ impl Policy {
         let mut out = self.paths.describe();
         out.extend(self.access.describe());
         out.extend(self.balance.describe());
+        out.extend(self.client_cert.iter().flat_map(|c| c.describe()));
         out
     }
 }
