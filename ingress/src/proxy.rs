@@ -459,11 +459,13 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
             let state = registered.state.clone();
             let limits = shared.config.limits.clone();
             let metrics = shared.metrics.clone();
-            let client_auth = tls.is_some() && shared.client_auth_active.load(Ordering::SeqCst);
-            let request_cert_config = shared.request_cert_config.get().cloned();
-            let certs = shared.certs.clone();
+            // Only when some host checks client certificates: what choosing
+            // the TLS config after the ClientHello needs.
+            let client_auth = (tls.is_some() && shared.client_auth_active.load(Ordering::SeqCst))
+                .then(|| shared.request_cert_config.get().cloned().map(|c| (c, shared.certs.clone())))
+                .flatten();
             let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone()));
-            let tls_ctx = ctx.clone();
+            let tls_ctx = client_auth.as_ref().map(|_| ctx.clone());
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // The watchdog owns the head deadlines: hyper's own would cost
             // a timer allocation per request.
@@ -491,10 +493,10 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
                 }
                 Some(acceptor) => {
                     let accept = async {
-                        match request_cert_config.filter(|_| client_auth) {
+                        match client_auth {
                             // Some host asks for client certificates: the
                             // config is chosen by the ClientHello's SNI.
-                            Some(requesting) => {
+                            Some((requesting, certs)) => {
                                 let acceptor_default = acceptor.config().clone();
                                 let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
                                 let wants = certs.current().client_auth.wants_cert(start.client_hello().server_name());
@@ -524,9 +526,9 @@ fn serve_connection(shared: &Arc<Shared>, accepted: Accepted, tracker: &TaskTrac
                         _ = Watchdog::woken(&state) => None,
                     };
                     let Some(tls_stream) = tls_stream else { return };
-                    if client_auth {
+                    if let Some(ctx) = tls_ctx {
                         let chain = tls_stream.get_ref().1.peer_certificates();
-                        let _ = tls_ctx.peer_cert.set(crate::policy::client_cert::PeerCert::new(chain));
+                        let _ = ctx.peer_cert.set(crate::policy::client_cert::PeerCert::new(chain));
                     }
                     let io = TokioIo::new(conn::Guarded::new(tls_stream, state.clone()));
                     let conn = builder.serve_connection_with_upgrades(io, service);

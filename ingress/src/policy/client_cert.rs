@@ -41,7 +41,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use super::{parse_bool, Reader, NGINX};
+use super::{parse_bool, Reader};
 use crate::proxy::ProxyBody;
 use crate::routes::RouteTable;
 
@@ -351,23 +351,6 @@ impl HostAuth {
             }
         }
         wants("").unwrap_or(false)
-    }
-
-    /// Host lines for `ferry render`.
-    pub fn describe(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .hosts
-            .iter()
-            .map(|(h, cc)| {
-                format!(
-                    "client certificates for host {h:?}: {} ({})",
-                    cc.verify.as_str(),
-                    cc.secret
-                )
-            })
-            .collect();
-        out.sort();
-        out
     }
 }
 
@@ -713,11 +696,6 @@ pub fn gate(
     }
 }
 
-/// Whether an annotation is one of this module's (for tests).
-pub fn is_auth_tls(name: &str) -> bool {
-    name.strip_prefix(NGINX).is_some_and(|n| n.starts_with("auth-tls-"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1014,8 +992,49 @@ mod tests {
             Refusal::Denied.response(Some(&page)).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
-        assert!(is_auth_tls(SECRET) && !is_auth_tls("nginx.ingress.kubernetes.io/auth-url"));
         assert_eq!(escape_uri_component("a-b_c.d~e f/+="), "a-b_c.d~e%20f%2F%2B%3D");
         assert_eq!(escape_dn_value("a,b"), "a\\,b");
+    }
+
+    #[test]
+    fn hosts_take_the_oldest_setting_and_sni_picks_the_handshake() {
+        let pem = ca().cert.pem();
+        let ing = |name: &str, created: &str, host: &str, verify: &str| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, creationTimestamp: '{created}', annotations: {{nginx.ingress.kubernetes.io/auth-tls-secret: default/ca, nginx.ingress.kubernetes.io/auth-tls-verify-client: {verify}}}}}\nspec:\n  ingressClassName: ferry\n  rules:\n  - host: '{host}'\n    http: {{paths: [{{path: /{name}, pathType: Prefix, backend: {{service: {{name: s, port: {{number: 80}}}}}}}}]}}\n---\n"
+            )
+        };
+        let yaml = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {{name: ferry}}\nspec: {{controller: ferry.dev/ingress-controller}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: ca, namespace: default}}\ntype: Opaque\ndata: {{ca.crt: {}}}\n---\n{}{}{}{}",
+            b64(pem.as_bytes()),
+            ing("young", "2024-01-02T00:00:00Z", "a.test", "'off'"),
+            ing("old", "2024-01-01T00:00:00Z", "a.test", "optional"),
+            ing("wild", "2024-01-01T00:00:00Z", "*.w.test", "'on'"),
+            ing("off", "2024-01-01T00:00:00Z", "off.test", "'off'"),
+        );
+        let snap = Snapshot::from_objects(1, objects(&yaml));
+        let table = crate::routes::compile(&snap, &crate::routes::ClassSelection::default());
+        assert!(
+            table.problems.iter().all(|p| !p.field.starts_with("metadata")),
+            "{:?}",
+            table.problems
+        );
+        let hosts = HostAuth::compile(&table);
+        assert_eq!(hosts.get("a.test").unwrap().verify, Verify::Optional);
+        assert_eq!(hosts.get("*.w.test").unwrap().verify, Verify::On);
+        assert!(hosts.get("other.test").is_none());
+        for (sni, want) in [
+            (Some("a.test"), true),
+            (Some("A.TEST."), true),
+            (Some("x.w.test"), true),
+            (Some("w.test"), false),
+            (Some("off.test"), false),
+            (Some("other.test"), false),
+            (None, false),
+        ] {
+            assert_eq!(hosts.wants_cert(sni), want, "{sni:?}");
+        }
+        assert!(HostAuth::default().is_empty() && !hosts.is_empty());
     }
 }
