@@ -236,7 +236,7 @@ pub async fn spawn(
     rt: &mut Runtime,
     snapshots: SnapshotRx,
     opts: &IngressOpts,
-) -> anyhow::Result<tokio::task::JoinHandle<Result<(), ferry_ingress::IngressError>>> {
+) -> anyhow::Result<ferry_ingress::run::Running> {
     let options = opts.options(CLUSTER_DEFAULTS);
     ferry_ingress::run::spawn(&options, snapshots, &mut rt.admin, rt.cancel.clone())
         .await
@@ -246,19 +246,27 @@ pub async fn spawn(
 pub async fn run_ingress(args: IngressArgs) -> anyhow::Result<()> {
     let mut rt = Runtime::new();
     let snapshots = rt.source(&args.run.source).await?;
-    let handle = spawn(&mut rt, snapshots.clone(), &args.opts).await?;
+    let running = spawn(&mut rt, snapshots.clone(), &args.opts).await?;
     if let Some(client) = rt.kube_client.clone() {
         let status = ferry_ingress::status::run(
-            client,
+            client.clone(),
             snapshots,
             args.opts.classes(),
             args.opts.status_source(),
             rt.cancel.clone(),
         );
         tokio::spawn(status);
+        let instance = std::env::var("NODE_NAME").unwrap_or_default();
+        tokio::spawn(ferry_ingress::events::run(
+            client,
+            running.engine.problems(),
+            ferry_ingress::events::EventConfig::new(&instance),
+            running.metrics.clone(),
+            rt.cancel.clone(),
+        ));
     }
     let _cancel = rt.serve_admin(&args.run).await?;
-    Ok(handle.await.context("ingress task")??)
+    Ok(running.task.await.context("ingress task")??)
 }
 
 /// The WordPress walkthrough, embedded so `ferry serve --demo` needs no files.
@@ -342,9 +350,11 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         http: CLUSTER_DEFAULTS.http,
         https: None,
     };
+    // Standalone: no Events and no status, even with a kube source.
     let handle = ferry_ingress::run::spawn(&opts.options(defaults), snapshots, &mut rt.admin, rt.cancel.clone())
         .await
-        .context("starting the ingress engine")?;
+        .context("starting the ingress engine")?
+        .task;
     if args.demo {
         let port = opts.http_addr.map_or(80, |a| a.port());
         tracing::info!("demo ready; try: curl --resolve wp.test:{port}:127.0.0.1 http://wp.test:{port}/");

@@ -90,13 +90,18 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
             Err(e) => parts.failed("dns", e.to_string()),
         }
     }
+    let mut ingress = None;
     if !args.no_ingress {
         match crate::cmd_ingress::spawn(&mut rt, snapshots.clone(), &args.ingress).await {
-            Ok(h) => parts.started("ingress", h),
+            Ok(running) => {
+                ingress = Some((running.engine.problems(), running.metrics.clone()));
+                parts.started("ingress", running.task);
+            }
             Err(e) => parts.failed("ingress", format!("{e:#}")),
         }
     }
-    // Ingress status is cluster-wide state: only the elected node writes it.
+    // Ingress status and Events are cluster-wide state: only the elected
+    // node writes them.
     if let (false, Some(client)) = (args.no_ingress, rt.kube_client.clone()) {
         let namespace = args
             .lease_namespace
@@ -107,6 +112,16 @@ pub async fn run(mut args: NodeArgs) -> anyhow::Result<()> {
         let config = LeaseConfig::new(&namespace, &args.lease_name, &identity);
         let (elector, is_leader) = LeaderElector::new(client.clone(), config);
         tokio::spawn(elector.run(rt.cancel.clone()));
+        if let Some((problems, metrics)) = ingress {
+            tokio::spawn(ferry_ingress::events::run_while_leader(
+                client.clone(),
+                problems,
+                ferry_ingress::events::EventConfig::new(&identity),
+                metrics,
+                is_leader.clone(),
+                rt.cancel.clone(),
+            ));
+        }
         tokio::spawn(ferry_ingress::status::run_while_leader(
             client,
             snapshots.clone(),

@@ -101,7 +101,8 @@ fn access<K: k8s_openapi::Resource>(sub: &str, verbs: &'static [&'static str], o
 }
 
 /// Everything ferry reads (the watchers of `KubeSource::run`) and writes
-/// (Ingress status, the leader-election Lease).
+/// (Ingress status, Events for configuration problems, the
+/// leader-election Lease).
 pub fn api_access() -> Vec<ApiAccess> {
     const WATCH: &[&str] = &["list", "watch"];
     vec![
@@ -114,6 +115,8 @@ pub fn api_access() -> Vec<ApiAccess> {
         access::<core::Node>("", WATCH, false),
         access::<core::Namespace>("", WATCH, false),
         access::<networking::Ingress>("status", &["get", "patch", "update"], false),
+        // Events are only created, one per problem (never patched into series).
+        access::<k8s_openapi::api::events::v1::Event>("", &["create"], false),
         access::<k8s_openapi::api::coordination::v1::Lease>("", &["get", "create", "update"], true),
     ]
 }

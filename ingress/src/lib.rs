@@ -3,12 +3,14 @@
 //! A pure `RouteTable` (and `CertStore`) compiled from a cluster `Snapshot`,
 //! and a hyper/rustls reverse proxy reading them lock-free through
 //! `ArcSwap`. `routes` and `tls` are the compile steps; `proxy` and
-//! `upstream` are the request path; `status` writes Ingress status.
+//! `upstream` are the request path; `status` writes Ingress status
+//! and `events` Kubernetes Events for configuration problems.
 
 pub mod access_log;
 pub mod conn;
 pub mod echo;
 pub mod error;
+pub mod events;
 pub mod h1;
 pub mod metrics;
 pub mod policy;

@@ -23,6 +23,13 @@ pub struct CloseLabels {
     pub reason: &'static str,
 }
 
+/// What became of a Kubernetes Event for a configuration problem.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `written`, `failed` or `dropped` (over the queue bound).
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
@@ -41,6 +48,10 @@ pub struct IngressMetrics {
     pub open_connections: Gauge,
     pub reloads: Counter,
     pub config_problems: Gauge,
+    /// The part of `config_problems` about annotations.
+    pub annotation_problems: Gauge,
+    /// Kubernetes Events for configuration problems, by result.
+    pub events: Family<EventLabels, Counter>,
     pub upstream_connect_failures: Family<UpstreamLabels, Counter>,
     pub retries: Counter,
     pub ejections: Counter,
@@ -64,6 +75,8 @@ impl Default for IngressMetrics {
             open_connections: Gauge::default(),
             reloads: Counter::default(),
             config_problems: Gauge::default(),
+            annotation_problems: Gauge::default(),
+            events: Family::default(),
             upstream_connect_failures: Family::default(),
             retries: Counter::default(),
             ejections: Counter::default(),
@@ -101,6 +114,16 @@ impl IngressMetrics {
             "config_problems",
             "Problems found in the last compiled configuration",
             self.config_problems.clone(),
+        );
+        r.register(
+            "annotation_problems",
+            "Annotations of served Ingresses that are not supported, refused or do not parse",
+            self.annotation_problems.clone(),
+        );
+        r.register(
+            "config_problem_events",
+            "Kubernetes Events for configuration problems, by result (written, failed, dropped)",
+            self.events.clone(),
         );
         r.register(
             "upstream_connect_failures",

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -96,8 +96,15 @@ struct Shared {
     metrics: IngressMetrics,
     /// Problems already logged, so a reload logs only new ones.
     logged_problems: Mutex<HashSet<String>>,
+    /// The problems of the last applied configuration (for `events`).
+    problems: tokio::sync::watch::Sender<Arc<Vec<routes::Problem>>>,
     /// Tables applied so far (readiness: at least one).
     applied: AtomicU64,
+    /// Some host has client-certificate authentication: TLS handshakes
+    /// pick their config after the ClientHello, requests are checked.
+    client_auth_active: AtomicBool,
+    /// The TLS config that asks for client certificates (set by `serve`).
+    request_cert_config: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// The HTTPS listener's port while serving (0: none), where plain
     /// HTTP requests to TLS hosts are redirected.
     https_port: AtomicU16,
@@ -163,7 +170,10 @@ impl Engine {
                 fallback_cert_pem,
                 metrics,
                 logged_problems: Mutex::new(HashSet::new()),
+                problems: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
                 applied: AtomicU64::new(0),
+                client_auth_active: AtomicBool::new(false),
+                request_cert_config: std::sync::OnceLock::new(),
                 https_port: AtomicU16::new(0),
                 access_log,
             }),
@@ -176,12 +186,9 @@ impl Engine {
         let s = &self.shared;
         let table = Arc::new(routes::compile(snap, &s.config.classes));
         let certs = tls::compile(snap, &table, s.config.default_tls_secret.as_ref(), &s.fallback_cert);
-        let problems: Vec<String> = table
-            .problems
-            .iter()
-            .chain(&certs.problems)
-            .map(|p| p.to_string())
-            .collect();
+        let all: Vec<routes::Problem> = table.problems.iter().chain(&certs.problems).cloned().collect();
+        let annotation_problems = all.iter().filter(|p| crate::events::is_annotation_problem(p)).count();
+        let problems: Vec<String> = all.iter().map(|p| p.to_string()).collect();
         if let Ok(mut logged) = s.logged_problems.lock() {
             for p in &problems {
                 if !logged.contains(p) {
@@ -190,14 +197,34 @@ impl Engine {
             }
             *logged = problems.iter().cloned().collect();
         }
+        // Client-certificate checks go on before the routes they guard
+        // (and off after): no request sees new routes unchecked.
+        let client_auth = !certs.client_auth.is_empty();
+        if client_auth {
+            s.client_auth_active.store(true, Ordering::SeqCst);
+        }
+        s.certs.swap(certs);
         let live = LiveTable::build(table.clone(), &s.live.load(), s.config.workers.max(1) + 1);
         s.live.store(Arc::new(live));
-        s.certs.swap(certs);
+        if !client_auth {
+            s.client_auth_active.store(false, Ordering::SeqCst);
+        }
         s.metrics.reloads.inc();
         s.applied.fetch_add(1, Ordering::Relaxed);
         s.metrics
             .config_problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
+        s.metrics
+            .annotation_problems
+            .set(i64::try_from(annotation_problems).unwrap_or(i64::MAX));
+        // Receivers wake only when the problems changed.
+        s.problems.send_if_modified(|current| {
+            let changed = **current != all;
+            if changed {
+                *current = Arc::new(all);
+            }
+            changed
+        });
         tracing::info!(
             generation = snap.generation,
             ingresses = table.served.len(),
@@ -207,6 +234,12 @@ impl Engine {
             "ingress routes applied"
         );
         table
+    }
+
+    /// The problems of the configuration last applied, updated by every
+    /// `apply` (the Event writer follows this).
+    pub fn problems(&self) -> crate::events::ProblemsRx {
+        self.shared.problems.subscribe()
     }
 
     /// How many tables have been applied (0 until the first snapshot).
@@ -253,9 +286,15 @@ impl Engine {
     /// scheduler, which cost more than the proxying itself.
     pub async fn serve(&self, listeners: Listeners, cancel: CancellationToken) -> Result<(), IngressError> {
         let tls = match &listeners.https {
-            Some(_) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-                self.shared.certs.clone(),
-            )?)),
+            Some(_) => {
+                let _ = self
+                    .shared
+                    .request_cert_config
+                    .set(tls::server_config_requesting_client_cert(self.shared.certs.clone())?);
+                Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+                    self.shared.certs.clone(),
+                )?))
+            }
             None => None,
         };
         let http_port = listeners.http_addr().map_or(0, |a| a.port());
@@ -463,7 +502,13 @@ fn serve_connection(
             let state = registered.state.clone();
             let limits = shared.config.limits.clone();
             let metrics = shared.metrics.clone();
+            // Only when some host checks client certificates: what choosing
+            // the TLS config after the ClientHello needs.
+            let client_auth = (tls.is_some() && shared.client_auth_active.load(Ordering::SeqCst))
+                .then(|| shared.request_cert_config.get().cloned().map(|c| (c, shared.certs.clone())))
+                .flatten();
             let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone(), log));
+            let tls_ctx = client_auth.as_ref().map(|_| ctx.clone());
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // The watchdog owns the head deadlines: hyper's own would cost
             // a timer allocation per request.
@@ -492,9 +537,22 @@ fn serve_connection(
                     drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
                 }
                 Some(acceptor) => {
+                    let accept = async {
+                        match client_auth {
+                            // Some host asks for client certificates: the
+                            // config is chosen by the ClientHello's SNI.
+                            Some((requesting, certs)) => {
+                                let acceptor_default = acceptor.config().clone();
+                                let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+                                let wants = certs.current().client_auth.wants_cert(start.client_hello().server_name());
+                                start.into_stream(if wants { requesting } else { acceptor_default }).await
+                            }
+                            None => acceptor.accept(stream).await,
+                        }
+                    };
                     let handshake = tokio::time::timeout(
                         limits.tls_handshake_timeout.min(limits.header_timeout),
-                        acceptor.accept(stream),
+                        accept,
                     );
                     let tls_stream = tokio::select! {
                         r = handshake => match r {
@@ -513,6 +571,10 @@ fn serve_connection(
                         _ = Watchdog::woken(&state) => None,
                     };
                     let Some(tls_stream) = tls_stream else { return };
+                    if let Some(ctx) = tls_ctx {
+                        let chain = tls_stream.get_ref().1.peer_certificates();
+                        let _ = ctx.peer_cert.set(crate::policy::client_cert::PeerCert::new(chain));
+                    }
                     let io = TokioIo::new(conn::Guarded::new(tls_stream, state.clone()));
                     let conn = builder.serve_connection_with_upgrades(io, service);
                     drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
@@ -668,6 +730,8 @@ struct ConnContext {
     conn: Arc<ConnState>,
     /// The worker's access-log buffer, when the access log is on.
     log: Option<Arc<access_log::Buffer>>,
+    /// The client's certificate chain, kept when some host checks them.
+    peer_cert: std::sync::OnceLock<crate::policy::client_cert::PeerCert>,
 }
 
 impl ConnContext {
@@ -689,6 +753,7 @@ impl ConnContext {
             port: HeaderValue::from(port),
             conn,
             log,
+            peer_cert: std::sync::OnceLock::new(),
         }
     }
 }
@@ -1082,12 +1147,23 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
                 // service is pending).
                 tokio::task::yield_now().await;
             }
-            // nginx's rewrite phase: the annotations' redirects, the one
-            // to HTTPS, then URI rewrites.
-            let answer = match path_redirect(ctx, &m, &req, authority_str, normalized.as_deref()) {
+            // Client certificates first (nginx refuses them before any
+            // location runs), then nginx's rewrite phase: the annotations'
+            // redirects, the one to HTTPS, then URI rewrites.
+            let client_cert = if m.policy.client_cert.is_some()
+                || (ctx.https && ctx.shared.client_auth_active.load(Ordering::Relaxed))
+            {
+                client_cert_gate(ctx, &m, &mut req)
+            } else {
+                None
+            };
+            let answer = match client_cert {
                 Some(r) => Some(r),
-                None if m.https_only && !ctx.https => https_redirect(&ctx.shared, authority_str, req.uri()),
-                None => rewrite_uri(&m, &mut req, normalized.as_deref()),
+                None => match path_redirect(ctx, &m, &req, authority_str, normalized.as_deref()) {
+                    Some(r) => Some(r),
+                    None if m.https_only && !ctx.https => https_redirect(&ctx.shared, authority_str, req.uri()),
+                    None => rewrite_uri(&m, &mut req, normalized.as_deref()),
+                },
             };
             let hsts = m.policy.paths.hsts.is_some().then(|| {
                 let proto = req.headers().get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes);
@@ -1205,6 +1281,19 @@ fn set_target<B>(req: &mut Request<B>, target: &str) {
             *req.uri_mut() = u;
         }
     }
+}
+
+/// Client-certificate authentication (`policy::client_cert`): the route's
+/// own setting, and over TLS its host's.
+fn client_cert_gate<B>(ctx: &ConnContext, m: &RouteMatch<'_>, req: &mut Request<B>) -> Option<Response<ProxyBody>> {
+    let certs = ctx.https.then(|| ctx.shared.certs.current());
+    crate::policy::client_cert::gate(
+        m.policy.client_cert.as_ref(),
+        certs.as_ref().map(|c| &*c.client_auth),
+        m.host,
+        ctx.peer_cert.get(),
+        req.headers_mut(),
+    )
 }
 
 /// Replaces the path of `req`'s target, keeping its query.

@@ -566,6 +566,17 @@ impl RouteTable {
             .for_each(&mut f);
     }
 
+    /// Every route: the hosts' (in no particular order), the host-less
+    /// rules', then the default backend.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .flatten()
+            .chain(&self.any_host)
+            .chain(&self.default_backend)
+    }
+
     pub fn upstream(&self, index: usize) -> Option<&Arc<UpstreamSpec>> {
         self.upstreams.get(index)
     }

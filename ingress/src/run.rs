@@ -21,17 +21,25 @@ pub struct Options {
     pub https: Option<SocketAddr>,
 }
 
-/// Starts the ingress engine. The handle ends after the drain that
-/// follows `cancel`.
+/// A started engine.
+pub struct Running {
+    /// Ends after the drain that follows `cancel`.
+    pub task: JoinHandle<Result<(), IngressError>>,
+    /// The engine (its problems feed the Event writer).
+    pub engine: Engine,
+    pub metrics: IngressMetrics,
+}
+
+/// Starts the ingress engine.
 pub async fn spawn(
     opts: &Options,
     snapshots: SnapshotRx,
     admin: &mut Admin,
     cancel: CancellationToken,
-) -> Result<JoinHandle<Result<(), IngressError>>, IngressError> {
+) -> Result<Running, IngressError> {
     let metrics = IngressMetrics::default();
     metrics.register(&mut admin.registry);
-    let engine = Engine::new(opts.engine.clone(), metrics)?;
+    let engine = Engine::new(opts.engine.clone(), metrics.clone())?;
     let listeners = Listeners::bind(opts.http, opts.https).await?;
     let ready = engine.clone();
     admin.readiness("ingress", move || {
@@ -44,5 +52,10 @@ pub async fn spawn(
     let follower = engine.clone();
     let follow_cancel = cancel.clone();
     tokio::spawn(async move { follower.follow(snapshots, follow_cancel).await });
-    Ok(tokio::spawn(async move { engine.serve(listeners, cancel).await }))
+    let server = engine.clone();
+    Ok(Running {
+        task: tokio::spawn(async move { server.serve(listeners, cancel).await }),
+        engine,
+        metrics,
+    })
 }

@@ -62,6 +62,8 @@ pub struct CertStore {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
     pub problems: Vec<Problem>,
+    /// Hosts with client-certificate authentication (`auth-tls-*`).
+    pub client_auth: Arc<crate::policy::client_cert::HostAuth>,
 }
 
 impl fmt::Debug for CertStore {
@@ -83,6 +85,7 @@ impl CertStore {
             wildcard: HashMap::new(),
             default,
             problems: Vec::new(),
+            client_auth: Arc::default(),
         }
     }
 
@@ -174,6 +177,7 @@ pub fn compile(
         }
     }
     store.problems = problems;
+    store.client_auth = Arc::new(crate::policy::client_cert::HostAuth::compile(table));
     store
 }
 
@@ -211,6 +215,21 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerCo
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `server_config`, but asking the client for a certificate (any, or
+/// none: it is verified per request, see `policy::client_cert`). Used for
+/// the handshakes of hosts with client-certificate authentication.
+pub fn server_config_requesting_client_cert(
+    resolver: Arc<CertResolver>,
+) -> Result<Arc<rustls::ServerConfig>, IngressError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(Arc::new(crate::policy::client_cert::RequestCert::new()))
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -20,6 +20,7 @@ pub mod access;
 pub mod balance;
 pub mod canary;
 pub mod chash;
+pub mod client_cert;
 pub mod cors;
 pub mod extauth;
 pub mod htpasswd;
@@ -52,6 +53,8 @@ pub struct Policy {
     pub access: access::AccessPolicy,
     pub balance: balance::BalancePolicy,
     pub upstream: upstream_opts::UpstreamPolicy,
+    /// `auth-tls-*`: client-certificate authentication.
+    pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
 }
 
 impl PartialEq for Policy {
@@ -89,6 +92,7 @@ impl Policy {
             access: access::AccessPolicy::parse(snap, reader),
             balance: balance::BalancePolicy::parse(snap, reader),
             upstream: upstream_opts::UpstreamPolicy::parse(snap, reader),
+            client_cert: client_cert::ClientCert::parse(snap, reader),
         }
     }
 
@@ -99,6 +103,7 @@ impl Policy {
         out.extend(self.access.describe());
         out.extend(self.balance.describe());
         out.extend(self.upstream.describe());
+        out.extend(self.client_cert.iter().flat_map(|c| c.describe()));
         out
     }
 }
