@@ -4,8 +4,8 @@
 //! Writes use the Lease's resourceVersion, so two candidates racing for an
 //! expired Lease cannot both win.
 //!
-//! Only cluster-wide writes (Ingress status) are gated by this; every node
-//! still serves traffic.
+//! Only cluster-wide writes (Ingress status, Events) are gated by this;
+//! every node still serves traffic. [`while_leader`] runs such a writer.
 
 use std::time::Duration;
 
@@ -16,6 +16,35 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Runs a writer only while `is_leader` is true: `start` is called with a
+/// fresh token each time the lease is won, and the task it returns is
+/// cancelled (and awaited) when it is lost or `cancel` fires. `what`
+/// names the writes in the log line.
+pub async fn while_leader<F, Fut>(
+    mut is_leader: watch::Receiver<bool>,
+    cancel: CancellationToken,
+    what: &str,
+    mut start: F,
+) where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = is_leader.wait_for(|l| *l) => if r.is_err() { return },
+        }
+        let term = cancel.child_token();
+        let writer = tokio::spawn(start(term.clone()));
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = is_leader.wait_for(|l| !*l) => tracing::info!("not the leader any more: {what} stop"),
+        }
+        term.cancel();
+        let _ = writer.await;
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {

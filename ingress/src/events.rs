@@ -324,29 +324,13 @@ pub async fn run_while_leader(
     problems: ProblemsRx,
     config: EventConfig,
     metrics: IngressMetrics,
-    mut is_leader: watch::Receiver<bool>,
+    is_leader: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = is_leader.wait_for(|l| *l) => if r.is_err() { return },
-        }
-        let term = cancel.child_token();
-        let writer = tokio::spawn(run(
-            client.clone(),
-            problems.clone(),
-            config.clone(),
-            metrics.clone(),
-            term.clone(),
-        ));
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = is_leader.wait_for(|l| !*l) => tracing::info!("not the leader any more: Event writes stop"),
-        }
-        term.cancel();
-        let _ = writer.await;
-    }
+    ferry_cluster::lease::while_leader(is_leader, cancel, "Event writes", |term| {
+        run(client.clone(), problems.clone(), config.clone(), metrics.clone(), term)
+    })
+    .await;
 }
 
 #[cfg(test)]

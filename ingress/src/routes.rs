@@ -1109,14 +1109,26 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     (None, IngressBackend::Resource { .. }) => None,
                 };
                 let claim = (host.clone().unwrap_or_default(), matcher.clone());
+                // A canary's path is the main Ingress's; it claims nothing.
+                if canary.is_none() {
+                    if let Some(owner) = claimed.get(&claim) {
+                        let msg = format!(
+                            "{matcher} on host {:?} already routed by older Ingress {owner}; ignored",
+                            claim.0
+                        );
+                        c.problem(ing, field, msg);
+                        continue;
+                    }
+                    claimed.insert(claim.clone(), ing.key.clone());
+                }
+                let upstream = c.upstream(
+                    ing,
+                    &format!("{field}.backend"),
+                    &p.backend,
+                    upstream_options.clone(),
+                    &policy.upstream,
+                );
                 if let Some(rules) = &canary {
-                    let upstream = c.upstream(
-                        ing,
-                        &format!("{field}.backend"),
-                        &p.backend,
-                        upstream_options.clone(),
-                        &policy.upstream,
-                    );
                     canaries.push(PendingCanary {
                         ingress: ing.key.clone(),
                         field,
@@ -1127,22 +1139,6 @@ pub fn compile(snap: &Snapshot, classes: &ClassSelection) -> RouteTable {
                     });
                     continue;
                 }
-                if let Some(owner) = claimed.get(&claim) {
-                    let msg = format!(
-                        "{matcher} on host {:?} already routed by older Ingress {owner}; ignored",
-                        claim.0
-                    );
-                    c.problem(ing, field, msg);
-                    continue;
-                }
-                claimed.insert(claim, ing.key.clone());
-                let upstream = c.upstream(
-                    ing,
-                    &format!("{field}.backend"),
-                    &p.backend,
-                    upstream_options.clone(),
-                    &policy.upstream,
-                );
                 let route = Route {
                     path: matcher,
                     written_path: path,

@@ -221,27 +221,11 @@ pub async fn run_while_leader(
     snapshots: ferry_cluster::SnapshotRx,
     classes: crate::ClassSelection,
     source: StatusSource,
-    mut is_leader: tokio::sync::watch::Receiver<bool>,
+    is_leader: tokio::sync::watch::Receiver<bool>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = is_leader.wait_for(|l| *l) => if r.is_err() { return },
-        }
-        let term = cancel.child_token();
-        let writer = tokio::spawn(run(
-            client.clone(),
-            snapshots.clone(),
-            classes.clone(),
-            source.clone(),
-            term.clone(),
-        ));
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = is_leader.wait_for(|l| !*l) => tracing::info!("not the leader any more: Ingress status writes stop"),
-        }
-        term.cancel();
-        let _ = writer.await;
-    }
+    ferry_cluster::lease::while_leader(is_leader, cancel, "Ingress status writes", |term| {
+        run(client.clone(), snapshots.clone(), classes.clone(), source.clone(), term)
+    })
+    .await;
 }

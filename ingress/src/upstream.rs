@@ -406,24 +406,28 @@ impl LiveUpstream {
             }
             LbMethod::RandomTwoLeastConn => {
                 let candidates: Vec<usize> = (0..n).filter(|&i| ok(i)).collect();
-                match candidates.len() {
-                    0 => None,
-                    1 => Some(candidates[0]),
-                    len => {
-                        let a = fastrand::usize(..len);
-                        let mut b = fastrand::usize(..len - 1);
-                        if b >= a {
-                            b += 1;
-                        }
-                        let (a, b) = (candidates[a], candidates[b]);
-                        Some(if self.endpoints[b].in_flight() < self.endpoints[a].in_flight() {
-                            b
-                        } else {
-                            a
-                        })
-                    }
-                }
+                two_choices(&candidates, |a, b| {
+                    self.endpoints[b].in_flight() < self.endpoints[a].in_flight()
+                })
             }
+        }
+    }
+}
+
+/// The power of two choices: two distinct `candidates` at random, `b`
+/// when `better(a, b)` says it beats `a`.
+pub fn two_choices(candidates: &[usize], better: impl Fn(usize, usize) -> bool) -> Option<usize> {
+    match candidates.len() {
+        0 => None,
+        1 => Some(candidates[0]),
+        len => {
+            let a = fastrand::usize(..len);
+            let mut b = fastrand::usize(..len - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (candidates[a], candidates[b]);
+            Some(if better(a, b) { b } else { a })
         }
     }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use ferry_cluster::Snapshot;
-use ferry_ingress::EngineConfig;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -25,20 +24,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::service;
 use common::{parse, CLASS};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const P: &str = "nginx.ingress.kubernetes.io/";
-
-/// A Service `name` whose one endpoint is `backend`.
-fn service(name: &str, backend: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-0, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n---\n",
-        backend.port(),
-        backend.ip()
-    )
-}
 
 /// An Ingress `name` routing `host` to Service `svc` with these
 /// annotations (names without the ingress-nginx prefix).
@@ -182,23 +172,15 @@ fn get(host: &str, path: &str) -> Request<Empty<Bytes>> {
 }
 
 async fn start(yaml: &str) -> common::Serving {
-    let mut config = EngineConfig::default();
-    config.upstream.connect_timeout = Duration::from_secs(2);
-    config.drain_timeout = Duration::from_secs(5);
-    config.workers = 2;
+    let config = common::test_config();
     common::serve(config, parse(&(CLASS.to_string() + yaml))).await
-}
-
-async fn stop(s: common::Serving) {
-    s.cancel.cancel();
-    tokio::time::timeout(TIMEOUT, s.served).await.unwrap().unwrap();
 }
 
 #[tokio::test]
 async fn allow_and_deny_lists_by_source_address() {
     let cancel = CancellationToken::new();
     let b = backend(&cancel).await;
-    let yaml = service("s", b.addr)
+    let yaml = service("s", &[b.addr], None)
         + &ingress(
             "i",
             "lists.test",
@@ -223,7 +205,7 @@ async fn allow_and_deny_lists_by_source_address() {
         1,
         "only the allowed request reaches the backend"
     );
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -246,7 +228,7 @@ async fn basic_auth_with_each_hash_kind() {
     let htpasswd = format!(
         "bcrypt:{bcrypt_hash}\napr:$apr1$xyz12345$hVFg3wOytQE97CWCezCu2/\nsha:{{SHA}}5en6G6MezRroT3XKqkdPOmY/BfQ=\n"
     );
-    let yaml = service("s", b.addr)
+    let yaml = service("s", &[b.addr], None)
         + &secret("users", &[("auth", &htpasswd)])
         + &secret("map", &[("carol", "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=")])
         + &ingress(
@@ -307,7 +289,7 @@ async fn basic_auth_with_each_hash_kind() {
     assert_eq!(send("127.0.0.1", s.http, right).await.status, 200);
     assert_eq!(send("127.0.0.1", s.http, get("map.test", "/")).await.status, 401);
     assert_eq!(b.hits.load(Ordering::SeqCst), 7);
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -359,7 +341,7 @@ async fn external_auth_decides_and_the_backend_sees_only_allowed_requests() {
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let url = format!("http://{}/check", auth.addr);
     let dead_url = format!("http://{dead}/check");
-    let yaml = service("s", b.addr)
+    let yaml = service("s", &[b.addr], None)
         + &ingress(
             "ext",
             "ext.test",
@@ -458,7 +440,7 @@ async fn external_auth_decides_and_the_backend_sees_only_allowed_requests() {
         1,
         "refused requests never reach the backend"
     );
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -466,7 +448,7 @@ async fn external_auth_decides_and_the_backend_sees_only_allowed_requests() {
 async fn cors_preflight_answered_and_simple_requests_get_headers() {
     let cancel = CancellationToken::new();
     let b = backend(&cancel).await;
-    let yaml = service("s", b.addr)
+    let yaml = service("s", &[b.addr], None)
         + &ingress(
             "i",
             "cors.test",
@@ -533,7 +515,7 @@ async fn cors_preflight_answered_and_simple_requests_get_headers() {
         .unwrap();
     assert_eq!(send("127.0.0.1", s.http, foreign).await.status, 200);
     assert_eq!(b.hits.load(Ordering::SeqCst), 3);
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -548,7 +530,7 @@ async fn rate_limit_burst_then_503_per_client_across_reloads() {
         ("limit-burst-multiplier", "3"),
         ("limit-whitelist", "127.0.0.3"),
     ];
-    let yaml = service("s", b.addr) + &ingress("i", "limit.test", "s", &annotations);
+    let yaml = service("s", &[b.addr], None) + &ingress("i", "limit.test", "s", &annotations);
     let s = start(&yaml).await;
     let mut statuses = Vec::new();
     for _ in 0..6 {
@@ -562,12 +544,12 @@ async fn rate_limit_burst_then_503_per_client_across_reloads() {
     }
     // A reload of something unrelated keeps the buckets.
     let b2 = backend(&cancel).await;
-    let yaml2 = yaml.clone() + &service("other", b2.addr);
+    let yaml2 = yaml.clone() + &service("other", &[b2.addr], None);
     s.engine
         .apply(&Snapshot::from_objects(2, parse(&(CLASS.to_string() + &yaml2))));
     assert_eq!(send("127.0.0.1", s.http, get("limit.test", "/")).await.status, 503);
     assert_eq!(b.hits.load(Ordering::SeqCst), 4 + 1 + 8);
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -575,7 +557,7 @@ async fn rate_limit_burst_then_503_per_client_across_reloads() {
 async fn limit_connections_counts_requests_in_progress() {
     let cancel = CancellationToken::new();
     let b = backend(&cancel).await;
-    let yaml = service("s", b.addr) + &ingress("i", "conns.test", "s", &[("limit-connections", "1")]);
+    let yaml = service("s", &[b.addr], None) + &ingress("i", "conns.test", "s", &[("limit-connections", "1")]);
     let s = start(&yaml).await;
     let proxy = s.http;
     let first = tokio::spawn(async move { send("127.0.0.1", proxy, get("conns.test", "/slow")).await.status });
@@ -595,6 +577,6 @@ async fn limit_connections_counts_requests_in_progress() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status, 200);
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }

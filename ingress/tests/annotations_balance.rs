@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_cluster::{Object, Snapshot};
-use ferry_ingress::EngineConfig;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::Request;
@@ -20,27 +19,11 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::service;
 use common::{backend, parse, CLASS};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const N: &str = "nginx.ingress.kubernetes.io/";
-
-/// A Service `name` whose endpoints are `backends` (one slice each, so
-/// loopback backends on different ports can share 127.0.0.1).
-fn service(name: &str, backends: &[SocketAddr]) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n"
-    );
-    for (i, b) in backends.iter().enumerate() {
-        y += &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n  targetRef: {{kind: Pod, name: {name}-pod-{i}}}\n---\n",
-            b.port(),
-            b.port(),
-            b.ip()
-        );
-    }
-    y
-}
 
 fn ingress(name: &str, host: &str, svc: &str, annotations: &str) -> String {
     format!(
@@ -149,16 +132,8 @@ impl Client {
 }
 
 async fn start(objects: Vec<Object>) -> common::Serving {
-    let mut config = EngineConfig::default();
-    config.upstream.connect_timeout = Duration::from_secs(2);
-    config.drain_timeout = Duration::from_secs(5);
-    config.workers = 2;
+    let config = common::test_config();
     common::serve(config, objects).await
-}
-
-async fn stop(s: common::Serving) {
-    s.cancel.cancel();
-    tokio::time::timeout(TIMEOUT, s.served).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -167,7 +142,7 @@ async fn hash_by_request_uri_keeps_a_uri_on_one_endpoint_and_spreads_uris() {
     let pods = backends("pod", 3, &cancel).await;
     let objects = parse(
         &(CLASS.to_string()
-            + &service("s", &pods)
+            + &service("s", &pods, None)
             + &ingress("h", "hash.test", "s", &format!("{N}upstream-hash-by: '$request_uri'"))
             + &ingress(
                 "n",
@@ -196,7 +171,7 @@ async fn hash_by_request_uri_keeps_a_uri_on_one_endpoint_and_spreads_uris() {
         let used: HashSet<&String> = owner.values().collect();
         assert!(used.len() >= 2, "{host}: 30 URIs all on {used:?}");
     }
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -206,7 +181,7 @@ async fn hash_by_remote_addr_follows_the_client_address() {
     let pods = backends("pod", 3, &cancel).await;
     let objects = parse(
         &(CLASS.to_string()
-            + &service("s", &pods)
+            + &service("s", &pods, None)
             + &ingress("h", "addr.test", "s", &format!("{N}upstream-hash-by: '$remote_addr'"))
             + &ingress("ip", "ip.test", "s", "nginx.org/lb-method: ip_hash")),
     );
@@ -229,7 +204,7 @@ async fn hash_by_remote_addr_follows_the_client_address() {
     assert!(by_addr.len() >= 2, "20 client addresses all on {by_addr:?}");
     // ip_hash: the /24 decides, and every client is in 127.0.0.0/24.
     assert_eq!(by_net.len(), 1, "{by_net:?}");
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -249,7 +224,7 @@ async fn affinity_cookie_is_set_honoured_and_reissued_when_its_endpoint_goes() {
     let objects = |pods: &[SocketAddr]| {
         parse(
             &(CLASS.to_string()
-                + &service("s", pods)
+                + &service("s", pods, None)
                 + &ingress("p", "persistent.test", "s", &persistent)
                 + &ingress("b", "balanced.test", "s", &balanced)),
         )
@@ -340,7 +315,7 @@ async fn affinity_cookie_is_set_honoured_and_reissued_when_its_endpoint_goes() {
     if balanced_pod != gone {
         assert_eq!(moved.backend(), balanced_pod);
     }
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -351,8 +326,8 @@ async fn canary_by_header_cookie_and_weight() {
     let canary = backends("canary", 1, &cancel).await;
     let objects = parse(
         &(CLASS.to_string()
-            + &service("main", &main)
-            + &service("next", &canary)
+            + &service("main", &main, None)
+            + &service("next", &canary, None)
             + &ingress("app", "app.test", "main", "")
             + &ingress(
                 "app-canary",
@@ -445,7 +420,7 @@ async fn canary_by_header_cookie_and_weight() {
     let share = f64::from(canary_count) / f64::from(total);
     assert!((0.24..=0.36).contains(&share), "canary share {share}");
     assert_eq!(main_pods.len(), 2, "{main_pods:?}");
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -456,8 +431,8 @@ async fn canary_weight_total_and_affinity_stickiness() {
     let canary = backends("canary", 2, &cancel).await;
     let objects = parse(
         &(CLASS.to_string()
-            + &service("main", &main)
-            + &service("next", &canary)
+            + &service("main", &main, None)
+            + &service("next", &canary, None)
             + &ingress("app", "app.test", "main", "")
             + &ingress(
                 "app-canary",
@@ -465,7 +440,7 @@ async fn canary_weight_total_and_affinity_stickiness() {
                 "next",
                 &format!("{N}canary: 'true', {N}canary-weight: '50', {N}canary-weight-total: '1000'"),
             )
-            + &service("empty", &[])
+            + &service("empty", &[], None)
             + &ingress("e", "empty.test", "main", "")
             + &ingress(
                 "e-canary",
@@ -513,7 +488,7 @@ async fn canary_weight_total_and_affinity_stickiness() {
         seen.insert(side);
     }
     assert_eq!(seen.len(), 2, "40 sessions at 50% all on {seen:?}");
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }
 
@@ -524,7 +499,7 @@ async fn ewma_prefers_the_faster_endpoint() {
     let slow = slow_backend("slow", Duration::from_millis(40), &cancel).await;
     let objects = parse(
         &(CLASS.to_string()
-            + &service("s", &[fast, slow])
+            + &service("s", &[fast, slow], None)
             + &ingress("e", "ewma.test", "s", &format!("{N}load-balance: ewma"))
             + &ingress("r", "rr.test", "s", "")),
     );
@@ -547,6 +522,6 @@ async fn ewma_prefers_the_faster_endpoint() {
     assert_eq!(rr.get("slow"), Some(&5), "{rr:?}");
     let routes = s.engine.table().render();
     assert!(routes.contains("[ewma]"), "{routes}");
-    stop(s).await;
+    s.stop().await;
     cancel.cancel();
 }

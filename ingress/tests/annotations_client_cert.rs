@@ -4,7 +4,6 @@
 //! hosts without the annotations unaffected.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::service;
 use common::{backend, parse, CLASS};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -68,15 +68,6 @@ fn secret(name: &str, type_: &str, data: &[(&str, String)]) -> Object {
     }))
 }
 
-fn service(name: &str, b: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-0, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n---\n",
-        b.port(),
-        b.ip()
-    )
-}
-
 fn ingress(name: &str, host: &str, annotations: &[(&str, &str)]) -> String {
     let ann: Vec<String> = annotations.iter().map(|(k, v)| format!("{A}{k}: '{v}'")).collect();
     format!(
@@ -100,7 +91,7 @@ async fn setup() -> Setup {
     let other = ca("Other CA");
     let server = rcgen::generate_simple_self_signed(HOSTS.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
     let yaml = CLASS.to_string()
-        + &service("s", b)
+        + &service("s", &[b], None)
         + &ingress(
             "mtls",
             "m.test",

@@ -15,19 +15,10 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::service;
 use common::{backend, parse, CLASS};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Service `name` with one endpoint, `addr`.
-fn service(name: &str, addr: SocketAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n---\n",
-        addr.port(),
-        addr.ip()
-    )
-}
 
 /// An Ingress with one host and `(path, pathType, service)` paths.
 fn ingress(name: &str, created: &str, host: &str, annotations: &str, paths: &[(&str, &str, &str)]) -> String {
@@ -87,7 +78,7 @@ async fn start(ingresses: &str) -> (common::Serving, CancellationToken) {
     let cancel = CancellationToken::new();
     let mut yaml = CLASS.to_string();
     for name in ["s1", "s2", "s3"] {
-        yaml += &service(name, backend(name, &cancel).await);
+        yaml += &service(name, &[backend(name, &cancel).await], None);
     }
     yaml += ingresses;
     let serving = common::serve(ferry_ingress::EngineConfig::default(), parse(&yaml)).await;

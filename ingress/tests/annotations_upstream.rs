@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_cluster::{Object, ObjectKey, Secret};
-use ferry_ingress::EngineConfig;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
@@ -22,27 +21,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::service;
 use common::{backend, parse, CLASS};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const A: &str = "nginx.ingress.kubernetes.io/";
-
-/// A Service `name` on port 80 with one EndpointSlice per backend (the
-/// slices carry the ports); `cluster_ip` when given.
-fn service(name: &str, backends: &[SocketAddr], cluster_ip: Option<&str>) -> String {
-    let ip = cluster_ip.map(|ip| format!("  clusterIP: {ip}\n")).unwrap_or_default();
-    let mut y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{ip}  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n"
-    );
-    for (i, b) in backends.iter().enumerate() {
-        y += &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{i}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n---\n",
-            b.port(),
-            b.ip()
-        );
-    }
-    y
-}
 
 fn ingress(name: &str, host: &str, svc: &str, annotations: &str) -> String {
     format!(
@@ -62,18 +45,11 @@ fn secret(name: &str, data: &[(&str, &str)]) -> Object {
 }
 
 async fn start(objects: Vec<Object>) -> common::Serving {
-    let mut config = EngineConfig::default();
-    config.upstream.connect_timeout = Duration::from_secs(2);
-    config.drain_timeout = Duration::from_secs(5);
+    let config = common::test_config();
     let s = common::serve(config, objects).await;
     let problems: Vec<String> = s.engine.table().problems.iter().map(ToString::to_string).collect();
     assert!(problems.is_empty(), "{problems:?}");
     s
-}
-
-async fn stop(s: common::Serving) {
-    s.cancel.cancel();
-    tokio::time::timeout(TIMEOUT, s.served).await.unwrap().unwrap();
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -283,7 +259,7 @@ async fn https_upstream_with_and_without_verification() {
     let (status, _) = get(&c, proxy.http, "on.test", "/again").await;
     assert_eq!(status, 200);
 
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -335,7 +311,7 @@ async fn grpcs_and_h2c_upstreams_speak_http2() {
         assert_eq!(status, 200, "{host}: {body}");
         assert!(body.contains(&format!("version: {version}")), "{host}: {body}");
     }
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -364,7 +340,7 @@ async fn upstream_vhost_is_the_host_the_backend_sees() {
     let (status, body) = get(&c, proxy.http, "h2.test", "/a").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("http://internal.example/a HTTP/2.0"), "{body}");
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -401,7 +377,7 @@ async fn service_upstream_dials_the_cluster_ip() {
     // Without the annotation the (dead) pod endpoint is dialled.
     let (status, _) = get(&c, proxy.http, "pods.test", "/").await;
     assert_eq!(status, 502);
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -460,7 +436,7 @@ async fn read_timeout_gives_504_and_cuts_stalled_bodies() {
     assert_eq!(resp.status(), 200);
     let body = tokio::time::timeout(TIMEOUT, resp.into_body().collect()).await.unwrap();
     assert!(body.is_err(), "a stalled body must end with an error");
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -490,7 +466,7 @@ async fn send_timeout_gives_504_when_the_upstream_stops_reading() {
     let (status, body) = send(&c, proxy.http, "POST", "b.test", "/", &[], &big[..(4 << 20)]).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&format!("body-bytes: {}", 4 << 20)), "{body}");
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -549,7 +525,7 @@ async fn next_upstream_tries_walks_past_dead_endpoints() {
         seen.push(get(&c, proxy.http, "nostatus.test", "/").await.0);
     }
     assert!(seen.contains(&503) && seen.contains(&200), "{seen:?}");
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }
 
@@ -630,6 +606,6 @@ async fn custom_http_errors_come_from_the_default_backend() {
     let (status, body) = get(&c, proxy.http, "db.test", "/any").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("fallback\nGET /any"), "{body}");
-    stop(proxy).await;
+    proxy.stop().await;
     cancel.cancel();
 }

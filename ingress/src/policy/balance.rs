@@ -728,37 +728,18 @@ fn samesite_none_compatible(headers: &HeaderMap) -> bool {
     !bad.iter().any(|re| re.is_match(ua))
 }
 
-/// An IMF-fixdate `secs` seconds after `now` (cookie `Expires`).
+/// An IMF-fixdate `secs` seconds after `now` (cookie `Expires`), kept
+/// between 1970 and 9999 (what an HTTP date can say).
 fn http_date(now: SystemTime, secs: i64) -> String {
-    let base = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2));
-    let t = base.saturating_add(secs).max(0);
-    let (days, rem) = (t / 86_400, t % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
-        WEEKDAYS[usize::try_from(days % 7).unwrap_or(0)],
-        day,
-        MONTHS[usize::try_from(month - 1).unwrap_or(0)],
-        year,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    const MAX: Duration = Duration::from_secs(253_402_300_799); // 9999-12-31T23:59:59Z
+    let since_epoch = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let delta = Duration::from_secs(secs.unsigned_abs());
+    let t = if secs >= 0 {
+        since_epoch.saturating_add(delta)
+    } else {
+        since_epoch.saturating_sub(delta)
+    };
+    httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + t.min(MAX))
 }
 
 /// Routing a request through a route's `RouteBalance`: which upstream
@@ -867,48 +848,14 @@ impl Ewma {
 
 /// EWMA's pick among `candidates`: two at random, the lower score wins.
 pub fn ewma_pick(endpoints: &[Arc<EndpointState>], candidates: &[usize]) -> Option<usize> {
-    match candidates.len() {
-        0 => None,
-        1 => Some(candidates[0]),
-        len => {
-            let a = fastrand::usize(..len);
-            let mut b = fastrand::usize(..len - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (a, b) = (candidates[a], candidates[b]);
-            Some(if endpoints[b].ewma.score() < endpoints[a].ewma.score() {
-                b
-            } else {
-                a
-            })
-        }
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod test_support {
-    /// An Ingress with these annotations (YAML flow-map entries).
-    pub fn ingress(annotations: &str) -> ferry_cluster::Ingress {
-        let text = format!(
-            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i, annotations: {{{annotations}}}}}\nspec: {{}}\n"
-        );
-        let mut objects = Vec::new();
-        for doc in ferry_cluster::files::parse_documents(std::path::Path::new("t.yaml"), &text) {
-            objects.extend(doc.unwrap());
-        }
-        match objects.pop() {
-            Some(ferry_cluster::Object::Ingress(i)) => (*i).clone(),
-            other => panic!("not an Ingress: {other:?}"),
-        }
-    }
+    crate::upstream::two_choices(candidates, |a, b| endpoints[b].ewma.score() < endpoints[a].ewma.score())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::test_support::ingress;
     use crate::routes::{compile, ClassSelection, UpstreamEndpoint};
-    use test_support::ingress;
 
     fn parse(annotations: &str) -> (BalancePolicy, Vec<String>) {
         let ing = ingress(annotations);
@@ -1321,6 +1268,8 @@ endpoints: [{addresses: [10.0.1.1]}]
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
         assert_eq!(http_date(t, 0), "Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(http_date(t, 86_400), "Mon, 07 Nov 1994 08:49:37 GMT");
+        assert_eq!(http_date(t, i64::MAX), "Fri, 31 Dec 9999 23:59:59 GMT");
+        assert_eq!(http_date(t, i64::MIN), "Thu, 01 Jan 1970 00:00:00 GMT");
         let ua = |s: &str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::USER_AGENT, s.parse().unwrap());

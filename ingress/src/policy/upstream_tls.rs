@@ -277,10 +277,16 @@ impl TlsSettings {
                     match webpki {
                         Ok(v) => Arc::new(Verify { inner: v, depth }),
                         // An empty root store: nothing verifies.
-                        Err(_) => Arc::new(Refuse(provider())),
+                        Err(_) => Arc::new(Unverified {
+                            provider: provider(),
+                            accept: false,
+                        }),
                     }
                 }
-                _ => Arc::new(NoVerify(provider())),
+                _ => Arc::new(Unverified {
+                    provider: provider(),
+                    accept: true,
+                }),
             };
             let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
             let mut config = match &client {
@@ -356,51 +362,16 @@ fn client_cert(
     Ok((certs, key))
 }
 
-/// `proxy-ssl-verify: off` (the default): any certificate is accepted;
-/// the handshake signatures are still checked.
+/// No chain verification: `accept` every certificate (verification off,
+/// as ingress-nginx's default; the handshake signatures are still
+/// checked), or refuse every one (verification on without any CA).
 #[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Unverified {
+    provider: Arc<CryptoProvider>,
+    accept: bool,
 }
 
-/// Verification on without any CA: every certificate is refused.
-#[derive(Debug)]
-struct Refuse(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Refuse {
+impl ServerCertVerifier for Unverified {
     fn verify_server_cert(
         &self,
         _end_entity: &CertificateDer<'_>,
@@ -409,9 +380,13 @@ impl ServerCertVerifier for Refuse {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer,
-        ))
+        if self.accept {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+        }
     }
 
     fn verify_tls12_signature(
@@ -420,7 +395,7 @@ impl ServerCertVerifier for Refuse {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -429,11 +404,11 @@ impl ServerCertVerifier for Refuse {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
