@@ -60,6 +60,8 @@ fn spawn(cmd: &mut Command, name: &'static str) -> anyhow::Result<Proc> {
 struct Result {
     name: String,
     rps: f64,
+    /// Requests wrk completed.
+    requests: f64,
     p99_ms: f64,
     /// CPU per request during the run, in microseconds.
     cpu: CpuPerRequest,
@@ -222,6 +224,7 @@ fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result
     Ok(Result {
         name: name.to_string(),
         rps,
+        requests,
         p99_ms,
         cpu,
     })
@@ -437,7 +440,24 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
         "ferry serve",
     )?;
 
+    // Access logs on, each as it ships, to a file: ferry's default access
+    // log (stderr, text) redirected to a file; nginx's `combined` format.
+    let (ferry_log_http, ferry_log_file) = (free_port()?, dir.join("ferry-access.log"));
+    let ferry_log_proc = Proc(
+        Command::new(ferry)
+            .args(["serve", "-f"])
+            .arg(&manifest_dir)
+            .args(["--http-addr", &format!("127.0.0.1:{ferry_log_http}")])
+            .env("TOKIO_WORKER_THREADS", "2")
+            .env("RUST_LOG", "warn,ferry::access=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&ferry_log_file)?)
+            .spawn()
+            .context("starting ferry serve (access log)")?,
+    );
+
     let (nginx_http, nginx_https, nginx_close) = (free_port()?, free_port()?, free_port()?);
+    let nginx_log = free_port()?;
     let nginx_conf = dir.join("nginx.conf");
     std::fs::write(
         &nginx_conf,
@@ -448,6 +468,8 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {d
   upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
   server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl http2;\n    server_name {HOST};\n\
     ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
+    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
+  server {{\n    listen 127.0.0.1:{nginx_log};\n    access_log {dir}/nginx-access.log combined;\n\
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
   upstream be_close {{ server 127.0.0.1:{backend}; }}\n\
   server {{\n    listen 127.0.0.1:{nginx_close};\n    location / {{ proxy_pass http://be_close; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n}}\n",
@@ -481,6 +503,8 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         (nginx_close, "nginx (no upstream keep-alive)"),
         (nginx_https, "nginx https"),
         (haproxy_http, "haproxy"),
+        (nginx_log, "nginx (access log)"),
+        (ferry_log_http, "ferry (access log)"),
     ] {
         wait_port(port, what)?;
     }
@@ -489,6 +513,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
 
     let nginx_pids = with_children(nginx_proc.id());
     let (ferry_pid, haproxy_pid) = ([ferry_proc.id()], [haproxy_proc.id()]);
+    let ferry_log_pid = [ferry_log_proc.id()];
     let watch = |proxy| Watched {
         proxy,
         backend: echo.id(),
@@ -525,6 +550,25 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         seconds,
         &watch(&ferry_pid),
     )?;
+    let nginx_logged = wrk(
+        "nginx +log",
+        &format!("http://127.0.0.1:{nginx_log}/"),
+        seconds,
+        &watch(&nginx_pids),
+    )?;
+    let ferry_logged = wrk(
+        "ferry +log",
+        &format!("http://127.0.0.1:{ferry_log_http}/"),
+        seconds,
+        &watch(&ferry_log_pid),
+    )?;
+    // Give the log writers a moment to write what they buffered.
+    std::thread::sleep(Duration::from_millis(500));
+    let log_bytes = |path: &Path, requests: f64| -> f64 {
+        std::fs::metadata(path).map_or(0.0, |m| m.len() as f64) / requests.max(1.0)
+    };
+    let nginx_log_bytes = log_bytes(&dir.join("nginx-access.log"), nginx_logged.requests);
+    let ferry_log_bytes = log_bytes(&ferry_log_file, ferry_logged.requests);
     let nginx_tls = wrk(
         "nginx https",
         &format!("https://127.0.0.1:{nginx_https}/"),
@@ -581,6 +625,8 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         &nginx_close,
         &haproxy,
         &ferry_r,
+        &nginx_logged,
+        &ferry_logged,
         &nginx_tls,
         &ferry_tls,
     ] {
@@ -598,6 +644,8 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     }
     println!();
     println!("{}", ratio_line(&ferry_r, &[&nginx, &haproxy]));
+    println!("{}", ratio_line(&ferry_logged, &[&nginx_logged]));
+    println!("access-log bytes per request: ferry {ferry_log_bytes:.0}, nginx {nginx_log_bytes:.0}");
     println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
     println!("{}", user_space_ceiling(&ferry_r, &[&nginx, &haproxy]));
     println!(
