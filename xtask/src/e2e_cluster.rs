@@ -545,9 +545,11 @@ fn mode_checks(kube: &Kube, f: &Facts, mode: &str, previous: Option<&str>, repor
     report.check(mode, "Ingress wp.test alternates", || ingress_alternates(f));
     report.check(mode, "Ingress status = node IP", || ingress_status(kube, f));
     if previous.is_none() {
-        report.check(mode, "unknown Ingress annotation -> Warning Event", || {
-            annotation_event(kube)
-        });
+        report.check(
+            mode,
+            "Ingress annotations: redirect honoured, unknown -> Warning Event",
+            || annotations(kube, f),
+        );
     }
     report.check(mode, "TCP via ClusterIP survives restart", || long_lived(kube, f, mode));
 }
@@ -895,38 +897,63 @@ fn ingress_status(kube: &Kube, f: &Facts) -> anyhow::Result<String> {
     })
 }
 
-/// An Ingress with an annotation ferry does not know gets one Warning Event
-/// (`UnsupportedAnnotation`, naming the annotation), written by the leader.
-fn annotation_event(kube: &Kube) -> anyhow::Result<String> {
+/// An Ingress with ingress-nginx annotations: its `permanent-redirect`
+/// is answered on the node's port 80, and the annotation ferry does not
+/// know gets one Warning Event (`UnsupportedAnnotation`, naming it),
+/// written by the leader.
+fn annotations(kube: &Kube, f: &Facts) -> anyhow::Result<String> {
     const NAME: &str = "e2e-annotation-event";
     const ANNOTATION: &str = "nginx.ingress.kubernetes.io/e2e-made-up";
+    const MOVED: &str = "https://moved.example.invalid/";
     let manifest = format!(
-        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {NAME}\n  namespace: default\n  annotations:\n    {ANNOTATION}: \"x\"\nspec:\n  ingressClassName: {INGRESS_CLASS}\n  rules:\n  - host: e2e-annotation.test\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: wp-svc, port: {{number: 80}}}}}}}}\n"
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {NAME}\n  namespace: default\n  annotations:\n    {ANNOTATION}: \"x\"\n    nginx.ingress.kubernetes.io/permanent-redirect: {MOVED}\n    nginx.ingress.kubernetes.io/permanent-redirect-code: \"308\"\nspec:\n  ingressClassName: {INGRESS_CLASS}\n  rules:\n  - host: e2e-annotation.test\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: wp-svc, port: {{number: 80}}}}}}}}\n"
     );
     let path = std::env::temp_dir().join(format!("ferry-e2e-{NAME}.yaml"));
     std::fs::write(&path, manifest)?;
     let path = path.display().to_string();
     kube.run(&["apply", "-f", &path])?;
-    let found = eventually("the Warning Event", Duration::from_secs(60), || {
-        let out = kube.run(&[
-            "get",
-            "events",
-            "-n",
-            "default",
-            "--field-selector",
-            &format!("involvedObject.kind=Ingress,involvedObject.name={NAME},type=Warning"),
-            "-o",
-            "jsonpath={range .items[*]}{.reason}|{.message}{\"\\n\"}{end}",
-        ])?;
-        let hits: Vec<&str> = out
-            .lines()
-            .filter(|l| l.starts_with("UnsupportedAnnotation|") && l.contains(ANNOTATION))
-            .collect();
-        match hits.len() {
-            1 => Ok(hits[0].to_string()),
-            0 => bail!("no UnsupportedAnnotation Event yet; events: {out:?}"),
-            n => bail!("{n} Events for one problem: {out:?}"),
+    let resolve = format!("e2e-annotation.test:80:{}", f.node_ip);
+    let redirect = eventually("the redirect", Duration::from_secs(30), || {
+        let got = curl_args(
+            &[],
+            &[
+                "--resolve",
+                &resolve,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{redirect_url}",
+                "http://e2e-annotation.test/x",
+            ],
+        )?;
+        if got == format!("308 {MOVED}") {
+            Ok(got)
+        } else {
+            bail!("answer {got:?}")
         }
+    });
+    let found = redirect.and_then(|r| {
+        eventually("the Warning Event", Duration::from_secs(60), || {
+            let out = kube.run(&[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!("involvedObject.kind=Ingress,involvedObject.name={NAME},type=Warning"),
+                "-o",
+                "jsonpath={range .items[*]}{.reason}|{.message}{\"\\n\"}{end}",
+            ])?;
+            let hits: Vec<&str> = out
+                .lines()
+                .filter(|l| l.starts_with("UnsupportedAnnotation|") && l.contains(ANNOTATION))
+                .collect();
+            match hits.len() {
+                1 => Ok(format!("{r}; {}", hits[0])),
+                0 => bail!("no UnsupportedAnnotation Event yet; events: {out:?}"),
+                n => bail!("{n} Events for one problem: {out:?}"),
+            }
+        })
     });
     let _ = kube.run(&["delete", "-f", &path, "--ignore-not-found"]);
     let _ = std::fs::remove_file(&path);
