@@ -1,7 +1,9 @@
 //! `cargo xtask bench ingress [SECONDS]`: ferry serve against nginx and
 //! haproxy (Debian packages), all proxying to the same local backend
-//! (`ferry echo`), measured with wrk in one run; prints rps, p99 and
-//! ferry's ratios. Also HTTPS against nginx with the same certificate, and
+//! (`ferry echo`), measured with wrk in interleaved rounds (`--rounds N`,
+//! default 1); prints mean rps (and the range), p99 and ferry's ratios,
+//! also with access logs on for both (nginx `combined`, ferry's default
+//! access log, each to a file). Also HTTPS against nginx with the same certificate, and
 //! ferry's RSS with 1,000 Ingresses and 10,000 endpoints loaded.
 //!
 //! The anchors keep upstream connections alive (nginx `keepalive 64`,
@@ -230,6 +232,24 @@ fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result
     })
 }
 
+/// The mean of several runs of one target.
+fn mean(runs: &[Result]) -> Result {
+    let n = runs.len().max(1) as f64;
+    let avg = |f: &dyn Fn(&Result) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    Result {
+        name: runs.first().map(|r| r.name.clone()).unwrap_or_default(),
+        rps: avg(&|r| r.rps),
+        requests: avg(&|r| r.requests),
+        p99_ms: avg(&|r| r.p99_ms),
+        cpu: CpuPerRequest {
+            proxy_user: avg(&|r| r.cpu.proxy_user),
+            proxy_sys: avg(&|r| r.cpu.proxy_sys),
+            backend: avg(&|r| r.cpu.backend),
+            machine: avg(&|r| r.cpu.machine),
+        },
+    }
+}
+
 fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
@@ -361,20 +381,32 @@ fn user_space_ceiling(ferry: &Result, others: &[&Result]) -> String {
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let seconds: u64 = match args.first() {
-        Some(s) => s.parse().context("usage: cargo xtask bench ingress [SECONDS]")?,
-        None => 10,
-    };
+    const USAGE: &str = "usage: cargo xtask bench ingress [SECONDS] [--rounds N]";
+    let mut seconds: u64 = 10;
+    let mut rounds: u32 = 1;
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .context(USAGE)?;
+            }
+            n => seconds = n.parse().context(USAGE)?,
+        }
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let ferry = ferry_binary(&root)?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-ingress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run_in(&ferry, &dir, seconds);
+    let result = run_in(&ferry, &dir, seconds, rounds);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(ferry: &Path, dir: &Path, seconds: u64) -> anyhow::Result<()> {
+fn run_in(ferry: &Path, dir: &Path, seconds: u64, rounds: u32) -> anyhow::Result<()> {
     let backend = free_port()?;
     let echo = spawn(
         Command::new(ferry)
@@ -518,69 +550,66 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         proxy,
         backend: echo.id(),
     };
-    let direct = wrk(
-        "direct (backend)",
-        &format!("http://127.0.0.1:{backend}/"),
-        seconds,
-        &watch(&[]),
-    )?;
-    let nginx = wrk(
-        "nginx",
-        &format!("http://127.0.0.1:{nginx_http}/"),
-        seconds,
-        &watch(&nginx_pids),
-    )?;
-    // Informational, not an anchor of the ratios: nginx's stock proxy
-    // settings (HTTP/1.0, a new upstream connection per request).
-    let nginx_close = wrk(
-        "nginx no-keepalive",
-        &format!("http://127.0.0.1:{nginx_close}/"),
-        seconds,
-        &watch(&nginx_pids),
-    )?;
-    let haproxy = wrk(
-        "haproxy",
-        &format!("http://127.0.0.1:{haproxy_http}/"),
-        seconds,
-        &watch(&haproxy_pid),
-    )?;
-    let ferry_r = wrk(
-        "ferry",
-        &format!("http://127.0.0.1:{ferry_http}/"),
-        seconds,
-        &watch(&ferry_pid),
-    )?;
-    let nginx_logged = wrk(
-        "nginx +log",
-        &format!("http://127.0.0.1:{nginx_log}/"),
-        seconds,
-        &watch(&nginx_pids),
-    )?;
-    let ferry_logged = wrk(
-        "ferry +log",
-        &format!("http://127.0.0.1:{ferry_log_http}/"),
-        seconds,
-        &watch(&ferry_log_pid),
-    )?;
+    // Every target once per round, rounds interleaved, so a noisy moment
+    // of the shared machine hits all of them alike; results are means.
+    let targets: Vec<(&str, String, Vec<u32>)> = vec![
+        ("direct (backend)", format!("http://127.0.0.1:{backend}/"), vec![]),
+        ("nginx", format!("http://127.0.0.1:{nginx_http}/"), nginx_pids.clone()),
+        // Informational, not an anchor of the ratios: nginx's stock proxy
+        // settings (HTTP/1.0, a new upstream connection per request).
+        (
+            "nginx no-keepalive",
+            format!("http://127.0.0.1:{nginx_close}/"),
+            nginx_pids.clone(),
+        ),
+        (
+            "haproxy",
+            format!("http://127.0.0.1:{haproxy_http}/"),
+            haproxy_pid.to_vec(),
+        ),
+        ("ferry", format!("http://127.0.0.1:{ferry_http}/"), ferry_pid.to_vec()),
+        (
+            "nginx +log",
+            format!("http://127.0.0.1:{nginx_log}/"),
+            nginx_pids.clone(),
+        ),
+        (
+            "ferry +log",
+            format!("http://127.0.0.1:{ferry_log_http}/"),
+            ferry_log_pid.to_vec(),
+        ),
+        (
+            "nginx https",
+            format!("https://127.0.0.1:{nginx_https}/"),
+            nginx_pids.clone(),
+        ),
+        (
+            "ferry https",
+            format!("https://127.0.0.1:{ferry_https}/"),
+            ferry_pid.to_vec(),
+        ),
+    ];
+    let mut runs: Vec<Vec<Result>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for ((name, url, pids), out) in targets.iter().zip(&mut runs) {
+            if rounds > 1 {
+                eprintln!("bench: round {} of {rounds}", round + 1);
+            }
+            out.push(wrk(name, url, seconds, &watch(pids))?);
+        }
+    }
+    let mut means = runs.iter().map(|r| mean(r));
+    let mut next = || means.next().context("a target without results");
+    let (direct, nginx, nginx_close, haproxy, ferry_r) = (next()?, next()?, next()?, next()?, next()?);
+    let (nginx_logged, ferry_logged, nginx_tls, ferry_tls) = (next()?, next()?, next()?, next()?);
     // Give the log writers a moment to write what they buffered.
     std::thread::sleep(Duration::from_millis(500));
     let log_bytes = |path: &Path, requests: f64| -> f64 {
         std::fs::metadata(path).map_or(0.0, |m| m.len() as f64) / requests.max(1.0)
     };
-    let nginx_log_bytes = log_bytes(&dir.join("nginx-access.log"), nginx_logged.requests);
-    let ferry_log_bytes = log_bytes(&ferry_log_file, ferry_logged.requests);
-    let nginx_tls = wrk(
-        "nginx https",
-        &format!("https://127.0.0.1:{nginx_https}/"),
-        seconds,
-        &watch(&nginx_pids),
-    )?;
-    let ferry_tls = wrk(
-        "ferry https",
-        &format!("https://127.0.0.1:{ferry_https}/"),
-        seconds,
-        &watch(&ferry_pid),
-    )?;
+    let logged_requests = |i: usize| runs[i].iter().map(|r| r.requests).sum::<f64>();
+    let nginx_log_bytes = log_bytes(&dir.join("nginx-access.log"), logged_requests(5));
+    let ferry_log_bytes = log_bytes(&ferry_log_file, logged_requests(6));
 
     // RSS with 1,000 Ingresses and 10,000 endpoints.
     let large_dir = dir.join("large");
@@ -613,13 +642,14 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
 
     println!();
     println!(
-        "ingress benchmark: wrk -t2 -c{CONNECTIONS} -d{seconds}s, keep-alive, 3-byte body, one backend (ferry echo)"
+        "ingress benchmark: wrk -t2 -c{CONNECTIONS} -d{seconds}s, keep-alive, 3-byte body, one backend (ferry echo); \
+         {rounds} interleaved round(s), means (rps range in brackets)"
     );
     println!(
         "{:<18} {:>10} {:>10} {:>11} {:>24}",
         "target", "rps", "p99 ms", "rps/direct", "CPU us/req: proxy usr+sys  backend  machine"
     );
-    for r in [
+    for (r, all) in [
         &direct,
         &nginx,
         &nginx_close,
@@ -629,9 +659,15 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         &ferry_logged,
         &nginx_tls,
         &ferry_tls,
-    ] {
+    ]
+    .into_iter()
+    .zip(&runs)
+    {
+        let (lo, hi) = all
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x.rps), hi.max(x.rps)));
         println!(
-            "{:<18} {:>10.0} {:>10.2} {:>11.2}              {:>5.2}+{:<5.2}   {:>6.2}   {:>6.2}",
+            "{:<18} {:>10.0} {:>10.2} {:>11.2}              {:>5.2}+{:<5.2}   {:>6.2}   {:>6.2}   [{lo:.0}-{hi:.0}]",
             r.name,
             r.rps,
             r.p99_ms,
