@@ -1371,73 +1371,72 @@ async fn proxy_to<'a>(
             }
         }
     }
-    let (mut outcome, host, upstream) = proxy_to_upstream(ctx, live, m, req, authority, key).await;
+    let Some(route_upstream) = live.upstreams.get(m.upstream) else {
+        let outcome = Outcome {
+            response: local(StatusCode::SERVICE_UNAVAILABLE),
+            endpoint: None,
+        };
+        return (outcome, m.host, None);
+    };
+    // Routes without upstream annotations forward directly; the others
+    // (default backend, custom error pages) take a boxed detour, so the
+    // common request's future stays small and shallow.
+    let (mut outcome, upstream) = if m.policy.upstream.plain {
+        let outcome = forward(ctx, route_upstream, req, authority, m.max_body, &m.policy.upstream, key).await;
+        (outcome, route_upstream)
+    } else {
+        Box::pin(forward_tuned(ctx, live, &m, route_upstream, req, authority, key)).await
+    };
+    if let Some(b) = m.balance {
+        let headers = outcome.response.headers_mut();
+        balance::finish(b, upstream, key, outcome.endpoint, ctx.https, headers);
+    }
     if let Some(a) = after {
         a.apply(&mut outcome.response);
     }
-    (outcome, host, upstream)
+    (outcome, m.host, Some(upstream))
 }
 
-async fn proxy_to_upstream<'a>(
+/// `forward` for a route with upstream annotations: `default-backend`
+/// answers when the route's Service has no endpoints, and
+/// `custom-http-errors` replace listed statuses with its pages. Returns
+/// the upstream that answered.
+async fn forward_tuned<'a>(
     ctx: &ConnContext,
     live: &'a LiveTable,
-    m: RouteMatch<'a>,
+    m: &RouteMatch<'_>,
+    upstream: &'a Arc<LiveUpstream>,
     req: Request<Incoming>,
     authority: Option<&HeaderValue>,
     key: PickKey,
-) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
-    match live.upstreams.get(m.upstream) {
-        None => (
-            Outcome {
-                response: local(StatusCode::SERVICE_UNAVAILABLE),
-                endpoint: None,
-            },
-            m.host,
-            None,
-        ),
-        Some(upstream) if m.policy.upstream.plain => {
-            let mut outcome = forward(ctx, upstream, req, authority, m.max_body, &m.policy.upstream, key).await;
-            if let Some(b) = m.balance {
-                let headers = outcome.response.headers_mut();
-                balance::finish(b, upstream, key, outcome.endpoint, ctx.https, headers);
+) -> (Outcome, &'a Arc<LiveUpstream>) {
+    let up = &m.policy.upstream;
+    let default_backend = up.default_backend_upstream.and_then(|i| live.upstreams.get(i));
+    let upstream = match default_backend {
+        Some(d) if upstream.endpoints.is_empty() => d,
+        _ => upstream,
+    };
+    let errors = up
+        .errors
+        .as_ref()
+        .and(default_backend)
+        .map(|d| (d, ErrorRequest::capture(&req, authority)));
+    let mut outcome = forward(ctx, upstream, req, authority, m.max_body, up, key).await;
+    if let (Some((backend, capture)), Some(pages)) = (errors, &up.errors) {
+        let status = outcome.response.status();
+        if pages.codes.contains(&status.as_u16()) {
+            // `custom-http-errors`: the default backend's answer replaces
+            // the response (ingress-nginx passes it on unchanged; error
+            // backends answer with `X-Code`).
+            let req = capture.request(status, m.ingress, &upstream.spec.name);
+            let plain = UpstreamPolicy::default();
+            let page = forward_lean(ctx, backend, req, authority, &plain, PickKey::None).await;
+            if page.endpoint.is_some() {
+                outcome = page;
             }
-            (outcome, m.host, Some(upstream))
-        }
-        Some(upstream) => {
-            let up = &m.policy.upstream;
-            let default_backend = up.default_backend_upstream.and_then(|i| live.upstreams.get(i));
-            // `default-backend`: it answers when the route's Service has no endpoints.
-            let upstream = match default_backend {
-                Some(d) if upstream.endpoints.is_empty() => d,
-                _ => upstream,
-            };
-            let errors = up
-                .errors
-                .as_ref()
-                .and(default_backend)
-                .map(|d| (d, ErrorRequest::capture(&req, authority)));
-            let mut outcome = forward(ctx, upstream, req, authority, m.max_body, up, key).await;
-            if let (Some((backend, capture)), Some(pages)) = (errors, &up.errors) {
-                let status = outcome.response.status();
-                if pages.codes.contains(&status.as_u16()) {
-                    // `custom-http-errors`: the default backend's answer
-                    // replaces the response (ingress-nginx passes it on
-                    // unchanged; error backends answer with `X-Code`).
-                    let req = capture.request(status, m.ingress, &upstream.spec.name);
-                    let plain = UpstreamPolicy::default();
-                    let page = forward_lean(ctx, backend, req, authority, &plain, PickKey::None).await;
-                    if page.endpoint.is_some() {
-                        outcome = page;
-                    }
-                }
-            }
-            if let Some(b) = m.balance {
-                let headers = outcome.response.headers_mut();
-                balance::finish(b, upstream, key, outcome.endpoint, ctx.https, headers);
-            }
-            (outcome, m.host, Some(upstream))
         }
     }
+    (outcome, upstream)
 }
 
 /// The 308 to HTTPS for a plain HTTP request to a TLS host: same host
@@ -1567,7 +1566,35 @@ impl Replay {
     }
 }
 
+/// Forwards a request to `upstream`: a body-less idempotent request to a
+/// plain HTTP/1.1 upstream through the lean client, anything else through
+/// hyper's. The hyper path is boxed, so its much larger state is not part
+/// of every request's future (moved, whole, at each level, per request).
 async fn forward(
+    ctx: &ConnContext,
+    upstream: &LiveUpstream,
+    req: Request<Incoming>,
+    authority: Option<&HeaderValue>,
+    max_body: Option<u64>,
+    up: &UpstreamPolicy,
+    key: PickKey,
+) -> Outcome {
+    let lean = !upstream.spec.h2c
+        && upstream.spec.tls.is_none()
+        && idempotent(req.method())
+        && req.body().is_end_stream()
+        && !up.retry.retries_statuses()
+        && !is_upgrade_request(&req);
+    if lean {
+        forward_lean(ctx, upstream, req, authority, up, key).await
+    } else {
+        Box::pin(forward_hyper(ctx, upstream, req, authority, max_body, up, key)).await
+    }
+}
+
+/// `forward` through hyper's client: bodies, HTTP/2, TLS upstreams,
+/// upgrades, status retries.
+async fn forward_hyper(
     ctx: &ConnContext,
     upstream: &LiveUpstream,
     mut req: Request<Incoming>,
@@ -1598,15 +1625,6 @@ async fn forward(
     }
     let upgrade = is_upgrade_request(&req) && !upstream.spec.h2c;
     let tls = upstream.spec.tls.is_some();
-    if !upgrade
-        && !upstream.spec.h2c
-        && !tls
-        && idempotent(req.method())
-        && req.body().is_end_stream()
-        && !up.retry.retries_statuses()
-    {
-        return forward_lean(ctx, upstream, req, authority, up, key).await;
-    }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     prepare_upstream_request(&mut req, ctx, authority, upgrade, upstream.spec.h2c);
     if tls || up.vhost.is_some() {
