@@ -176,8 +176,10 @@ pub fn compile(
             }
         }
     }
+    let (client_auth, auth_problems) = crate::policy::client_cert::HostAuth::compile(table);
+    problems.extend(auth_problems);
     store.problems = problems;
-    store.client_auth = Arc::new(crate::policy::client_cert::HostAuth::compile(table));
+    store.client_auth = Arc::new(client_auth);
     store
 }
 

@@ -297,7 +297,9 @@ pub struct HostAuth {
 }
 
 impl HostAuth {
-    pub fn compile(table: &RouteTable) -> HostAuth {
+    /// The hosts' settings, and a problem for every younger Ingress whose
+    /// own setting for a host is not the one used there.
+    pub fn compile(table: &RouteTable) -> (HostAuth, Vec<crate::routes::Problem>) {
         // Policies come in Ingress age order.
         let age: HashMap<*const super::Policy, usize> = table
             .policies
@@ -305,24 +307,44 @@ impl HostAuth {
             .enumerate()
             .map(|(i, p)| (Arc::as_ptr(p), i))
             .collect();
-        let mut best: HashMap<&str, (usize, &Arc<ClientCert>)> = HashMap::new();
+        let mut best: HashMap<&str, (usize, &Arc<ClientCert>, &super::Policy)> = HashMap::new();
         for route in table.routes() {
             let Some(cc) = &route.policy.client_cert else { continue };
             if cc.denied.is_some() {
                 continue;
             }
             let rank = age.get(&Arc::as_ptr(&route.policy)).copied().unwrap_or(usize::MAX);
-            let entry = best.entry(route.host.as_str()).or_insert((rank, cc));
+            let entry = best.entry(route.host.as_str()).or_insert((rank, cc, &route.policy));
             if rank < entry.0 {
-                *entry = (rank, cc);
+                *entry = (rank, cc, &route.policy);
             }
         }
-        HostAuth {
-            hosts: best
-                .into_iter()
-                .map(|(h, (_, cc))| (h.to_string(), cc.clone()))
-                .collect(),
+        let mut problems = Vec::new();
+        let mut reported = std::collections::HashSet::new();
+        for route in table.routes() {
+            let Some(cc) = &route.policy.client_cert else { continue };
+            let Some((_, used, owner)) = best.get(route.host.as_str()) else {
+                continue;
+            };
+            if cc.denied.is_none()
+                && !Arc::ptr_eq(cc, used)
+                && reported.insert((route.policy.ingress.clone(), route.host.clone()))
+            {
+                problems.push(crate::routes::Problem {
+                    object: format!("Ingress {}", route.policy.ingress),
+                    field: "metadata.annotations[nginx.ingress.kubernetes.io/auth-tls-secret]".into(),
+                    message: format!(
+                        "host {:?} checks client certificates as older Ingress {} says; this Ingress's auth-tls settings are not used there",
+                        route.host, owner.ingress
+                    ),
+                });
+            }
         }
+        let hosts = best
+            .into_iter()
+            .map(|(h, (_, cc, _))| (h.to_string(), cc.clone()))
+            .collect();
+        (HostAuth { hosts }, problems)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1020,8 +1042,15 @@ mod tests {
             "{:?}",
             table.problems
         );
-        let hosts = HostAuth::compile(&table);
+        let (hosts, problems) = HostAuth::compile(&table);
         assert_eq!(hosts.get("a.test").unwrap().verify, Verify::Optional);
+        // The younger Ingress's own setting for a.test is not used: said so.
+        let said: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("Ingress default/young metadata.annotations[nginx.ingress.kubernetes.io/auth-tls-secret]: host \"a.test\" checks client certificates as older Ingress default/old says"),
+            "{said:?}"
+        );
         assert_eq!(hosts.get("*.w.test").unwrap().verify, Verify::On);
         assert!(hosts.get("other.test").is_none());
         for (sni, want) in [
