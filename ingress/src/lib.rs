@@ -18,6 +18,8 @@ pub mod proxy;
 pub mod routes;
 pub mod run;
 pub mod status;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod upstream;
 

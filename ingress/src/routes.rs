@@ -1310,12 +1310,7 @@ endpoints:
 "#;
 
     fn snapshot(extra: &str) -> Snapshot {
-        let text = format!("{BASE}\n---\n{extra}");
-        let mut objects = Vec::new();
-        for doc in ferry_cluster::files::parse_documents(Path::new("test.yaml"), &text) {
-            objects.extend(doc.unwrap());
-        }
-        Snapshot::from_objects(1, objects)
+        crate::test_support::snapshot(&format!("{BASE}\n---\n{extra}"))
     }
 
     fn table(extra: &str) -> RouteTable {

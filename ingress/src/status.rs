@@ -107,7 +107,6 @@ pub async fn write(client: kube::Client, plan: &StatusPlan) -> Result<usize, Ing
 mod tests {
     use super::*;
     use crate::routes::{compile, ClassSelection};
-    use std::path::Path;
 
     #[test]
     fn plan_sets_served_and_clears_unserved() {
@@ -140,11 +139,7 @@ metadata: {name: foreign}
 spec: {ingressClassName: other}
 status: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}
 "#;
-        let mut objects = Vec::new();
-        for d in ferry_cluster::files::parse_documents(Path::new("s.yaml"), yaml) {
-            objects.extend(d.unwrap());
-        }
-        let snap = Snapshot::from_objects(1, objects);
+        let snap = crate::test_support::snapshot(yaml);
         let table = compile(&snap, &ClassSelection::default());
         let p = plan(&snap, &table, &["192.0.2.1".to_string()]);
         assert_eq!(p.set, vec![ObjectKey::new("default", "new")]);

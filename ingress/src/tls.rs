@@ -241,7 +241,6 @@ pub fn server_config_requesting_client_cert(
 mod tests {
     use super::*;
     use crate::routes::{compile as compile_routes, ClassSelection};
-    use std::path::Path;
 
     fn secret_yaml(name: &str, cert: &str, key: &str) -> String {
         use std::fmt::Write;
@@ -284,11 +283,7 @@ mod tests {
         yaml += &secret_yaml("mismatch", &a.cert.pem(), &other.signing_key.serialize_pem());
         yaml += "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: ferry}\nspec: {controller: ferry.dev/ingress-controller}\n---\n";
         yaml += "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: i}\nspec:\n  ingressClassName: ferry\n  tls:\n  - {hosts: [a.test], secretName: a}\n  - {hosts: [\"*.w.test\"], secretName: w}\n  - {hosts: [bad.test], secretName: mismatch}\n  - {hosts: [gone.test], secretName: gone}\n";
-        let mut objects = Vec::new();
-        for d in ferry_cluster::files::parse_documents(Path::new("t.yaml"), &yaml) {
-            objects.extend(d.unwrap());
-        }
-        let snap = Snapshot::from_objects(1, objects);
+        let snap = crate::test_support::snapshot(&yaml);
         let table = compile_routes(&snap, &ClassSelection::default());
         let (fallback, _) = self_signed(&["default.test".into()]).unwrap();
         let store = compile(&snap, &table, None, &fallback);

@@ -453,8 +453,8 @@ pub fn carry_over(next: &RouteTable, previous: &RouteTable) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use ferry_cluster::{Ingress, Object, Snapshot};
-    use std::path::Path;
+    use crate::test_support::snapshot;
+    use ferry_cluster::{Ingress, Snapshot};
 
     /// An Ingress `default/i` with these `nginx.ingress.kubernetes.io/`
     /// annotations.
@@ -463,26 +463,7 @@ pub(crate) mod tests {
             .iter()
             .map(|(k, v)| format!("{NGINX}{k}: {}", serde_json::to_string(v).unwrap()))
             .collect();
-        let text = format!(
-            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i, annotations: {{{}}}}}\nspec: {{}}\n",
-            ann.join(", ")
-        );
-        let mut objects = Vec::new();
-        for doc in ferry_cluster::files::parse_documents(Path::new("t.yaml"), &text) {
-            objects.extend(doc.unwrap());
-        }
-        match objects.pop() {
-            Some(Object::Ingress(i)) => (*i).clone(),
-            other => panic!("not an Ingress: {other:?}"),
-        }
-    }
-
-    fn snapshot(yaml: &str) -> Snapshot {
-        let mut objects = Vec::new();
-        for doc in ferry_cluster::files::parse_documents(Path::new("t.yaml"), yaml) {
-            objects.extend(doc.unwrap());
-        }
-        Snapshot::from_objects(1, objects)
+        crate::test_support::ingress(&ann.join(", "))
     }
 
     fn policy(snap: &Snapshot, annotations: &[(&str, &str)]) -> (AccessPolicy, Vec<String>) {

@@ -854,8 +854,8 @@ pub fn ewma_pick(endpoints: &[Arc<EndpointState>], candidates: &[usize]) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::test_support::ingress;
     use crate::routes::{compile, ClassSelection, UpstreamEndpoint};
+    use crate::test_support::{self, ingress};
 
     fn parse(annotations: &str) -> (BalancePolicy, Vec<String>) {
         let ing = ingress(annotations);
@@ -1028,12 +1028,10 @@ endpoints: [{addresses: [10.0.1.1]}]
     }
 
     fn table(extra: &str) -> RouteTable {
-        let text = format!("{OBJECTS}{extra}");
-        let mut objects = Vec::new();
-        for doc in ferry_cluster::files::parse_documents(std::path::Path::new("t.yaml"), &text) {
-            objects.extend(doc.unwrap());
-        }
-        compile(&Snapshot::from_objects(1, objects), &ClassSelection::default())
+        compile(
+            &test_support::snapshot(&format!("{OBJECTS}{extra}")),
+            &ClassSelection::default(),
+        )
     }
 
     #[test]

@@ -230,7 +230,7 @@ pub fn honoured_on_canary(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::test_support::ingress;
+    use crate::test_support::ingress;
 
     fn rules(annotations: &str) -> (Option<CanaryRules>, Vec<String>) {
         let ing = ingress(annotations);

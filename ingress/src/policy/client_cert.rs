@@ -721,15 +721,7 @@ pub fn gate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn objects(yaml: &str) -> Vec<ferry_cluster::Object> {
-        let mut out = Vec::new();
-        for d in ferry_cluster::files::parse_documents(Path::new("t.yaml"), yaml) {
-            out.extend(d.unwrap());
-        }
-        out
-    }
+    use crate::test_support::objects;
 
     struct Ca {
         cert: rcgen::Certificate,

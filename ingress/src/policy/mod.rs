@@ -255,27 +255,9 @@ pub fn comma_list(v: &str) -> Vec<&str> {
 }
 
 #[cfg(test)]
-pub(crate) mod test_support {
-    /// An Ingress with these annotations (YAML flow-map entries).
-    pub fn ingress(annotations: &str) -> ferry_cluster::Ingress {
-        let text = format!(
-            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i, annotations: {{{annotations}}}}}\nspec: {{}}\n"
-        );
-        let mut objects = Vec::new();
-        for doc in ferry_cluster::files::parse_documents(std::path::Path::new("t.yaml"), &text) {
-            objects.extend(doc.unwrap());
-        }
-        match objects.pop() {
-            Some(ferry_cluster::Object::Ingress(i)) => (*i).clone(),
-            other => panic!("not an Ingress: {other:?}"),
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::test_support::ingress;
     use super::*;
+    use crate::test_support::ingress;
 
     #[test]
     fn unread_annotations_are_reported_and_snippets_refused() {

@@ -1,5 +1,3 @@
-use std::path::Path;
-
 use super::*;
 use crate::routes::{compile, ClassSelection, RouteTable};
 
@@ -61,11 +59,7 @@ fn table(annotations: &str, extra: &str) -> RouteTable {
     let text = format!(
         "{BASE}{extra}\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i, annotations: {{{annotations}}}}}\nspec:\n  ingressClassName: ferry\n  rules:\n  - host: h\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{number: 80}}}}}}}}\n      - {{path: /g, pathType: Prefix, backend: {{service: {{name: grpc, port: {{number: 80}}}}}}}}\n"
     );
-    let mut objects = Vec::new();
-    for doc in ferry_cluster::files::parse_documents(Path::new("t.yaml"), &text) {
-        objects.extend(doc.unwrap());
-    }
-    compile(&Snapshot::from_objects(1, objects), &ClassSelection::default())
+    compile(&crate::test_support::snapshot(&text), &ClassSelection::default())
 }
 
 fn spec<'a>(t: &'a RouteTable, path: &str) -> &'a crate::routes::UpstreamSpec {
