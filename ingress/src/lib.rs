@@ -7,6 +7,7 @@
 //! and `events` Kubernetes Events for configuration problems.
 
 pub mod access_log;
+mod answer;
 pub mod conn;
 pub mod echo;
 pub mod error;

@@ -898,29 +898,7 @@ impl Body for ProxyBody {
 
 /// A short local answer that reveals nothing about the backends.
 fn local(status: StatusCode) -> Response<ProxyBody> {
-    let text: Bytes = match status {
-        StatusCode::BAD_REQUEST => Bytes::from_static(b"400 bad request\n"),
-        StatusCode::PERMANENT_REDIRECT => Bytes::from_static(b"308 permanent redirect\n"),
-        StatusCode::PAYLOAD_TOO_LARGE => Bytes::from_static(b"413 request entity too large\n"),
-        StatusCode::NOT_FOUND => Bytes::from_static(b"404 not found\n"),
-        StatusCode::METHOD_NOT_ALLOWED => Bytes::from_static(b"405 method not allowed\n"),
-        StatusCode::REQUEST_TIMEOUT => Bytes::from_static(b"408 request timeout\n"),
-        StatusCode::SERVICE_UNAVAILABLE => Bytes::from_static(b"503 service unavailable\n"),
-        StatusCode::GATEWAY_TIMEOUT => Bytes::from_static(b"504 gateway timeout\n"),
-        StatusCode::BAD_GATEWAY => Bytes::from_static(b"502 bad gateway\n"),
-        other => Bytes::from(format!(
-            "{} {}\n",
-            other.as_u16(),
-            other.canonical_reason().unwrap_or("").to_ascii_lowercase()
-        )),
-    };
-    let mut r = Response::new(ProxyBody::Local(Some(text)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+    crate::answer::status(status).map(ProxyBody::Local)
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
@@ -1209,9 +1187,8 @@ async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<Proxy
 
 /// A redirect response (`local`'s body, `Location`).
 fn redirect(code: u16, location: HeaderValue) -> Response<ProxyBody> {
-    let mut response = local(StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND));
-    response.headers_mut().insert(header::LOCATION, location);
-    response
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND);
+    crate::answer::redirect(code, location).map(ProxyBody::Local)
 }
 
 /// The redirects of a routed request's path annotations (`policy::paths`):
@@ -1458,9 +1435,7 @@ fn https_redirect(shared: &Shared, authority: &str, uri: &Uri) -> Option<Respons
         format!("https://{host}:{port}{path}")
     };
     let location = HeaderValue::from_str(&location).ok()?;
-    let mut response = local(StatusCode::PERMANENT_REDIRECT);
-    response.headers_mut().insert(header::LOCATION, location);
-    Some(response)
+    Some(redirect(308, location))
 }
 
 /// `requests{host, status, upstream}` += 1, through the upstream's cached

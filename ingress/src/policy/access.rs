@@ -288,14 +288,14 @@ impl AccessPolicy {
     /// headers copied in, `Authorization` dropped after basic auth).
     pub async fn check<B>(&self, conn: &Conn<'_>, req: &mut Request<B>) -> Decision {
         if self.denied.is_some() {
-            return Decision::Respond(reply(StatusCode::SERVICE_UNAVAILABLE, None));
+            return Decision::Respond(crate::answer::status(StatusCode::SERVICE_UNAVAILABLE));
         }
         let cors = self
             .cors
             .as_ref()
             .and_then(|c| c.headers_for(req.headers().get(header::ORIGIN)));
         let refuse = |status: StatusCode, cors: Option<HeaderMap>| {
-            let mut r = reply(status, None);
+            let mut r = crate::answer::status(status);
             if let Some(h) = cors {
                 r.headers_mut().extend(h);
             }
@@ -303,7 +303,7 @@ impl AccessPolicy {
         };
         if req.method() == Method::OPTIONS {
             if let Some(h) = cors {
-                let mut r = reply(StatusCode::NO_CONTENT, None);
+                let mut r = crate::answer::status(StatusCode::NO_CONTENT);
                 r.headers_mut().extend(h);
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -339,9 +339,9 @@ impl AccessPolicy {
             if !b.users.check(req.headers().get(header::AUTHORIZATION)).await {
                 let signin = self.external.as_ref().and_then(|e| e.signin_redirect(&original()));
                 let mut r = match signin {
-                    Some(location) => redirect(location),
+                    Some(location) => crate::answer::redirect(StatusCode::FOUND, location),
                     None => {
-                        let mut r = reply(StatusCode::UNAUTHORIZED, None);
+                        let mut r = crate::answer::status(StatusCode::UNAUTHORIZED);
                         r.headers_mut().insert(header::WWW_AUTHENTICATE, b.challenge.clone());
                         r
                     }
@@ -369,14 +369,14 @@ impl AccessPolicy {
                         .flatten();
                     let mut r = match signin {
                         Some(location) => {
-                            let mut r = redirect(location);
+                            let mut r = crate::answer::redirect(StatusCode::FOUND, location);
                             for c in cookies {
                                 r.headers_mut().append(header::SET_COOKIE, c);
                             }
                             r
                         }
                         None => {
-                            let mut r = reply(status, None);
+                            let mut r = crate::answer::status(status);
                             r.headers_mut().extend(headers);
                             if e.always_set_cookie {
                                 for c in cookies {
@@ -401,34 +401,6 @@ impl AccessPolicy {
         after.cors = cors;
         Decision::Continue(after)
     }
-}
-
-/// A short local answer; the body names the status only.
-fn reply(status: StatusCode, body: Option<&'static str>) -> Response<Option<Bytes>> {
-    let text = body.map(str::to_string).or_else(|| {
-        (status != StatusCode::NO_CONTENT).then(|| {
-            format!(
-                "{} {}\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("").to_ascii_lowercase()
-            )
-        })
-    });
-    let mut r = Response::new(text.map(Bytes::from));
-    *r.status_mut() = status;
-    if status != StatusCode::NO_CONTENT {
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-    }
-    r
-}
-
-fn redirect(location: HeaderValue) -> Response<Option<Bytes>> {
-    let mut r = reply(StatusCode::FOUND, None);
-    r.headers_mut().insert(header::LOCATION, location);
-    r
 }
 
 /// Hands the rate-limit state of each Ingress in `previous` to the same

@@ -30,7 +30,6 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use ferry_cluster::{ObjectKey, Snapshot};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -636,20 +635,11 @@ impl Refusal {
         let redirect = matches!(self, Refusal::NoCertificate | Refusal::BadCertificate)
             .then_some(error_page)
             .flatten();
-        let (status, text) = match redirect {
-            Some(_) => (StatusCode::FOUND, "302 found\n"),
-            None => (self.status(), self.text()),
+        let r = match redirect {
+            Some(location) => crate::answer::redirect(StatusCode::FOUND, location.clone()),
+            None => crate::answer::text(self.status(), self.text()),
         };
-        let mut r = Response::new(ProxyBody::Local(Some(Bytes::from_static(text.as_bytes()))));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if let Some(location) = redirect {
-            r.headers_mut().insert(http::header::LOCATION, location.clone());
-        }
-        r
+        r.map(ProxyBody::Local)
     }
 }
 
