@@ -236,11 +236,48 @@ pub enum ClientBodyError {
     Invalid(String),
 }
 
+/// A request's body as the request path sees it: hyper's, or none (the
+/// lean HTTP/1.1 path serves body-less requests only).
+#[derive(Debug)]
+pub enum RequestBody {
+    Hyper(hyper::body::Incoming),
+    Empty,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::Empty => hyper::body::SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's request body on its way upstream, with a deadline between
 /// two reads (nginx's `client_body_timeout`) and a flag set once it was
 /// read whole. Only requests with a body pay for its timer.
 pub struct ClientBody {
-    inner: hyper::body::Incoming,
+    inner: RequestBody,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
@@ -256,7 +293,7 @@ impl ClientBody {
         self.watch = Some(watch);
     }
 
-    pub fn new(inner: hyper::body::Incoming, timeout: Duration) -> (ClientBody, Arc<AtomicBool>) {
+    pub fn new(inner: RequestBody, timeout: Duration) -> (ClientBody, Arc<AtomicBool>) {
         let done = Arc::new(AtomicBool::new(hyper::body::Body::is_end_stream(&inner)));
         (
             ClientBody {
@@ -562,6 +599,11 @@ impl<S: RawSend> Guarded<S> {
     pub fn new(inner: S, state: Arc<ConnState>) -> Guarded<S> {
         Guarded { inner, state }
     }
+
+    /// The transport negotiated HTTP/2 (TLS ALPN `h2`).
+    pub fn negotiated_h2(&self) -> bool {
+        self.inner.negotiated_h2()
+    }
 }
 
 impl<S: RawSend> Drop for Guarded<S> {
@@ -608,6 +650,11 @@ impl<S: RawSend> AsyncWrite for Guarded<S> {
 /// what does not fit in the socket buffer is dropped).
 pub trait RawSend: AsyncRead + AsyncWrite + Unpin {
     fn send_now(&mut self, bytes: &[u8]);
+
+    /// ALPN chose HTTP/2.
+    fn negotiated_h2(&self) -> bool {
+        false
+    }
 }
 
 impl RawSend for TcpStream {
@@ -659,6 +706,10 @@ impl RawSend for tokio_rustls::server::TlsStream<TcpStream> {
             }
         }
         linger(tcp);
+    }
+
+    fn negotiated_h2(&self) -> bool {
+        self.get_ref().1.alpn_protocol() == Some(b"h2")
     }
 }
 

@@ -13,6 +13,7 @@ pub mod echo;
 pub mod error;
 pub mod events;
 pub mod h1;
+pub mod h1_server;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

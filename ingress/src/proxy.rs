@@ -26,6 +26,8 @@ use http_body_util::{Either, Empty, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
+
+mod h1_conn;
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +36,8 @@ use tracing::Instrument;
 
 use crate::access_log::{self, AccessLog};
 use crate::conn::{
-    self, ActiveRequest, Admission, CloseReason, ConnRegistry, ConnState, Limits, Registered, Verdict, Watchdog,
+    self, ActiveRequest, Admission, CloseReason, ConnRegistry, ConnState, Limits, Registered, RequestBody, Verdict,
+    Watchdog,
 };
 use crate::error::IngressError;
 use crate::h1::{self as lean, BodyError, ExchangeError, RawBody};
@@ -509,32 +512,10 @@ fn serve_connection(
                 .flatten();
             let ctx = Arc::new(ConnContext::new(shared, peer, tls.is_some(), port, state.clone(), log));
             let tls_ctx = client_auth.as_ref().map(|_| ctx.clone());
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // The watchdog owns the head deadlines: hyper's own would cost
-            // a timer allocation per request.
-            builder
-                .http1()
-                .header_read_timeout(None)
-                .max_buf_size(MAX_REQUEST_HEAD);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_local_error_reset_streams(limits.max_cancelled_streams);
-            let service = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move {
-                    let active = ctx.conn.request_started();
-                    let mut response = handle(&ctx, req).await;
-                    // A `limit-connections` slot lives as long as the body.
-                    let held = response.extensions_mut().remove::<access::Held>();
-                    Ok::<_, Infallible>(response.map(|inner| ResponseBody { inner, active, _held: held }))
-                }
-            });
             match tls {
                 None => {
-                    let io = TokioIo::new(conn::Guarded::new(stream, state.clone()));
-                    let conn = builder.serve_connection_with_upgrades(io, service);
-                    drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
+                    let io = conn::Guarded::new(stream, state.clone());
+                    serve_http(io, ctx, &state, &limits, accepted_at, &stop, &metrics).await;
                 }
                 Some(acceptor) => {
                     let accept = async {
@@ -575,9 +556,8 @@ fn serve_connection(
                         let chain = tls_stream.get_ref().1.peer_certificates();
                         let _ = ctx.peer_cert.set(crate::policy::client_cert::PeerCert::new(chain));
                     }
-                    let io = TokioIo::new(conn::Guarded::new(tls_stream, state.clone()));
-                    let conn = builder.serve_connection_with_upgrades(io, service);
-                    drive(conn, &state, &limits, accepted_at, &stop, &metrics).await
+                    let io = conn::Guarded::new(tls_stream, state.clone());
+                    serve_http(io, ctx, &state, &limits, accepted_at, &stop, &metrics).await;
                 }
             }
             drop(registered);
@@ -586,19 +566,94 @@ fn serve_connection(
     );
 }
 
-/// Runs a connection under its watchdog until it ends or is closed,
-/// counting why ferry closed it, if it did.
-async fn drive<C>(
-    conn: C,
+/// Serves HTTP on an accepted (and, for HTTPS, handshaken) transport:
+/// the lean HTTP/1.1 path first (`h1_conn`), then hyper from the first
+/// request the lean path leaves to it (HTTP/2 among them). A TLS
+/// connection that negotiated h2 goes to hyper at once.
+async fn serve_http<S>(
+    io: conn::Guarded<S>,
+    ctx: Arc<ConnContext>,
     state: &ConnState,
     limits: &Limits,
     accepted_at: tokio::time::Instant,
     stop: &CancellationToken,
     metrics: &IngressMetrics,
 ) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
+    S: conn::RawSend + Send + 'static,
 {
+    let (io, prefix) = if io.negotiated_h2() {
+        (io, Bytes::new())
+    } else {
+        let lean = h1_conn::serve(ctx.clone(), io);
+        match drive(lean, state, limits, accepted_at, stop, metrics).await {
+            Some(h1_conn::LeanEnd::Defer(io, prefix)) => (io, prefix),
+            _ => return,
+        }
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move {
+            let active = ctx.conn.request_started();
+            let mut response = handle(&ctx, req.map(RequestBody::Hyper)).await;
+            // A `limit-connections` slot lives as long as the body.
+            let held = response.extensions_mut().remove::<access::Held>();
+            Ok::<_, Infallible>(response.map(|inner| ResponseBody {
+                inner,
+                active,
+                _held: held,
+            }))
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The watchdog owns the head deadlines: hyper's own would cost a
+    // timer allocation per request.
+    builder.http1().header_read_timeout(None).max_buf_size(MAX_REQUEST_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_local_error_reset_streams(limits.max_cancelled_streams);
+    let io = TokioIo::new(crate::h1_server::Rewind::new(prefix, io));
+    let conn = HyperConn(Box::pin(builder.serve_connection_with_upgrades(io, service)));
+    if let Some(Err(e)) = drive(conn, state, limits, accepted_at, stop, metrics).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection `drive` supervises.
+trait Served: std::future::Future {
+    /// Asks the connection to finish what it is doing and close. Returns
+    /// true when an idle connection may simply be closed now.
+    fn shutdown(self: Pin<&mut Self>) -> bool;
+}
+
+/// A hyper connection (boxed: the type borrows its builder and is large).
+struct HyperConn<C>(Pin<Box<C>>);
+
+impl<C: GracefulConnection> std::future::Future for HyperConn<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl<C: GracefulConnection> Served for HyperConn<C> {
+    fn shutdown(mut self: Pin<&mut Self>) -> bool {
+        self.0.as_mut().graceful_shutdown();
+        false
+    }
+}
+
+/// Runs a connection under its watchdog until it ends (its output) or is
+/// closed (`None`), counting why ferry closed it, if it did.
+async fn drive<C: Served>(
+    conn: C,
+    state: &ConnState,
+    limits: &Limits,
+    accepted_at: tokio::time::Instant,
+    stop: &CancellationToken,
+    metrics: &IngressMetrics,
+) -> Option<C::Output> {
     // Counted before the connection is dropped (and the client sees it).
     let count = |reason: Option<CloseReason>| {
         if let Some(r) = reason {
@@ -607,6 +662,7 @@ async fn drive<C>(
                 .get_or_create(&CloseLabels { reason: r.as_str() })
                 .inc();
         }
+        None
     };
     let mut conn = std::pin::pin!(conn);
     let mut watchdog = Watchdog::new(limits);
@@ -620,10 +676,8 @@ async fn drive<C>(
     loop {
         let verdict = tokio::select! {
             r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return count(closing);
+                count(closing);
+                return Some(r);
             }
             _ = sleep.as_mut() => {
                 if closing.is_some() {
@@ -652,7 +706,9 @@ async fn drive<C>(
             Verdict::CloseIdle(reason) => {
                 if closing.is_none() {
                     tracing::debug!(reason = reason.as_str(), "closing connection gracefully");
-                    conn.as_mut().graceful_shutdown();
+                    if conn.as_mut().shutdown() && state.is_idle_now() {
+                        return count(Some(reason));
+                    }
                 }
                 closing = Some(reason);
                 sleep.as_mut().reset(tokio::time::Instant::now() + conn::CLOSE_GRACE);
@@ -1023,7 +1079,7 @@ struct Outcome {
     endpoint: Option<SocketAddr>,
 }
 
-async fn handle(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(ctx: &ConnContext, mut req: Request<RequestBody>) -> Response<ProxyBody> {
     let log_access = ctx.log.is_some();
     let started = log_access.then(Instant::now);
     let live = ctx.shared.live.load_full();
@@ -1325,7 +1381,7 @@ async fn proxy_to<'a>(
     ctx: &ConnContext,
     live: &'a LiveTable,
     m: RouteMatch<'a>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     authority: Option<&HeaderValue>,
     key: PickKey,
 ) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
@@ -1383,7 +1439,7 @@ async fn forward_tuned<'a>(
     live: &'a LiveTable,
     m: &RouteMatch<'_>,
     upstream: &'a Arc<LiveUpstream>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     authority: Option<&HeaderValue>,
     key: PickKey,
 ) -> (Outcome, &'a Arc<LiveUpstream>) {
@@ -1548,7 +1604,7 @@ impl Replay {
 async fn forward(
     ctx: &ConnContext,
     upstream: &LiveUpstream,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     authority: Option<&HeaderValue>,
     max_body: Option<u64>,
     up: &UpstreamPolicy,
@@ -1572,7 +1628,7 @@ async fn forward(
 async fn forward_hyper(
     ctx: &ConnContext,
     upstream: &LiveUpstream,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     authority: Option<&HeaderValue>,
     max_body: Option<u64>,
     up: &UpstreamPolicy,

@@ -1,0 +1,342 @@
+//! The lean HTTP/1.1 server path: the request heads and response heads of
+//! plain keep-alive requests, without hyper's connection machinery.
+//!
+//! A downstream connection starts on this path (`proxy::lean`). Each head
+//! is parsed here with httparse into an `http::Request`; a request the
+//! lean path serves has no body, is HTTP/1.1 in origin form, and asks for
+//! no upgrade or `Expect`. For anything else — a body, HTTP/1.0, HTTP/2's
+//! preface, an upgrade, a head hyper would refuse or answer 431 — the lean
+//! path hands the connection over to hyper for the rest of its life, with
+//! the bytes it has read (`Rewind`). So every request hyper would refuse is
+//! refused by hyper itself, with hyper's answer; the lean path only ever
+//! *accepts* requests hyper accepts too, with the same method, target,
+//! version and headers (held by the differential test in
+//! `tests/h1_differential.rs`).
+//!
+//! The lean path is stricter than hyper in two places, both about request
+//! framing (request smuggling): a request with both `Content-Length` and
+//! `Transfer-Encoding`, and one with more than one `Content-Length` (hyper
+//! takes the chunked framing and closes after it, and accepts repeated
+//! equal lengths), are refused with 400 and the connection is closed, as
+//! nginx does.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Headers a lean request may have (hyper's default limit; a request with
+/// more goes to hyper, which answers 431).
+pub const MAX_HEADERS: usize = 100;
+
+/// hyper's limit on a request target (longer ones get 414 from hyper).
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+
+/// What the lean path makes of the bytes read so far.
+#[derive(Debug)]
+// Returned by value once per request and matched at once, never stored.
+#[allow(clippy::large_enum_variant)]
+pub enum Parsed {
+    /// No complete head yet, and below the head size limit: read more.
+    Partial,
+    /// A request for the lean path; its head was taken off the buffer.
+    Request(Request<()>),
+    /// hyper serves the connection from here on, starting with the
+    /// buffer as it is.
+    Defer,
+    /// Refused by the lean path's own framing rules: answer this status
+    /// and close the connection.
+    Reject(StatusCode),
+}
+
+/// Parses the head at the start of `buf` (`max_head`: hyper's buffer
+/// limit, past which an incomplete head is hyper's to refuse with 431).
+pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
+        // Too large, too many headers, or malformed: hyper's to answer.
+        Ok(httparse::Status::Partial) | Err(_) => return Parsed::Defer,
+    };
+    if len > max_head || req.version != Some(1) {
+        return Parsed::Defer;
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Parsed::Defer;
+    };
+    if !path.starts_with('/') || path.len() > MAX_URI_LEN {
+        // Absolute form, `*`, or hyper's 414.
+        return Parsed::Defer;
+    }
+    let method = match method {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
+        "CONNECT" => return Parsed::Defer,
+        other => match Method::from_bytes(other.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Parsed::Defer,
+        },
+    };
+    // Framing, and what only hyper does: bodies, upgrades, 100-continue.
+    let mut lengths = 0usize;
+    let mut body = false;
+    let mut transfer_encoding = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            body |= h.value != b"0";
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
+            return Parsed::Defer;
+        }
+    }
+    if lengths > 1 || (lengths > 0 && transfer_encoding) {
+        return Parsed::Reject(StatusCode::BAD_REQUEST);
+    }
+    if body || transfer_encoding {
+        return Parsed::Defer;
+    }
+    // Offsets into the buffer, so the head's bytes are shared, not copied.
+    let base = buf.as_ptr() as usize;
+    let path_range = offset(base, path.as_bytes());
+    let mut ranges = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = req.headers.len();
+    for (slot, h) in ranges.iter_mut().zip(req.headers.iter()) {
+        let (ns, ne) = offset(base, h.name.as_bytes());
+        let (vs, ve) = offset(base, h.value);
+        *slot = (ns, ne, vs, ve);
+    }
+    let head = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_range.0..path_range.1)) else {
+        return Parsed::Defer;
+    };
+    let mut map = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &ranges[..count] {
+        let Ok(name) = HeaderName::from_bytes(&head[ns..ne]) else {
+            return Parsed::Defer;
+        };
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(vs..ve)) else {
+            return Parsed::Defer;
+        };
+        map.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = map;
+    Parsed::Request(request)
+}
+
+fn offset(base: usize, part: &[u8]) -> (usize, usize) {
+    let start = part.as_ptr() as usize - base;
+    (start, start + part.len())
+}
+
+/// Whether a message's `Connection` header asks to close the connection
+/// after the response.
+pub fn has_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// How a response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Nothing after the head (HEAD, 204, 304, an empty body).
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+}
+
+/// The response head for a request of `method`, appended to `out`, and
+/// how its body is framed. `body_len`: the body's exact length when
+/// known (`Some(0)` for an empty body). `close`: the connection closes
+/// after this response (`Connection: close` is added). Returns `None`
+/// when the response headers contradict themselves (an unparsable or
+/// repeated, differing `Content-Length`): the caller answers 502.
+pub fn encode_head(
+    status: StatusCode,
+    headers: &HeaderMap,
+    method: &Method,
+    body_len: Option<u64>,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Option<BodyFraming> {
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let may_have_length =
+        !(status.is_informational() || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED));
+    let mut declared: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let len = std::str::from_utf8(value.as_bytes()).ok()?.trim().parse::<u64>().ok()?;
+        if declared.is_some_and(|d| d != len) {
+            return None;
+        }
+        declared = Some(len);
+    }
+    let mut wrote_date = false;
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if *name == header::CONNECTION && close {
+            continue;
+        }
+        wrote_date |= *name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if no_body {
+        // HEAD keeps the length the upstream declared for GET.
+        if *method == Method::HEAD && may_have_length {
+            if let Some(len) = declared.or(body_len.filter(|&n| n > 0)) {
+                length_header(out, len);
+            }
+        }
+        BodyFraming::None
+    } else if let Some(len) = declared {
+        length_header(out, len);
+        if len == 0 {
+            BodyFraming::None
+        } else {
+            BodyFraming::Length(len)
+        }
+    } else if let Some(len) = body_len {
+        length_header(out, len);
+        if len == 0 {
+            BodyFraming::None
+        } else {
+            BodyFraming::Length(len)
+        }
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        BodyFraming::Chunked
+    };
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(framing)
+}
+
+fn length_header(out: &mut Vec<u8>, len: u64) {
+    use std::io::Write as _;
+    let _ = write!(out, "content-length: {len}\r\n");
+}
+
+/// The size line of a chunk (`1a3\r\n`) into `out`.
+pub fn chunk_size_line(len: usize, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let _ = write!(out, "{len:x}\r\n");
+}
+
+/// The `Date` header's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+
+    pub fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let text = httpdate::fmt_http_date(now);
+                if text.len() == 29 {
+                    c.1.copy_from_slice(text.as_bytes());
+                    c.0 = secs;
+                } else {
+                    out.extend_from_slice(text.as_bytes());
+                    return;
+                }
+            }
+            out.extend_from_slice(&c.1);
+        });
+    }
+}
+
+/// A transport with bytes already read from it put back in front: how a
+/// connection the lean path read from is handed to hyper.
+pub struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Rewind<S> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
