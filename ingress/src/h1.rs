@@ -33,6 +33,9 @@ const READ_CHUNK: usize = 8 * 1024;
 pub struct RawConn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Scratch for `parse_head`: each header's (name, value) offsets and
+    /// lengths in `buf`.
+    spans: Vec<((usize, usize), (usize, usize))>,
 }
 
 /// Why an exchange failed.
@@ -101,6 +104,7 @@ impl RawConn {
         RawConn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            spans: Vec::new(),
         }
     }
 
@@ -156,23 +160,28 @@ impl RawConn {
     fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, ExchangeError> {
         loop {
             // (name, value) offsets into the buffer.
-            let mut spans = [((0usize, 0usize), (0usize, 0usize)); MAX_HEADERS];
-            let (len, code, minor, count) = {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut resp = httparse::Response::new(&mut headers);
+            self.spans.clear();
+            let (len, code, minor) = {
+                // Not zeroed: httparse writes each header before it is read.
+                let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut []);
                 let base = self.buf.as_ptr() as usize;
-                let len = match resp.parse(&self.buf) {
+                let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                    &mut resp,
+                    &self.buf,
+                    &mut headers,
+                );
+                let len = match parsed {
                     Ok(httparse::Status::Complete(len)) => len,
                     Ok(httparse::Status::Partial) => return Ok(None),
                     Err(_) => return Err(ExchangeError::Invalid("malformed response head")),
                 };
-                let count = resp.headers.len();
-                for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+                self.spans.extend(resp.headers.iter().map(|h| {
                     let name = (h.name.as_ptr() as usize - base, h.name.len());
                     let value = (h.value.as_ptr() as usize - base, h.value.len());
-                    *span = (name, value);
-                }
-                (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1), count)
+                    (name, value)
+                }));
+                (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1))
             };
             let status = StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("bad status"))?;
             if status.is_informational() {
@@ -186,8 +195,8 @@ impl RawConn {
                 continue;
             }
             let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(count);
-            for &((ns, nl), (vs, vl)) in &spans[..count] {
+            let mut headers = HeaderMap::with_capacity(self.spans.len());
+            for &((ns, nl), (vs, vl)) in &self.spans {
                 let name = HeaderName::from_bytes(&head[ns..ns + nl])
                     .map_err(|_| ExchangeError::Invalid("bad header name"))?;
                 let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))

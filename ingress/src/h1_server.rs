@@ -33,6 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// more goes to hyper, which answers 431).
 pub const MAX_HEADERS: usize = 100;
 
+/// Headers the request path may add to a request on its way upstream.
+const ADDED_HEADERS: usize = 8;
+
 /// hyper's limit on a request target (longer ones get 414 from hyper).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 
@@ -56,84 +59,102 @@ pub enum Parsed {
 /// Parses the head at the start of `buf` (`max_head`: hyper's buffer
 /// limit, past which an incomplete head is hyper's to refuse with 431).
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
-        // Too large, too many headers, or malformed: hyper's to answer.
-        Ok(httparse::Status::Partial) | Err(_) => return Parsed::Defer,
-    };
-    if len > max_head || req.version != Some(1) {
-        return Parsed::Defer;
-    }
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        return Parsed::Defer;
-    };
-    if !path.starts_with('/') || path.len() > MAX_URI_LEN {
-        // Absolute form, `*`, or hyper's 414.
-        return Parsed::Defer;
-    }
-    let method = match method {
-        "GET" => Method::GET,
-        "HEAD" => Method::HEAD,
-        "CONNECT" => return Parsed::Defer,
-        other => match Method::from_bytes(other.as_bytes()) {
-            Ok(m) => m,
-            Err(_) => return Parsed::Defer,
-        },
-    };
-    // Framing, and what only hyper does: bodies, upgrades, 100-continue.
-    let mut lengths = 0usize;
-    let mut body = false;
-    let mut transfer_encoding = false;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            lengths += 1;
-            body |= h.value != b"0";
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_encoding = true;
-        } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
+    HeadParser::default().parse(buf, max_head)
+}
+
+/// `parse` with its scratch space kept between requests (one per
+/// connection).
+#[derive(Debug, Default)]
+pub struct HeadParser {
+    /// Each header's (name start, name end, value start, value end) in
+    /// the buffer.
+    spans: Vec<[usize; 4]>,
+}
+
+impl HeadParser {
+    /// See `parse`.
+    pub fn parse(&mut self, buf: &mut BytesMut, max_head: usize) -> Parsed {
+        // Not zeroed: httparse writes each header before it is read.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
+            // Too large, too many headers, or malformed: hyper's to answer.
+            Ok(httparse::Status::Partial) | Err(_) => return Parsed::Defer,
+        };
+        if len > max_head || req.version != Some(1) {
             return Parsed::Defer;
         }
-    }
-    if lengths > 1 || (lengths > 0 && transfer_encoding) {
-        return Parsed::Reject(StatusCode::BAD_REQUEST);
-    }
-    if body || transfer_encoding {
-        return Parsed::Defer;
-    }
-    // Offsets into the buffer, so the head's bytes are shared, not copied.
-    let base = buf.as_ptr() as usize;
-    let path_range = offset(base, path.as_bytes());
-    let mut ranges = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = req.headers.len();
-    for (slot, h) in ranges.iter_mut().zip(req.headers.iter()) {
-        let (ns, ne) = offset(base, h.name.as_bytes());
-        let (vs, ve) = offset(base, h.value);
-        *slot = (ns, ne, vs, ve);
-    }
-    let head = buf.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_range.0..path_range.1)) else {
-        return Parsed::Defer;
-    };
-    let mut map = HeaderMap::with_capacity(count);
-    for &(ns, ne, vs, ve) in &ranges[..count] {
-        let Ok(name) = HeaderName::from_bytes(&head[ns..ne]) else {
+        let (Some(method), Some(path)) = (req.method, req.path) else {
             return Parsed::Defer;
         };
-        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(vs..ve)) else {
+        if !path.starts_with('/') || path.len() > MAX_URI_LEN {
+            // Absolute form, `*`, or hyper's 414.
+            return Parsed::Defer;
+        }
+        let method = match method {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            "CONNECT" => return Parsed::Defer,
+            other => match Method::from_bytes(other.as_bytes()) {
+                Ok(m) => m,
+                Err(_) => return Parsed::Defer,
+            },
+        };
+        // Framing, and what only hyper does: bodies, upgrades, 100-continue.
+        let mut lengths = 0usize;
+        let mut body = false;
+        let mut transfer_encoding = false;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                lengths += 1;
+                body |= h.value != b"0";
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                transfer_encoding = true;
+            } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
+                return Parsed::Defer;
+            }
+        }
+        if lengths > 1 || (lengths > 0 && transfer_encoding) {
+            return Parsed::Reject(StatusCode::BAD_REQUEST);
+        }
+        if body || transfer_encoding {
+            return Parsed::Defer;
+        }
+        // Offsets into the buffer, so the head's bytes are shared, not copied.
+        let base = buf.as_ptr() as usize;
+        let path_range = offset(base, path.as_bytes());
+        self.spans.clear();
+        self.spans.extend(req.headers.iter().map(|h| {
+            let (ns, ne) = offset(base, h.name.as_bytes());
+            let (vs, ve) = offset(base, h.value);
+            [ns, ne, vs, ve]
+        }));
+        let head = buf.split_to(len).freeze();
+        let Ok(uri) = Uri::from_maybe_shared(head.slice(path_range.0..path_range.1)) else {
             return Parsed::Defer;
         };
-        map.append(name, value);
+        // Room for the headers the request path adds (`X-Forwarded-*`), so
+        // the map is not grown and rehashed on the way.
+        let mut map = HeaderMap::with_capacity(self.spans.len() + ADDED_HEADERS);
+        for &[ns, ne, vs, ve] in &self.spans {
+            let Ok(name) = HeaderName::from_bytes(&head[ns..ne]) else {
+                return Parsed::Defer;
+            };
+            let Ok(value) = HeaderValue::from_maybe_shared(head.slice(vs..ve)) else {
+                return Parsed::Defer;
+            };
+            map.append(name, value);
+        }
+        let mut request = Request::new(());
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = map;
+        Parsed::Request(request)
     }
-    let mut request = Request::new(());
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = map;
-    Parsed::Request(request)
 }
 
 fn offset(base: usize, part: &[u8]) -> (usize, usize) {

@@ -81,9 +81,10 @@ where
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
+    let mut parser = h1_server::HeadParser::default();
     // Bounded: every turn reads, answers one request, or returns.
     loop {
-        let req = match h1_server::parse(&mut buf, MAX_REQUEST_HEAD) {
+        let req = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
             Parsed::Request(r) => r,
             Parsed::Defer => return LeanEnd::Defer(io, buf.freeze()),
             Parsed::Reject(status) => {
