@@ -272,14 +272,31 @@ pub fn encode_head(
 }
 
 fn length_header(out: &mut Vec<u8>, len: u64) {
-    use std::io::Write as _;
-    let _ = write!(out, "content-length: {len}\r\n");
+    out.extend_from_slice(b"content-length: ");
+    push_number(out, len, 10);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in `radix` (10 or 16, lower case), without `fmt`'s machinery.
+fn push_number(out: &mut Vec<u8>, mut n: u64, radix: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    // Bounded: at most 20 digits.
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// The size line of a chunk (`1a3\r\n`) into `out`.
 pub fn chunk_size_line(len: usize, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    let _ = write!(out, "{len:x}\r\n");
+    push_number(out, len as u64, 16);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The `Date` header's value, formatted once a second per thread.
@@ -359,5 +376,156 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+    use super::*;
+
+    fn parsed(raw: &str) -> Parsed {
+        parse(&mut BytesMut::from(raw), 64 * 1024)
+    }
+
+    #[test]
+    fn numbers_in_both_radixes() {
+        for n in [0u64, 1, 9, 10, 15, 16, 255, 4096, 1_000_000, u64::MAX] {
+            let mut out = Vec::new();
+            push_number(&mut out, n, 10);
+            assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
+            let mut out = Vec::new();
+            push_number(&mut out, n, 16);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
+        }
+    }
+
+    #[test]
+    fn a_plain_get_is_lean_and_keeps_its_headers_in_order() {
+        let raw = "GET /a/b?c=d HTTP/1.1\r\nHost: x.test\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\nGET /next";
+        let mut buf = BytesMut::from(raw);
+        let Parsed::Request(req) = parse(&mut buf, 64 * 1024) else {
+            panic!("not lean")
+        };
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a/b?c=d");
+        assert_eq!(req.version(), Version::HTTP_11);
+        let values: Vec<_> = req
+            .headers()
+            .get_all("x-a")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(req.headers()["host"], "x.test");
+        // The pipelined rest stays in the buffer.
+        assert_eq!(&buf[..], b"GET /next");
+        assert!(matches!(parse(&mut buf, 64 * 1024), Parsed::Partial));
+    }
+
+    #[test]
+    fn bodies_upgrades_and_other_versions_go_to_hyper() {
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(raw), Parsed::Defer), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn conflicting_framing_is_refused() {
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 7\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parsed(raw), Parsed::Reject(StatusCode::BAD_REQUEST)),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_oversized_head_is_hypers_to_refuse() {
+        let mut raw = String::from("GET / HTTP/1.1\r\nHost: a\r\nX-Big: ");
+        raw.push_str(&"a".repeat(70 * 1024));
+        assert!(matches!(parsed(&raw), Parsed::Defer));
+        assert!(matches!(parsed("GET / HTTP/1.1\r\nHost: a\r\n"), Parsed::Partial));
+    }
+
+    fn head(
+        status: StatusCode,
+        headers: &[(&str, &str)],
+        method: Method,
+        body_len: Option<u64>,
+        close: bool,
+    ) -> (String, BodyFraming) {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        let framing = encode_head(status, &map, &method, body_len, close, &mut out).unwrap();
+        (String::from_utf8(out).unwrap(), framing)
+    }
+
+    #[test]
+    fn response_heads_frame_their_bodies() {
+        let (h, f) = head(StatusCode::OK, &[("x-a", "1")], Method::GET, Some(2), false);
+        assert!(
+            h.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\ndate: "),
+            "{h}"
+        );
+        assert!(h.ends_with(" GMT\r\n\r\n"), "{h}");
+        assert_eq!(f, BodyFraming::Length(2));
+
+        let (h, f) = head(StatusCode::NOT_FOUND, &[("date", "x")], Method::GET, None, true);
+        assert_eq!(
+            h,
+            "HTTP/1.1 404 Not Found\r\ndate: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        assert_eq!(f, BodyFraming::Chunked);
+
+        // The upstream's length is kept, for HEAD too, without a body.
+        let (h, f) = head(
+            StatusCode::OK,
+            &[("content-length", "10"), ("date", "x")],
+            Method::HEAD,
+            Some(0),
+            false,
+        );
+        assert_eq!(h, "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 10\r\n\r\n");
+        assert_eq!(f, BodyFraming::None);
+
+        let (h, f) = head(StatusCode::NO_CONTENT, &[("date", "x")], Method::GET, Some(0), false);
+        assert_eq!(h, "HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n");
+        assert_eq!(f, BodyFraming::None);
+
+        let mut map = HeaderMap::new();
+        map.append(header::CONTENT_LENGTH, HeaderValue::from_static("1"));
+        map.append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        assert!(encode_head(StatusCode::OK, &map, &Method::GET, None, false, &mut Vec::new()).is_none());
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        let mut out = Vec::new();
+        chunk_size_line(4096, &mut out);
+        assert_eq!(out, b"1000\r\n");
     }
 }
