@@ -106,6 +106,7 @@ impl HeadParser {
         let mut lengths = 0usize;
         let mut body = false;
         let mut transfer_encoding = false;
+        let mut for_hyper = false;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
@@ -114,13 +115,15 @@ impl HeadParser {
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 transfer_encoding = true;
             } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
-                return Parsed::Defer;
+                for_hyper = true;
             }
         }
+        // Framing first: an upgrade or `Expect` does not make conflicting
+        // framing acceptable.
         if lengths > 1 || (lengths > 0 && transfer_encoding) {
             return Parsed::Reject(StatusCode::BAD_REQUEST);
         }
-        if body || transfer_encoding {
+        if body || transfer_encoding || for_hyper {
             return Parsed::Defer;
         }
         // Offsets into the buffer, so the head's bytes are shared, not copied.

@@ -19,7 +19,10 @@
 //!
 //! Everything listens on 127.0.0.1 high ports and runs as child processes
 //! from a temp dir that are killed at the end. Load is bounded by wrk's
-//! duration. `FERRY_BIN=path` benchmarks that binary instead of building one.
+//! duration. `FERRY_BIN=path` benchmarks that binary instead of building one;
+//! `FERRY_BASE_BIN=path` adds that (earlier) binary as one more target in
+//! every round and prints ferry's ratio to it: a before/after comparison
+//! interleaved in the same run.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -589,6 +592,29 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
             ferry_pid.to_vec(),
         ),
     ];
+    // The binary to compare with, as one more target of every round.
+    let base = match std::env::var_os("FERRY_BASE_BIN") {
+        Some(bin) => {
+            let port = free_port()?;
+            let proc = spawn(
+                Command::new(&bin)
+                    .args(["serve", "-f"])
+                    .arg(&manifest_dir)
+                    .args(["--http-addr", &format!("127.0.0.1:{port}")])
+                    .env("TOKIO_WORKER_THREADS", "2")
+                    .env("RUST_LOG", "warn"),
+                "ferry serve (base)",
+            )?;
+            wait_port(port, "ferry (base)")?;
+            std::thread::sleep(Duration::from_millis(500));
+            Some((port, proc))
+        }
+        None => None,
+    };
+    let mut targets = targets;
+    if let Some((port, proc)) = &base {
+        targets.push(("ferry base", format!("http://127.0.0.1:{port}/"), vec![proc.id()]));
+    }
     let mut runs: Vec<Vec<Result>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for ((name, url, pids), out) in targets.iter().zip(&mut runs) {
@@ -602,6 +628,10 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     let mut next = || means.next().context("a target without results");
     let (direct, nginx, nginx_close, haproxy, ferry_r) = (next()?, next()?, next()?, next()?, next()?);
     let (nginx_logged, ferry_logged, nginx_tls, ferry_tls) = (next()?, next()?, next()?, next()?);
+    let ferry_base = match base {
+        Some(_) => Some(next()?),
+        None => None,
+    };
     // Give the log writers a moment to write what they buffered.
     std::thread::sleep(Duration::from_millis(500));
     let log_bytes = |path: &Path, requests: f64| -> f64 {
@@ -661,6 +691,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         &ferry_tls,
     ]
     .into_iter()
+    .chain(ferry_base.as_ref())
     .zip(&runs)
     {
         let (lo, hi) = all
@@ -684,6 +715,14 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     println!("access-log bytes per request: ferry {ferry_log_bytes:.0}, nginx {nginx_log_bytes:.0}");
     println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
     println!("{}", user_space_ceiling(&ferry_r, &[&nginx, &haproxy]));
+    if let Some(b) = &ferry_base {
+        println!(
+            "ferry / ferry base (FERRY_BASE_BIN): {:.2}x the rps, user CPU {:.2} vs {:.2} us/req",
+            ferry_r.rps / b.rps,
+            ferry_r.cpu.proxy_user,
+            b.cpu.proxy_user
+        );
+    }
     println!(
         "ferry: {:.2}x the rps of nginx without upstream keep-alive (informational; not an anchor)",
         ferry_r.rps / nginx_close.rps
