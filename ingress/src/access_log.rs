@@ -25,6 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 
+use crate::bytes_fmt::{self, number};
+
 /// A worker's buffer is handed to the writer when it holds this much.
 pub const FLUSH_BYTES: usize = 32 * 1024;
 /// ...or when it has waited this long.
@@ -212,47 +214,61 @@ fn civil_time(out: &mut String, secs: u64) {
 
 /// One line in tracing's layout, text or JSON.
 fn format_line(out: &mut Vec<u8>, json: bool, stamp: &str, micros: u32, r: &Record<'_>) {
-    let ms = r.duration.as_micros();
-    let (ms_int, ms_frac) = (ms / 1000, ms % 1000);
+    let us = u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX);
+    let duration = |out: &mut Vec<u8>| {
+        number(out, us / 1000, 10, 1);
+        out.push(b'.');
+        number(out, us % 1000, 10, 3);
+    };
+    let timestamp = |out: &mut Vec<u8>| {
+        out.extend_from_slice(stamp.as_bytes());
+        out.push(b'.');
+        number(out, u64::from(micros), 10, 6);
+        out.push(b'Z');
+    };
     if json {
-        let _ = write!(
-            out,
-            "{{\"timestamp\":\"{stamp}.{micros:06}Z\",\"level\":\"INFO\",\"fields\":{{\"message\":\"request\",\"client\":\"{}\",\"method\":\"",
-            r.client
-        );
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        timestamp(out);
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"client\":\"");
+        bytes_fmt::ip(out, r.client);
+        out.extend_from_slice(b"\",\"method\":\"");
         json_str(out, r.method);
         out.extend_from_slice(b"\",\"host\":\"");
         json_str(out, r.host);
         out.extend_from_slice(b"\",\"path\":\"");
         json_str(out, r.path);
-        let _ = write!(out, "\",\"status\":{},\"upstream\":\"", r.status);
+        out.extend_from_slice(b"\",\"status\":");
+        number(out, u64::from(r.status), 10, 1);
+        out.extend_from_slice(b",\"upstream\":\"");
         json_str(out, r.upstream);
         out.extend_from_slice(b"\",\"endpoint\":\"");
         if let Some(e) = r.endpoint {
-            let _ = write!(out, "{e}");
+            bytes_fmt::socket_addr(out, e);
         }
-        let _ = writeln!(
-            out,
-            "\",\"duration_ms\":{ms_int}.{ms_frac:03}}},\"target\":\"ferry::access\"}}"
-        );
+        out.extend_from_slice(b"\",\"duration_ms\":");
+        duration(out);
+        out.extend_from_slice(b"},\"target\":\"ferry::access\"}\n");
     } else {
-        let _ = write!(
-            out,
-            "{stamp}.{micros:06}Z  INFO ferry::access: request client={} method=",
-            r.client
-        );
+        timestamp(out);
+        out.extend_from_slice(b"  INFO ferry::access: request client=");
+        bytes_fmt::ip(out, r.client);
+        out.extend_from_slice(b" method=");
         text(out, r.method);
         out.extend_from_slice(b" host=");
         text(out, r.host);
         out.extend_from_slice(b" path=");
         text(out, r.path);
-        let _ = write!(out, " status={} upstream=", r.status);
+        out.extend_from_slice(b" status=");
+        number(out, u64::from(r.status), 10, 1);
+        out.extend_from_slice(b" upstream=");
         text(out, r.upstream);
         out.extend_from_slice(b" endpoint=");
         if let Some(e) = r.endpoint {
-            let _ = write!(out, "{e}");
+            bytes_fmt::socket_addr(out, e);
         }
-        let _ = writeln!(out, " duration_ms={ms_int}.{ms_frac:03}");
+        out.extend_from_slice(b" duration_ms=");
+        duration(out);
+        out.push(b'\n');
     }
 }
 
@@ -261,7 +277,8 @@ fn format_line(out: &mut Vec<u8>, json: bool, stamp: &str, micros: u32, r: &Reco
 fn text(out: &mut Vec<u8>, s: &str) {
     for &b in s.as_bytes() {
         if b <= b' ' || b == 0x7f || b == b'\\' {
-            let _ = write!(out, "\\x{b:02x}");
+            out.extend_from_slice(b"\\x");
+            number(out, u64::from(b), 16, 2);
         } else {
             out.push(b);
         }
@@ -275,7 +292,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
             0..=0x1f | 0x7f => {
-                let _ = write!(out, "\\u{b:04x}");
+                out.extend_from_slice(b"\\u");
+                number(out, u64::from(b), 16, 4);
             }
             _ => out.push(b),
         }

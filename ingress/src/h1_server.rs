@@ -276,29 +276,13 @@ pub fn encode_head(
 
 fn length_header(out: &mut Vec<u8>, len: u64) {
     out.extend_from_slice(b"content-length: ");
-    push_number(out, len, 10);
+    crate::bytes_fmt::number(out, len, 10, 1);
     out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in `radix` (10 or 16, lower case), without `fmt`'s machinery.
-fn push_number(out: &mut Vec<u8>, mut n: u64, radix: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    // Bounded: at most 20 digits.
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[(n % radix) as usize];
-        n /= radix;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// The size line of a chunk (`1a3\r\n`) into `out`.
 pub fn chunk_size_line(len: usize, out: &mut Vec<u8>) {
-    push_number(out, len as u64, 16);
+    crate::bytes_fmt::number(out, len as u64, 16, 1);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -390,18 +374,6 @@ mod tests {
 
     fn parsed(raw: &str) -> Parsed {
         parse(&mut BytesMut::from(raw), 64 * 1024)
-    }
-
-    #[test]
-    fn numbers_in_both_radixes() {
-        for n in [0u64, 1, 9, 10, 15, 16, 255, 4096, 1_000_000, u64::MAX] {
-            let mut out = Vec::new();
-            push_number(&mut out, n, 10);
-            assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
-            let mut out = Vec::new();
-            push_number(&mut out, n, 16);
-            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
-        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod access_log;
 mod answer;
+mod bytes_fmt;
 pub mod conn;
 pub mod echo;
 pub mod error;
