@@ -12,7 +12,9 @@
 //! for reference only.
 //!
 //! Each run also charges CPU per request to the proxy (user, system), the
-//! backend and the whole machine, from /proc, and prints the rps ferry
+//! backend and the whole machine, from /proc, and the proxy's context
+//! switches per request (all its threads, voluntary and involuntary, from
+//! /proc/PID/task/*/status), and prints the rps ferry
 //! would reach with zero user-space time: the part of the gap to the
 //! anchors that proxy code can still close. All of these proxies make the
 //! same four socket calls per request, so the kernel's share is a floor.
@@ -70,6 +72,8 @@ struct Result {
     p99_ms: f64,
     /// CPU per request during the run, in microseconds.
     cpu: CpuPerRequest,
+    /// The proxy's context switches per request during the run.
+    switches: SwitchesPerRequest,
 }
 
 /// CPU time (user, system) in clock ticks, summed over every thread of
@@ -100,6 +104,53 @@ fn ticks(pids: &[u32]) -> Ticks {
         }
     }
     t
+}
+
+/// Context switches (voluntary: the thread blocked or yielded;
+/// involuntary: the scheduler preempted it), summed over every thread of
+/// some processes, from `/proc/PID/task/TID/status`. Threads that exit
+/// during a run take their counts with them (tokio's blocking pool); the
+/// ones that start during it count from zero.
+#[derive(Debug, Default, Clone, Copy)]
+struct Switches {
+    voluntary: u64,
+    involuntary: u64,
+}
+
+fn switches(pids: &[u32]) -> Switches {
+    let mut s = Switches::default();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            for line in status.lines() {
+                let count = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
+                if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                    s.voluntary += count(v);
+                } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                    s.involuntary += count(v);
+                }
+            }
+        }
+    }
+    s
+}
+
+/// The proxy's context switches per request, all its threads.
+#[derive(Debug, Default, Clone, Copy)]
+struct SwitchesPerRequest {
+    voluntary: f64,
+    involuntary: f64,
+}
+
+impl SwitchesPerRequest {
+    fn total(&self) -> f64 {
+        self.voluntary + self.involuntary
+    }
 }
 
 /// The whole machine's busy ticks (every CPU: user, nice, system, irq,
@@ -180,6 +231,7 @@ fn parse_ms(s: &str) -> Option<f64> {
 
 fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result<Result> {
     let (proxy0, backend0, machine0) = (ticks(watched.proxy), ticks(&[watched.backend]), machine_busy());
+    let switches0 = switches(watched.proxy);
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -212,6 +264,7 @@ fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result
         eprintln!("bench: {name}: {}", e.trim());
     }
     let (proxy1, backend1, machine1) = (ticks(watched.proxy), ticks(&[watched.backend]), machine_busy());
+    let switches1 = switches(watched.proxy);
     let requests = text
         .lines()
         .find_map(|l| l.trim().split_once(" requests in "))
@@ -225,13 +278,23 @@ fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result
         backend: us_per_request((backend1.user + backend1.sys).saturating_sub(backend0.user + backend0.sys)),
         machine: us_per_request(machine1.saturating_sub(machine0)),
     };
-    eprintln!("bench: {name}: {rps:.0} rps, p99 {p99_ms:.2} ms, CPU/request {cpu:.2?}");
+    let per_request = |n: u64| n as f64 / requests.max(1.0);
+    let switches = SwitchesPerRequest {
+        voluntary: per_request(switches1.voluntary.saturating_sub(switches0.voluntary)),
+        involuntary: per_request(switches1.involuntary.saturating_sub(switches0.involuntary)),
+    };
+    eprintln!(
+        "bench: {name}: {rps:.0} rps, p99 {p99_ms:.2} ms, CPU/request {cpu:.2?}, \
+         context switches/request {:.3} voluntary + {:.3} involuntary",
+        switches.voluntary, switches.involuntary
+    );
     Ok(Result {
         name: name.to_string(),
         rps,
         requests,
         p99_ms,
         cpu,
+        switches,
     })
 }
 
@@ -249,6 +312,10 @@ fn mean(runs: &[Result]) -> Result {
             proxy_sys: avg(&|r| r.cpu.proxy_sys),
             backend: avg(&|r| r.cpu.backend),
             machine: avg(&|r| r.cpu.machine),
+        },
+        switches: SwitchesPerRequest {
+            voluntary: avg(&|r| r.switches.voluntary),
+            involuntary: avg(&|r| r.switches.involuntary),
         },
     }
 }
@@ -676,8 +743,8 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
          {rounds} interleaved round(s), means (rps range in brackets)"
     );
     println!(
-        "{:<18} {:>10} {:>10} {:>11} {:>24}",
-        "target", "rps", "p99 ms", "rps/direct", "CPU us/req: proxy usr+sys  backend  machine"
+        "{:<18} {:>8} {:>7} {:>7}  {:<41}  {:<18}  rps range",
+        "target", "rps", "p99 ms", "/direct", "CPU us/req: proxy usr+sys backend machine", "ctx sw/req vol+inv"
     );
     for (r, all) in [
         &direct,
@@ -698,7 +765,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
             .iter()
             .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x.rps), hi.max(x.rps)));
         println!(
-            "{:<18} {:>10.0} {:>10.2} {:>11.2}              {:>5.2}+{:<5.2}   {:>6.2}   {:>6.2}   [{lo:.0}-{hi:.0}]",
+            "{:<18} {:>8.0} {:>7.2} {:>7.2}  {:>19.2}+{:<5.2} {:>7.2} {:>7.2}  {:>9.3}+{:<8.3}  [{lo:.0}-{hi:.0}]",
             r.name,
             r.rps,
             r.p99_ms,
@@ -706,7 +773,9 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
             r.cpu.proxy_user,
             r.cpu.proxy_sys,
             r.cpu.backend,
-            r.cpu.machine
+            r.cpu.machine,
+            r.switches.voluntary,
+            r.switches.involuntary
         );
     }
     println!();
@@ -715,12 +784,24 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     println!("access-log bytes per request: ferry {ferry_log_bytes:.0}, nginx {nginx_log_bytes:.0}");
     println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
     println!("{}", user_space_ceiling(&ferry_r, &[&nginx, &haproxy]));
+    println!(
+        "context switches per request (all proxy threads): ferry {:.3}, nginx {:.3}, haproxy {:.3}; \
+         with access logs ferry {:.3}, nginx {:.3}",
+        ferry_r.switches.total(),
+        nginx.switches.total(),
+        haproxy.switches.total(),
+        ferry_logged.switches.total(),
+        nginx_logged.switches.total()
+    );
     if let Some(b) = &ferry_base {
         println!(
-            "ferry / ferry base (FERRY_BASE_BIN): {:.2}x the rps, user CPU {:.2} vs {:.2} us/req",
+            "ferry / ferry base (FERRY_BASE_BIN): {:.2}x the rps, user CPU {:.2} vs {:.2} us/req, \
+             context switches {:.3} vs {:.3} per request",
             ferry_r.rps / b.rps,
             ferry_r.cpu.proxy_user,
-            b.cpu.proxy_user
+            b.cpu.proxy_user,
+            ferry_r.switches.total(),
+            b.switches.total()
         );
     }
     println!(
