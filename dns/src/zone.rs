@@ -350,14 +350,26 @@ impl Names {
     }
 }
 
-/// Where a name's precompiled address answers are in `Zone::wire`: `a`
-/// A records, then `aaaa` AAAA records, back to back from `start`.
-#[derive(Debug, Clone, Copy, Default)]
-struct WireAnswers {
-    start: u32,
-    a: u16,
-    aaaa: u16,
+/// The precompiled answers of A and AAAA queries (`Zone::wire_answers`),
+/// in a table of their own so that a lookup reads two or three cache lines
+/// (a slot, then the name's entry) rather than five (the name index's slot,
+/// the name entry, its key in the arena, an answer index, the answers): a
+/// cluster's names are far more than the caches hold when the node is busy,
+/// and each miss costs more than answering from cache.
+///
+/// An entry is the key's length, the A and the AAAA record counts (a byte
+/// each), the key, then the A records and the AAAA records back to back.
+/// Names with a key or a record count over 255 are left out; the general
+/// fast path answers them with the same bytes.
+#[derive(Debug, Clone, Default)]
+struct WireTable {
+    /// Open addressing, linear probing, with `Names`' hash: (low 32 bits of
+    /// the hash, entry offset + 1); 0 marks a free slot. At most half full.
+    slots: Vec<(u32, u32)>,
+    bytes: Vec<u8>,
 }
+
+const WIRE_ENTRY_HEAD: usize = 3;
 
 /// Bytes of one precompiled answer record: owner pointer, type, class, TTL,
 /// RDLENGTH, then the address.
@@ -387,9 +399,8 @@ pub struct Zone {
     /// Namespaces, for synthesized (insecure) pod records.
     namespaces: HashSet<Box<str>>,
     /// Answer sections of A and AAAA queries, precompiled in wire format
-    /// (see `wire_answers`), and where each name's are (by `NameId`).
-    wire: Vec<u8>,
-    wire_answers: Vec<WireAnswers>,
+    /// (see `wire_answers`).
+    wire: WireTable,
     generation: u64,
     existing_names: usize,
     /// Objects or fields skipped while building (already logged).
@@ -457,8 +468,7 @@ impl Zone {
                 names,
                 records: Vec::new(),
                 namespaces: HashSet::new(),
-                wire: Vec::new(),
-                wire_answers: Vec::new(),
+                wire: WireTable::default(),
                 generation: snap.generation,
                 existing_names: 0,
                 skipped: 0,
@@ -614,43 +624,73 @@ impl Zone {
     /// reply's question name starts: the bytes hickory's encoder writes for
     /// the records `resolve` returns, whose owner is the question's name.
     pub fn wire_answers(&self, key: &[u8], qtype: RecordType) -> Option<(&[u8], usize)> {
-        let id = self.names.find(key)?;
-        let w = self.wire_answers.get(id as usize)?;
-        let a_bytes = usize::from(w.a) * WIRE_A_LEN;
-        let (from, count, len) = match qtype {
-            RecordType::A => (w.start as usize, usize::from(w.a), a_bytes),
-            RecordType::AAAA => (
-                w.start as usize + a_bytes,
-                usize::from(w.aaaa),
-                usize::from(w.aaaa) * WIRE_AAAA_LEN,
-            ),
-            _ => return None,
-        };
-        if count == 0 {
+        if !matches!(qtype, RecordType::A | RecordType::AAAA) || self.wire.slots.is_empty() {
             return None;
         }
-        Some((self.wire.get(from..from + len)?, count))
+        let t = &self.wire;
+        let h = self.names.hash(key);
+        let mask = t.slots.len() - 1;
+        let mut i = h as usize & mask;
+        for _ in 0..t.slots.len() {
+            let (sh, at1) = *t.slots.get(i)?;
+            if at1 == 0 {
+                return None;
+            }
+            if sh == h {
+                let at = at1 as usize - 1;
+                let head = t.bytes.get(at..at + WIRE_ENTRY_HEAD)?;
+                let (key_len, a, aaaa) = (usize::from(head[0]), usize::from(head[1]), usize::from(head[2]));
+                let key_at = at + WIRE_ENTRY_HEAD;
+                if t.bytes.get(key_at..key_at + key_len) == Some(key) {
+                    let a_at = key_at + key_len;
+                    let (from, count, len) = if qtype == RecordType::A {
+                        (a_at, a, a * WIRE_A_LEN)
+                    } else {
+                        (a_at + a * WIRE_A_LEN, aaaa, aaaa * WIRE_AAAA_LEN)
+                    };
+                    if count == 0 {
+                        return None;
+                    }
+                    return Some((t.bytes.get(from..from + len)?, count));
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        None
     }
 
     /// Compiles `wire_answers` for every existing name whose records hold
     /// no CNAME (a CNAME's answer follows its target).
     fn compile_wire_answers(&mut self) {
         let mut wire = Vec::new();
-        let mut index = vec![WireAnswers::default(); self.names.entries.len()];
-        for (id, e) in self.names.entries.iter().enumerate() {
+        // (hash, entry offset + 1)
+        let mut placed: Vec<(u32, u32)> = Vec::new();
+        for e in self.names.entries.iter() {
             let records = self.records_of(e);
             if !e.exists || records.is_empty() || records.iter().any(|d| matches!(d, Data::Cname(_))) {
                 continue;
             }
             let a = records.iter().filter(|d| matches!(d, Data::A(_))).count();
             let aaaa = records.iter().filter(|d| matches!(d, Data::Aaaa(_))).count();
-            let (Ok(start), Ok(a16), Ok(aaaa16)) = (u32::try_from(wire.len()), u16::try_from(a), u16::try_from(aaaa))
-            else {
+            let key = self
+                .names
+                .arena
+                .get(e.key_start as usize..(e.key_start + e.key_len) as usize)
+                .unwrap_or_default();
+            let (Ok(at1), Ok(key_len), Ok(a8), Ok(aaaa8)) = (
+                u32::try_from(wire.len() + 1),
+                u8::try_from(key.len()),
+                u8::try_from(a),
+                u8::try_from(aaaa),
+            ) else {
                 continue;
             };
             if a + aaaa == 0 {
                 continue;
             }
+            wire.extend_from_slice(&[key_len, a8, aaaa8]);
+            wire.extend_from_slice(key);
+            placed.push((self.names.hash(key), at1));
             for want in [RecordType::A, RecordType::AAAA] {
                 for d in records.iter().filter(|d| d.record_type() == want) {
                     wire.extend_from_slice(&POINTER_TO_QUESTION);
@@ -670,15 +710,16 @@ impl Zone {
                     }
                 }
             }
-            index[id] = WireAnswers {
-                start,
-                a: a16,
-                aaaa: aaaa16,
-            };
         }
         wire.shrink_to_fit();
-        self.wire = wire;
-        self.wire_answers = index;
+        let mut slots = Vec::new();
+        if !placed.is_empty() {
+            slots = vec![(0u32, 0u32); (placed.len() * 2).next_power_of_two().max(64)];
+            for &(h, at1) in &placed {
+                Names::place(&mut slots, h, at1);
+            }
+        }
+        self.wire = WireTable { slots, bytes: wire };
     }
 
     /// The lookup itself: decides the outcome for `key` and leaves the

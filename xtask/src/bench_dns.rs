@@ -8,10 +8,23 @@
 //! turns over `--rounds` rounds (the machine is shared and noisy); the
 //! report gives each setup's mean qps and spread, the queries dnsperf lost,
 //! where the kernel dropped datagrams (the server's sockets or elsewhere,
-//! i.e. the load generator's), p99 latency, and the ratios: ferry against
-//! nsd and knot with the same thread count, and ferry's default against
-//! each anchor's best setting. Then the RSS of `ferry dns` with 10k
-//! services and 50k pods.
+//! i.e. the load generator's), p99 latency, the server's CPU time per
+//! answered query, and the ratios: ferry against nsd and knot with the
+//! same thread count, and ferry's default against each anchor's best
+//! setting. Then the RSS of `ferry dns` with 10k services and 50k pods.
+//!
+//! CPU per query is the steadier measure: user + system time of the server
+//! process and all its descendants (nsd forks its servers) from
+//! /proc/PID/stat over the dnsperf run, divided by the answered queries.
+//! qps on this 2-core machine shared with the load generator (and other
+//! programs) swings by half between runs; the CPU a query costs the
+//! server moves far less, and it is what a node pays. The ratios are
+//! computed per round from the setups run back to back in that round, and
+//! given as median (min-max).
+//!
+//! `--baseline PATH` runs another ferry binary (an older build) as one more
+//! set of setups in the same rounds, to compare a change under the same
+//! noise.
 //!
 //! Every server is a child process killed at the end of its turn (also on
 //! error); dnsperf is bounded by its time limit and a deadline; all traffic
@@ -36,6 +49,8 @@ struct Opts {
     outstanding: usize,
     /// UDP thread counts every server runs with (ferry also with none given).
     threads: Vec<usize>,
+    /// Another ferry binary run as the `base` setups.
+    baseline: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -45,6 +60,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         clients: 4,
         outstanding: 500,
         threads: vec![1, 2],
+        baseline: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -54,6 +70,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--rounds" => o.rounds = val()?.parse()?,
             "--clients" => o.clients = val()?.parse()?,
             "--outstanding" => o.outstanding = val()?.parse()?,
+            "--baseline" => o.baseline = Some(PathBuf::from(val()?)),
             "--threads" | "--workers" => {
                 o.threads = val()?
                     .split(',')
@@ -61,7 +78,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                     .collect::<Result<_, _>>()?
             }
             other => bail!(
-                "unknown argument {other} (--seconds N, --rounds N, --clients N, --outstanding N, --threads N[,N...])"
+                "unknown argument {other} (--seconds N, --rounds N, --clients N, --outstanding N, --threads N[,N...], --baseline FERRY-BINARY)"
             ),
         }
     }
@@ -201,6 +218,10 @@ struct PerfResult {
     qps: f64,
     lost: u64,
     sent: u64,
+    completed: u64,
+    /// The server's CPU time (user + system, all its processes) per
+    /// answered query, in microseconds.
+    cpu_us: f64,
     /// Latency percentiles of the completed queries, in milliseconds.
     p50_ms: f64,
     p99_ms: f64,
@@ -240,6 +261,48 @@ fn udp_port_drops(port: u16) -> u64 {
         .sum()
 }
 
+/// User + system CPU time of `pid` and all its descendants, in clock ticks
+/// (/proc/PID/stat; threads are included in their process's figures).
+fn tree_cpu_ticks(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![pid];
+    let mut seen = 0;
+    // Bounded: a server has a handful of processes.
+    while let Some(p) = todo.pop() {
+        seen += 1;
+        if seen > 1000 {
+            break;
+        }
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            // Fields after the parenthesised command name: state is the
+            // 3rd field of the line, utime the 14th, stime the 15th.
+            if let Some((_, rest)) = stat.rsplit_once(") ") {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                total += num(11) + num(12);
+            }
+        }
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
+                    todo.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                }
+            }
+        }
+    }
+    total
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -252,8 +315,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// latency to `log`, from which the percentiles come. dnsperf's own
 /// timeout is the default 5 s, a stub resolver's: "lost" is what an
 /// application would have retried.
-fn dnsperf(port: u16, queries: &Path, opts: &Opts, log: &Path) -> anyhow::Result<PerfResult> {
+fn dnsperf(port: u16, server: u32, queries: &Path, opts: &Opts, log: &Path) -> anyhow::Result<PerfResult> {
     let drops_before = udp_rcvbuf_errors();
+    let cpu_before = tree_cpu_ticks(server);
     let out = std::fs::File::create(log)?;
     let child = Command::new("dnsperf")
         .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
@@ -279,6 +343,7 @@ fn dnsperf(port: u16, queries: &Path, opts: &Opts, log: &Path) -> anyhow::Result
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(child);
+    let cpu_ticks = tree_cpu_ticks(server).saturating_sub(cpu_before);
     let server_drops = udp_port_drops(port);
     let other_drops = udp_rcvbuf_errors()
         .saturating_sub(drops_before)
@@ -301,10 +366,13 @@ fn dnsperf(port: u16, queries: &Path, opts: &Opts, log: &Path) -> anyhow::Result
         .map(|s| s * 1000.0)
         .collect();
     latencies.sort_unstable_by(f64::total_cmp);
+    let completed = field("Queries completed").unwrap_or(0.0) as u64;
     Ok(PerfResult {
         qps,
         lost: field("Queries lost").unwrap_or(0.0) as u64,
         sent: field("Queries sent").unwrap_or(0.0) as u64,
+        completed,
+        cpu_us: cpu_ticks as f64 * 1e6 / clock_ticks_per_second() / completed.max(1) as f64,
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         server_drops,
@@ -421,6 +489,8 @@ enum Kind {
     Nsd,
     Knot,
     Ferry,
+    /// The `--baseline` ferry binary.
+    Base,
 }
 
 /// One server configuration: `workers: None` is ferry with no flag.
@@ -436,6 +506,7 @@ impl Setup {
             Kind::Nsd => "nsd",
             Kind::Knot => "knot",
             Kind::Ferry => "ferry",
+            Kind::Base => "base",
         };
         match self.workers {
             Some(w) => format!("{name} x{w}"),
@@ -466,7 +537,12 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     v.sort_unstable_by(f64::total_cmp);
-    v[v.len() / 2]
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 /// A setup's runs, summed up.
@@ -474,6 +550,10 @@ struct Summary {
     qps: f64,
     min: f64,
     max: f64,
+    /// CPU µs per answered query over all rounds, and min-max of the rounds.
+    cpu_us: f64,
+    cpu_min: f64,
+    cpu_max: f64,
     lost: u64,
     sent: u64,
     p50_ms: f64,
@@ -482,15 +562,21 @@ struct Summary {
     other_drops: u64,
 }
 
-fn summarize(runs: &[PerfResult]) -> Option<Summary> {
+fn summarize(runs: &[&PerfResult]) -> Option<Summary> {
     if runs.is_empty() {
         return None;
     }
     let qps: Vec<f64> = runs.iter().map(|r| r.qps).collect();
+    let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_us).collect();
+    let completed: u64 = runs.iter().map(|r| r.completed).sum();
+    let cpu_total: f64 = runs.iter().map(|r| r.cpu_us * r.completed as f64).sum();
     Some(Summary {
         qps: qps.iter().sum::<f64>() / qps.len() as f64,
         min: qps.iter().copied().fold(f64::INFINITY, f64::min),
         max: qps.iter().copied().fold(0.0, f64::max),
+        cpu_us: cpu_total / completed.max(1) as f64,
+        cpu_min: cpu.iter().copied().fold(f64::INFINITY, f64::min),
+        cpu_max: cpu.iter().copied().fold(0.0, f64::max),
         lost: runs.iter().map(|r| r.lost).sum(),
         sent: runs.iter().map(|r| r.sent).sum(),
         p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
@@ -510,16 +596,19 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
     write_queries(&queries)?;
     let probe = "svc-1.ns-1.svc.cluster.local";
 
+    let mut kinds = vec![Kind::Nsd, Kind::Knot, Kind::Ferry];
+    if opts.baseline.is_some() {
+        kinds.push(Kind::Base);
+    }
     let mut setups = Vec::new();
     for &t in &opts.threads {
-        for kind in [Kind::Nsd, Kind::Knot, Kind::Ferry] {
+        for &kind in &kinds {
             setups.push(Setup { kind, workers: Some(t) });
         }
     }
-    setups.push(Setup {
-        kind: Kind::Ferry,
-        workers: None,
-    });
+    for &kind in &kinds[2..] {
+        setups.push(Setup { kind, workers: None });
+    }
     println!(
         "bench dns: {SERVICES} services; dnsperf -c {} -q {} -l {} (timeout 5 s), every query a different Service name (A); \
          UDP threads {:?} for each server and ferry's default; {} round(s), setups in turn; load average {}",
@@ -530,7 +619,11 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
         opts.rounds,
         loadavg()
     );
-    let mut results: BTreeMap<Setup, Vec<PerfResult>> = BTreeMap::new();
+    if let Some(b) = &opts.baseline {
+        println!("  base = {}", b.display());
+    }
+    // Per setup, per round.
+    let mut results: BTreeMap<Setup, BTreeMap<usize, PerfResult>> = BTreeMap::new();
     let mut default_threads = 0;
     for round in 0..opts.rounds {
         // Rotate the order so no setup always runs first or after the same one.
@@ -541,10 +634,11 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
             let dir = tmp.join(format!("{}-{round}", setup.label().replace(' ', "-")));
             std::fs::create_dir_all(&dir)?;
             let workers = setup.workers.unwrap_or(1);
-            let server = match setup.kind {
-                Kind::Nsd => start_nsd(&dir, &zone, port, workers)?,
-                Kind::Knot => start_knot(&dir, &zone, port, workers)?,
-                Kind::Ferry => start_ferry(ferry, &manifests, port, setup.workers)?,
+            let server = match (setup.kind, &opts.baseline) {
+                (Kind::Nsd, _) => start_nsd(&dir, &zone, port, workers)?,
+                (Kind::Knot, _) => start_knot(&dir, &zone, port, workers)?,
+                (Kind::Base, Some(base)) => start_ferry(base, &manifests, port, setup.workers)?,
+                (Kind::Ferry | Kind::Base, _) => start_ferry(ferry, &manifests, port, setup.workers)?,
             };
             if let Err(e) = wait_ready(port, probe) {
                 eprintln!("bench dns: {} did not come up: {e:#}", setup.label());
@@ -553,13 +647,14 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
             if setup.kind == Kind::Ferry && setup.workers.is_none() {
                 default_threads = ferry_udp_threads(server.child.id());
             }
-            let r = dnsperf(port, &queries, opts, &dir.join("dnsperf.log"))?;
+            let r = dnsperf(port, server.child.id(), &queries, opts, &dir.join("dnsperf.log"))?;
             drop(server);
             println!(
-                "  round {}  {:<14} {:>9.0} qps  lost {:>4} of {:>8}  p50 {:>6.2} ms  p99 {:>6.2} ms  rcvbuf drops: server {} elsewhere {}",
+                "  round {}  {:<14} {:>9.0} qps  {:>5.2} us CPU/query  lost {:>4} of {:>8}  p50 {:>6.2} ms  p99 {:>6.2} ms  rcvbuf drops: server {} elsewhere {}",
                 round + 1,
                 setup.label(),
                 r.qps,
+                r.cpu_us,
                 r.lost,
                 r.sent,
                 r.p50_ms,
@@ -567,14 +662,14 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
                 r.server_drops,
                 r.other_drops
             );
-            results.entry(setup).or_default().push(r);
+            results.entry(setup).or_default().insert(round, r);
         }
     }
 
-    println!("summary (mean qps, min-max over rounds, lost summed, p50/p99 median of rounds):");
+    println!("summary (mean qps and min-max over rounds; server CPU us per answered query over all rounds and min-max; lost summed; p50/p99 median of rounds):");
     let summaries: BTreeMap<Setup, Summary> = results
         .iter()
-        .filter_map(|(s, runs)| Some((*s, summarize(runs)?)))
+        .filter_map(|(s, runs)| Some((*s, summarize(&runs.values().collect::<Vec<_>>())?)))
         .collect();
     for (setup, s) in &summaries {
         let label = match setup.workers {
@@ -582,44 +677,93 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
             Some(_) => setup.label(),
         };
         println!(
-            "  {label:<20} {:>9.0} qps ({:.0}-{:.0})  lost {} of {}  p50 {:.2} ms  p99 {:.2} ms  rcvbuf drops: server {} elsewhere {}",
-            s.qps, s.min, s.max, s.lost, s.sent, s.p50_ms, s.p99_ms, s.server_drops, s.other_drops
+            "  {label:<20} {:>9.0} qps ({:.0}-{:.0})  {:.2} us CPU/query ({:.2}-{:.2})  lost {} of {}  p50 {:.2} ms  p99 {:.2} ms  rcvbuf drops: server {} elsewhere {}",
+            s.qps, s.min, s.max, s.cpu_us, s.cpu_min, s.cpu_max, s.lost, s.sent, s.p50_ms, s.p99_ms, s.server_drops, s.other_drops
         );
     }
     let get = |kind, workers| summaries.get(&Setup { kind, workers });
-    let compare = |what: &str, f: &Summary, a: &Summary, target: Option<f64>| {
-        let ratio = f.qps / a.qps;
+    // Ratios of the runs of `f` and `a` in the same round: median (min-max).
+    let per_round = |f: Setup, a: Setup, value: fn(&PerfResult) -> f64| -> Option<(f64, f64, f64)> {
+        let (fr, ar) = (results.get(&f)?, results.get(&a)?);
+        let ratios: Vec<f64> = fr
+            .iter()
+            .filter_map(|(round, r)| Some(value(r) / value(ar.get(round)?)))
+            .collect();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        (!ratios.is_empty()).then(|| (median(ratios), min, max))
+    };
+    let compare = |what: &str, f: Setup, a: Setup, target: Option<f64>| {
+        let (Some(fs), Some(as_)) = (summaries.get(&f), summaries.get(&a)) else {
+            return;
+        };
+        let Some((ratio, rmin, rmax)) = per_round(f, a, |r| r.qps) else {
+            return;
+        };
+        let cpu = per_round(f, a, |r| r.cpu_us);
         let verdict = match target {
-            Some(t) if ratio >= t => format!("target >= {t:.2}x met"),
+            Some(t) if rmin >= t => format!("target >= {t:.2}x met in every round"),
+            Some(t) if ratio >= t => format!("target >= {t:.2}x met (median)"),
             Some(t) => format!("target >= {t:.2}x MISSED"),
             None => String::new(),
         };
-        let p99 = if f.p99_ms <= a.p99_ms { "no worse" } else { "WORSE" };
+        let p99 = if fs.p99_ms <= as_.p99_ms { "no worse" } else { "WORSE" };
+        let cpu = cpu
+            .map(|(c, cmin, cmax)| format!("  CPU/query {c:.2}x ({cmin:.2}-{cmax:.2})"))
+            .unwrap_or_default();
         println!(
-            "  {what:<32} {ratio:.2}x qps ({verdict})  p99 {:.2} vs {:.2} ms ({p99})",
-            f.p99_ms, a.p99_ms
+            "  {what:<32} {ratio:.2}x qps ({rmin:.2}-{rmax:.2}; {verdict}){cpu}  p99 {:.2} vs {:.2} ms ({p99})",
+            fs.p99_ms, as_.p99_ms
         );
     };
-    println!("ratios:");
+    println!("ratios, per round (median, min-max); CPU/query below 1 is cheaper than the anchor:");
     for &t in &opts.threads {
-        let Some(f) = get(Kind::Ferry, Some(t)) else { continue };
-        for (kind, name, target) in [(Kind::Nsd, "nsd", Some(1.2)), (Kind::Knot, "knot", None)] {
-            if let Some(a) = get(kind, Some(t)) {
-                compare(&format!("ferry x{t} / {name} x{t}"), f, a, target);
-            }
+        let f = Setup {
+            kind: Kind::Ferry,
+            workers: Some(t),
+        };
+        for (kind, name, target) in [
+            (Kind::Nsd, "nsd", Some(1.2)),
+            (Kind::Knot, "knot", None),
+            (Kind::Base, "base", None),
+        ] {
+            compare(
+                &format!("ferry x{t} / {name} x{t}"),
+                f,
+                Setup { kind, workers: Some(t) },
+                target,
+            );
         }
     }
     if let Some(f) = get(Kind::Ferry, None) {
+        let ferry_default = Setup {
+            kind: Kind::Ferry,
+            workers: None,
+        };
         for (kind, name) in [(Kind::Nsd, "nsd"), (Kind::Knot, "knot")] {
             let best = summaries
                 .iter()
                 .filter(|(s, _)| s.kind == kind)
                 .max_by(|a, b| a.1.qps.total_cmp(&b.1.qps));
-            if let Some((s, a)) = best {
+            if let Some((s, _)) = best {
                 let target = (kind == Kind::Nsd).then_some(1.0);
-                compare(&format!("ferry default / {name} best ({})", s.label()), f, a, target);
+                compare(
+                    &format!("ferry default / {name} best ({})", s.label()),
+                    ferry_default,
+                    *s,
+                    target,
+                );
             }
         }
+        compare(
+            "ferry default / base default",
+            ferry_default,
+            Setup {
+                kind: Kind::Base,
+                workers: None,
+            },
+            None,
+        );
         println!(
             "  ferry default ({default_threads} UDP thread(s) here) lost {} queries (target 0)",
             f.lost
