@@ -244,14 +244,7 @@ pub fn encode_head(
             }
         }
         BodyFraming::None
-    } else if let Some(len) = declared {
-        length_header(out, len);
-        if len == 0 {
-            BodyFraming::None
-        } else {
-            BodyFraming::Length(len)
-        }
-    } else if let Some(len) = body_len {
+    } else if let Some(len) = declared.or(body_len) {
         length_header(out, len);
         if len == 0 {
             BodyFraming::None

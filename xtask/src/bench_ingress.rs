@@ -84,25 +84,33 @@ struct Ticks {
     sys: u64,
 }
 
-fn ticks(pids: &[u32]) -> Ticks {
-    let mut t = Ticks::default();
+/// The contents of file `name` of every thread of some processes
+/// (`/proc/PID/task/TID/NAME`), to `each`; threads gone meanwhile are
+/// skipped.
+fn each_thread_file(pids: &[u32], name: &str, mut each: impl FnMut(&str)) {
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-            let Some((_, rest)) = stat.rsplit_once(") ") else {
-                continue;
-            };
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            t.user += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            t.sys += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            if let Ok(text) = std::fs::read_to_string(task.path().join(name)) {
+                each(&text);
+            }
         }
     }
+}
+
+fn ticks(pids: &[u32]) -> Ticks {
+    let mut t = Ticks::default();
+    each_thread_file(pids, "stat", |stat| {
+        // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            return;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        t.user += fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        t.sys += fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    });
     t
 }
 
@@ -119,24 +127,16 @@ struct Switches {
 
 fn switches(pids: &[u32]) -> Switches {
     let mut s = Switches::default();
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-                continue;
-            };
-            for line in status.lines() {
-                let count = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
-                if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
-                    s.voluntary += count(v);
-                } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
-                    s.involuntary += count(v);
-                }
+    each_thread_file(pids, "status", |status| {
+        for line in status.lines() {
+            let count = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                s.voluntary += count(v);
+            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                s.involuntary += count(v);
             }
         }
-    }
+    });
     s
 }
 
