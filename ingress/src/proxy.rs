@@ -1024,7 +1024,7 @@ fn idempotent(m: &Method) -> bool {
 /// (or `:authority`) as a header value.
 fn prepare_upstream_request<B>(
     req: &mut Request<B>,
-    ctx: &ConnContext,
+    ctx: &Forwarded<'_>,
     authority: Option<&HeaderValue>,
     upgrade: bool,
     h2c: bool,
@@ -1033,7 +1033,8 @@ fn prepare_upstream_request<B>(
     strip_hop_by_hop(headers, upgrade);
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
-            HeaderValue::from_str(&format!("{prev}, {}", ctx.peer.ip())).unwrap_or_else(|_| ctx.client_ip.clone())
+            let ip = ctx.client_ip.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{prev}, {ip}")).unwrap_or_else(|_| ctx.client_ip.clone())
         }
         _ => ctx.client_ip.clone(),
     };
@@ -1075,6 +1076,86 @@ fn prepare_upstream_request<B>(
             if let Ok(u) = Uri::from_parts(parts) {
                 *req.uri_mut() = u;
             }
+        }
+    }
+}
+
+/// `prepare_upstream_request` (HTTP/1.1 upstream, no upgrade) and
+/// `h1::encode_request` in one pass, without changing the header map: the
+/// client's headers minus those ferry sets, then ferry's. `None` when the
+/// request has hop-by-hop headers, which the general path strips.
+fn encode_forwarded<B>(req: &Request<B>, ctx: &Forwarded<'_>, authority: Option<&HeaderValue>) -> Option<Bytes> {
+    let headers = req.headers();
+    if headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return None;
+    }
+    let earlier_xff = headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let replaced = |n: &HeaderName| {
+        *n == X_FORWARDED_FOR
+            || *n == X_REAL_IP
+            || *n == X_FORWARDED_PROTO
+            || *n == X_FORWARDED_PORT
+            || (authority.is_some() && (*n == header::HOST || *n == X_FORWARDED_HOST))
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let method = req.method().as_str();
+    let mut len = method.len() + target.len() + 200;
+    for (name, value) in headers {
+        len += name.as_str().len() + value.len() + 4;
+    }
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(method.as_bytes());
+    b.push(b' ');
+    b.extend_from_slice(target.as_bytes());
+    b.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut line = |name: &[u8], value: &[&[u8]]| {
+        b.extend_from_slice(name);
+        b.extend_from_slice(b": ");
+        for part in value {
+            b.extend_from_slice(part);
+        }
+        b.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in headers {
+        if !replaced(name) {
+            line(name.as_str().as_bytes(), &[value.as_bytes()]);
+        }
+    }
+    let ip = ctx.client_ip.as_bytes();
+    match earlier_xff {
+        Some(prev) => line(X_FORWARDED_FOR.as_str().as_bytes(), &[prev.as_bytes(), b", ", ip]),
+        None => line(X_FORWARDED_FOR.as_str().as_bytes(), &[ip]),
+    }
+    line(X_REAL_IP.as_str().as_bytes(), &[ip]);
+    let proto: &[u8] = if ctx.https { b"https" } else { b"http" };
+    line(X_FORWARDED_PROTO.as_str().as_bytes(), &[proto]);
+    if let Some(a) = authority {
+        line(X_FORWARDED_HOST.as_str().as_bytes(), &[a.as_bytes()]);
+        line(b"host", &[a.as_bytes()]);
+    }
+    line(X_FORWARDED_PORT.as_str().as_bytes(), &[ctx.port.as_bytes()]);
+    b.extend_from_slice(b"\r\n");
+    Some(Bytes::from(b))
+}
+
+/// What the `X-Forwarded-*` headers say of a connection.
+struct Forwarded<'a> {
+    /// The client's IP as a header value.
+    client_ip: &'a HeaderValue,
+    https: bool,
+    /// The listener's port as a header value.
+    port: &'a HeaderValue,
+}
+
+impl ConnContext {
+    fn forwarded(&self) -> Forwarded<'_> {
+        Forwarded {
+            client_ip: &self.client_ip,
+            https: self.https,
+            port: &self.port,
         }
     }
 }
@@ -1662,7 +1743,7 @@ async fn forward_hyper(
     let upgrade = is_upgrade_request(&req) && !upstream.spec.h2c;
     let tls = upstream.spec.tls.is_some();
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    prepare_upstream_request(&mut req, ctx, authority, upgrade, upstream.spec.h2c);
+    prepare_upstream_request(&mut req, &ctx.forwarded(), authority, upgrade, upstream.spec.h2c);
     if tls || up.vhost.is_some() {
         up.fix_request(&mut req, upstream.spec.h2c, tls);
     }
@@ -1943,13 +2024,23 @@ async fn forward_lean<B>(
             endpoint: None,
         };
     }
-    prepare_upstream_request(&mut req, ctx, authority, false, false);
-    if up.vhost.is_some() {
-        up.fix_request(&mut req, false, false);
-    }
     let head_request = req.method() == Method::HEAD;
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let request = lean::encode_request(req.method(), target, req.headers());
+    let fast = if up.vhost.is_none() {
+        encode_forwarded(&req, &ctx.forwarded(), authority)
+    } else {
+        None
+    };
+    let request = match fast {
+        Some(head) => head,
+        None => {
+            prepare_upstream_request(&mut req, &ctx.forwarded(), authority, false, false);
+            if up.vhost.is_some() {
+                up.fix_request(&mut req, false, false);
+            }
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            lean::encode_request(req.method(), target, req.headers())
+        }
+    };
     drop(req);
     let track_in_flight = matches!(upstream.spec.lb, LbMethod::LeastConn | LbMethod::RandomTwoLeastConn);
     let mut tried = Tried::default();
@@ -2043,6 +2134,99 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request head's request line and its headers, sorted by name (then
+    /// value), as an upstream reads it.
+    fn parsed_head(head: &[u8]) -> (String, Vec<(String, String)>) {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(matches!(req.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()));
+        let line = format!("{} {}", req.method.unwrap_or_default(), req.path.unwrap_or_default());
+        let mut list: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        list.sort();
+        (line, list)
+    }
+
+    #[test]
+    fn the_one_pass_upstream_head_equals_the_general_path() {
+        let client_ip = HeaderValue::from_static("10.88.0.7");
+        let port = HeaderValue::from_static("8443");
+        let requests: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            ("/", vec![("host", "a.test")]),
+            (
+                "/x?y=1",
+                vec![("host", "A.test:8080"), ("accept", "*/*"), ("x-a", "1"), ("x-a", "2")],
+            ),
+            ("/", vec![("host", "a.test"), ("x-forwarded-for", "192.0.2.1")]),
+            (
+                "/",
+                vec![
+                    ("host", "a.test"),
+                    ("x-forwarded-for", "192.0.2.1"),
+                    ("x-forwarded-for", "192.0.2.2"),
+                ],
+            ),
+            ("/", vec![("host", "a.test"), ("x-forwarded-for", "")]),
+            (
+                "/",
+                vec![
+                    ("host", "a.test"),
+                    ("x-real-ip", "192.0.2.66"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "evil.test"),
+                    ("x-forwarded-port", "1"),
+                ],
+            ),
+            ("http://a.test/abs?q", vec![("host", "a.test")]),
+            ("/nohost", vec![("x-forwarded-host", "kept.test")]),
+        ];
+        for https in [false, true] {
+            let fwd = Forwarded {
+                client_ip: &client_ip,
+                https,
+                port: &port,
+            };
+            for (uri, headers) in &requests {
+                let mut req = Request::get(*uri).body(()).unwrap();
+                for (n, v) in headers {
+                    req.headers_mut()
+                        .append(HeaderName::from_static(n), HeaderValue::from_static(v));
+                }
+                let authority = req.headers().get(header::HOST).cloned();
+                let fast = encode_forwarded(&req, &fwd, authority.as_ref()).expect("no hop-by-hop headers");
+                prepare_upstream_request(&mut req, &fwd, authority.as_ref(), false, false);
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let general = lean::encode_request(req.method(), target, req.headers());
+                assert_eq!(
+                    parsed_head(&fast),
+                    parsed_head(&general),
+                    "{uri} {headers:?} https={https}"
+                );
+            }
+        }
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("x-private"));
+        assert!(encode_forwarded(
+            &req,
+            &Forwarded {
+                client_ip: &client_ip,
+                https: false,
+                port: &port
+            },
+            None
+        )
+        .is_none());
+    }
 
     #[test]
     fn tried_spills_past_its_inline_capacity_and_pops() {
