@@ -65,6 +65,12 @@ pub struct IngressMetrics {
     /// Access-log lines written, and dropped because the writer fell behind.
     pub access_log_lines: Counter,
     pub access_log_dropped: Counter,
+    /// Connections served by hyper rather than ferry's HTTP/1.1 path
+    /// (from their first request that needs it: HTTP/2, a body, an
+    /// upgrade, HTTP/1.0, a head hyper answers).
+    pub hyper_connections: Counter,
+    /// Requests refused by the HTTP/1.1 path's framing rules.
+    pub http1_framing_refused: Counter,
 }
 
 impl Default for IngressMetrics {
@@ -87,6 +93,8 @@ impl Default for IngressMetrics {
             memory_trims: Counter::default(),
             access_log_lines: Counter::default(),
             access_log_dropped: Counter::default(),
+            hyper_connections: Counter::default(),
+            http1_framing_refused: Counter::default(),
         }
     }
 }
@@ -170,6 +178,16 @@ impl IngressMetrics {
             "access_log_dropped_lines",
             "Access-log lines dropped because the log writer fell behind",
             self.access_log_dropped.clone(),
+        );
+        r.register(
+            "hyper_connections",
+            "Connections served by hyper from some request on, not by ferry's HTTP/1.1 path (HTTP/2, request bodies, upgrades, HTTP/1.0, heads hyper answers)",
+            self.hyper_connections.clone(),
+        );
+        r.register(
+            "http1_framing_refused",
+            "Requests refused with 400 for conflicting framing (Content-Length with Transfer-Encoding, or repeated Content-Length)",
+            self.http1_framing_refused.clone(),
         );
     }
 }

@@ -590,6 +590,7 @@ async fn serve_http<S>(
             _ => return,
         }
     };
+    metrics.hyper_connections.inc();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {

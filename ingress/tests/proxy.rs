@@ -217,6 +217,46 @@ async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Plain pipelined GETs stay on ferry's HTTP/1.1 path (answered in order,
+/// no connection handed to hyper); a request with a body hands its
+/// connection to hyper, which answers it and what follows; conflicting
+/// framing is refused and counted.
+#[tokio::test]
+async fn plain_requests_stay_on_the_lean_path_and_bodies_go_to_hyper() {
+    let (proxy, cancel) = proxy_for("h.test", "hdr", "").await;
+    let get = |path: &str, last: bool| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: h.test\r\n{}\r\n",
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let pipelined = get("/a", false) + &get("/b", false) + &get("/c", true);
+    let out = raw(proxy.http, pipelined.as_bytes()).await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 3, "{out}");
+    let (a, b, c) = (
+        out.find("GET /a").unwrap(),
+        out.find("GET /b").unwrap(),
+        out.find("GET /c").unwrap(),
+    );
+    assert!(a < b && b < c, "answered in order: {out}");
+    assert!(out.contains("connection: close"), "{out}");
+    assert_eq!(proxy.metrics.hyper_connections.get(), 0);
+
+    let post = "POST /p HTTP/1.1\r\nHost: h.test\r\nContent-Length: 5\r\n\r\nhello".to_string() + &get("/after", true);
+    let out = raw(proxy.http, post.as_bytes()).await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(out.contains("POST /p") && out.contains("GET /after"), "{out}");
+    assert_eq!(proxy.metrics.hyper_connections.get(), 1);
+
+    let conflicting =
+        "GET /x HTTP/1.1\r\nHost: h.test\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let out = raw(proxy.http, conflicting.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+    assert_eq!(proxy.metrics.http1_framing_refused.get(), 1);
+    proxy.stop().await;
+    cancel.cancel();
+}
+
 #[tokio::test]
 async fn missing_host_is_400_and_an_oversized_head_431() {
     let cancel = CancellationToken::new();

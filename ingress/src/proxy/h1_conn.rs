@@ -89,6 +89,7 @@ where
             Parsed::Defer => return LeanEnd::Defer(io, buf.freeze()),
             Parsed::Reject(status) => {
                 tracing::debug!(status = status.as_u16(), "refused a request's framing");
+                ctx.shared.metrics.http1_framing_refused.inc();
                 out.clear();
                 let _ = h1_server::encode_head(status, &http::HeaderMap::new(), &Method::GET, Some(0), true, &mut out);
                 let _ = io.write_all(&out).await;
