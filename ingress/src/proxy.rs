@@ -26,8 +26,6 @@ use http_body_util::{Either, Empty, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-
-mod h1_conn;
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +50,8 @@ use crate::policy::upstream_opts::{
 use crate::routes::{self, normalize_host, normalize_path, ClassSelection, LbMethod, RouteMatch, RouteTable};
 use crate::tls::{self, CertResolver, CertStore};
 use crate::upstream::{self, Conn, EndpointState, InFlight, LiveTable, LiveUpstream, UpstreamBody, UpstreamConfig};
+
+mod h1_conn;
 
 /// Engine settings (from the `ferry ingress`/`serve` flags).
 #[derive(Debug, Clone)]
