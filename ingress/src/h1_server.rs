@@ -136,19 +136,31 @@ impl HeadParser {
             [ns, ne, vs, ve]
         }));
         let head = buf.split_to(len).freeze();
-        let Ok(uri) = Uri::from_maybe_shared(head.slice(path_range.0..path_range.1)) else {
-            return Parsed::Defer;
-        };
+        match self.request(method, &head, path_range) {
+            Some(request) => Parsed::Request(request),
+            None => {
+                // A head hyper answers (a target or header `http` refuses):
+                // put it back in front of what follows, for hyper to read
+                // first.
+                let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+                whole.extend_from_slice(&head);
+                whole.extend_from_slice(buf);
+                *buf = whole;
+                Parsed::Defer
+            }
+        }
+    }
+
+    /// The request of a parsed head, sharing its bytes; `None` when `http`
+    /// refuses its target or a header.
+    fn request(&self, method: Method, head: &Bytes, path: (usize, usize)) -> Option<Request<()>> {
+        let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).ok()?;
         // Room for the headers the request path adds (`X-Forwarded-*`), so
         // the map is not grown and rehashed on the way.
         let mut map = HeaderMap::with_capacity(self.spans.len() + ADDED_HEADERS);
         for &[ns, ne, vs, ve] in &self.spans {
-            let Ok(name) = HeaderName::from_bytes(&head[ns..ne]) else {
-                return Parsed::Defer;
-            };
-            let Ok(value) = HeaderValue::from_maybe_shared(head.slice(vs..ve)) else {
-                return Parsed::Defer;
-            };
+            let name = HeaderName::from_bytes(&head[ns..ne]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
             map.append(name, value);
         }
         let mut request = Request::new(());
@@ -156,7 +168,7 @@ impl HeadParser {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = map;
-        Parsed::Request(request)
+        Some(request)
     }
 }
 
@@ -422,6 +434,34 @@ mod tests {
                 matches!(parsed(raw), Parsed::Reject(StatusCode::BAD_REQUEST)),
                 "{raw:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_head_left_to_hyper_stays_in_the_buffer() {
+        // Every visible byte in the target and in a header value: either a
+        // lean request, or the buffer exactly as it was (hyper reads it).
+        for b in 0x21u8..=0xff {
+            for raw in [
+                [
+                    &b"GET /a"[..],
+                    &[b],
+                    &b" HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n"[..],
+                ]
+                .concat(),
+                [
+                    &b"GET / HTTP/1.1\r\nHost: a\r\nX-V: a"[..],
+                    &[b],
+                    &b"\r\n\r\nGET /next HTTP/1.1\r\n\r\n"[..],
+                ]
+                .concat(),
+            ] {
+                let mut buf = BytesMut::from(&raw[..]);
+                match parse(&mut buf, 64 * 1024) {
+                    Parsed::Request(_) => assert!(buf.starts_with(b"GET /next"), "{raw:?}"),
+                    Parsed::Defer | Parsed::Reject(_) | Parsed::Partial => assert_eq!(&buf[..], &raw[..], "{raw:?}"),
+                }
+            }
         }
     }
 
