@@ -593,17 +593,7 @@ async fn serve_http<S>(
     metrics.hyper_connections.inc();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
-        async move {
-            let active = ctx.conn.request_started();
-            let mut response = handle(&ctx, req.map(RequestBody::Hyper)).await;
-            // A `limit-connections` slot lives as long as the body.
-            let held = response.extensions_mut().remove::<access::Held>();
-            Ok::<_, Infallible>(response.map(|inner| ResponseBody {
-                inner,
-                active,
-                _held: held,
-            }))
-        }
+        async move { Ok::<_, Infallible>(respond(&ctx, req.map(RequestBody::Hyper)).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // The watchdog owns the head deadlines: hyper's own would cost a
@@ -618,6 +608,20 @@ async fn serve_http<S>(
     if let Some(Err(e)) = drive(conn, state, limits, accepted_at, stop, metrics).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+}
+
+/// Answers one request of a connection, counted in flight on it until
+/// the response body is done (either server path).
+async fn respond(ctx: &ConnContext, req: Request<RequestBody>) -> Response<ResponseBody> {
+    let active = ctx.conn.request_started();
+    let mut response = handle(ctx, req).await;
+    // A `limit-connections` slot lives as long as the body.
+    let held = response.extensions_mut().remove::<access::Held>();
+    response.map(|inner| ResponseBody {
+        inner,
+        active,
+        _held: held,
+    })
 }
 
 /// A connection `drive` supervises.

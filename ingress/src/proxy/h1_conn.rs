@@ -22,10 +22,9 @@ use http::{Method, StatusCode};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{handle, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
+use super::{respond, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
 use crate::conn::RequestBody;
 use crate::h1_server::{self, BodyFraming, Parsed};
-use crate::policy::access;
 
 /// Bytes asked of the transport per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -108,9 +107,8 @@ where
         };
         let method = req.method().clone();
         let mut close = h1_server::has_close(req.headers());
-        let active = ctx.conn.request_started();
         let response = {
-            let mut handling = std::pin::pin!(handle(&ctx, req.map(|()| RequestBody::Empty)));
+            let mut handling = std::pin::pin!(respond(&ctx, req.map(|()| RequestBody::Empty)));
             // The client's side is read while its request is answered: a
             // close cancels the request (dropping `handling`), pipelined
             // bytes wait in `buf` (up to a head's worth).
@@ -126,14 +124,7 @@ where
                 }
             }
         };
-        let mut response = response;
-        let held = response.extensions_mut().remove::<access::Held>();
-        let (parts, inner) = response.into_parts();
-        let mut body = ResponseBody {
-            inner,
-            active,
-            _held: held,
-        };
+        let (parts, mut body) = response.into_parts();
         close |= closing.load(Ordering::Relaxed) || h1_server::has_close(&parts.headers);
         let complete = match write_response(
             &mut io,
