@@ -71,23 +71,47 @@ pub struct Head {
 
 /// The request head for `method` `target` with `headers`.
 pub fn encode_request(method: &Method, target: &str, headers: &HeaderMap) -> Bytes {
-    let mut len = method.as_str().len() + target.len() + 14;
+    let mut head = HeadWriter::new(method, target, headers, 0);
     for (name, value) in headers {
-        len += name.as_str().len() + value.len() + 4;
+        head.header(name.as_str().as_bytes(), &[value.as_bytes()]);
     }
-    let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(method.as_str().as_bytes());
-    b.push(b' ');
-    b.extend_from_slice(target.as_bytes());
-    b.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        b.extend_from_slice(name.as_str().as_bytes());
-        b.extend_from_slice(b": ");
-        b.extend_from_slice(value.as_bytes());
-        b.extend_from_slice(b"\r\n");
+    head.finish()
+}
+
+/// An HTTP/1.1 request head being written: the request line, then header
+/// lines, then the blank line (`finish`).
+pub struct HeadWriter(Vec<u8>);
+
+impl HeadWriter {
+    /// Starts with the request line, sized for `headers` plus `extra`
+    /// bytes of headers added on the way.
+    pub fn new(method: &Method, target: &str, headers: &HeaderMap, extra: usize) -> HeadWriter {
+        let mut len = method.as_str().len() + target.len() + 14 + extra;
+        for (name, value) in headers {
+            len += name.as_str().len() + value.len() + 4;
+        }
+        let mut b = Vec::with_capacity(len);
+        b.extend_from_slice(method.as_str().as_bytes());
+        b.push(b' ');
+        b.extend_from_slice(target.as_bytes());
+        b.extend_from_slice(b" HTTP/1.1\r\n");
+        HeadWriter(b)
     }
-    b.extend_from_slice(b"\r\n");
-    Bytes::from(b)
+
+    /// One header line; the value is the concatenation of `value`'s parts.
+    pub fn header(&mut self, name: &[u8], value: &[&[u8]]) {
+        self.0.extend_from_slice(name);
+        self.0.extend_from_slice(b": ");
+        for part in value {
+            self.0.extend_from_slice(part);
+        }
+        self.0.extend_from_slice(b"\r\n");
+    }
+
+    pub fn finish(mut self) -> Bytes {
+        self.0.extend_from_slice(b"\r\n");
+        Bytes::from(self.0)
+    }
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {

@@ -973,10 +973,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Whether any hop-by-hop header is present (one pass over the names;
+/// most messages have none).
+fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(|n| HOP_BY_HOP.contains(n))
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages have none: one pass over the names instead of a
-    // hashed removal per hop-by-hop name.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // Instead of a hashed removal per hop-by-hop name.
+    if !has_hop_by_hop(headers) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -1091,7 +1096,7 @@ fn prepare_upstream_request<B>(
 /// request has hop-by-hop headers, which the general path strips.
 fn encode_forwarded<B>(req: &Request<B>, ctx: &Forwarded<'_>, authority: Option<&HeaderValue>) -> Option<Bytes> {
     let headers = req.headers();
-    if headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    if has_hop_by_hop(headers) {
         return None;
     }
     let earlier_xff = headers
@@ -1106,44 +1111,26 @@ fn encode_forwarded<B>(req: &Request<B>, ctx: &Forwarded<'_>, authority: Option<
             || (authority.is_some() && (*n == header::HOST || *n == X_FORWARDED_HOST))
     };
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let method = req.method().as_str();
-    let mut len = method.len() + target.len() + 200;
-    for (name, value) in headers {
-        len += name.as_str().len() + value.len() + 4;
-    }
-    let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(method.as_bytes());
-    b.push(b' ');
-    b.extend_from_slice(target.as_bytes());
-    b.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut line = |name: &[u8], value: &[&[u8]]| {
-        b.extend_from_slice(name);
-        b.extend_from_slice(b": ");
-        for part in value {
-            b.extend_from_slice(part);
-        }
-        b.extend_from_slice(b"\r\n");
-    };
+    let mut head = lean::HeadWriter::new(req.method(), target, headers, 200);
     for (name, value) in headers {
         if !replaced(name) {
-            line(name.as_str().as_bytes(), &[value.as_bytes()]);
+            head.header(name.as_str().as_bytes(), &[value.as_bytes()]);
         }
     }
     let ip = ctx.client_ip.as_bytes();
     match earlier_xff {
-        Some(prev) => line(X_FORWARDED_FOR.as_str().as_bytes(), &[prev.as_bytes(), b", ", ip]),
-        None => line(X_FORWARDED_FOR.as_str().as_bytes(), &[ip]),
+        Some(prev) => head.header(X_FORWARDED_FOR.as_str().as_bytes(), &[prev.as_bytes(), b", ", ip]),
+        None => head.header(X_FORWARDED_FOR.as_str().as_bytes(), &[ip]),
     }
-    line(X_REAL_IP.as_str().as_bytes(), &[ip]);
+    head.header(X_REAL_IP.as_str().as_bytes(), &[ip]);
     let proto: &[u8] = if ctx.https { b"https" } else { b"http" };
-    line(X_FORWARDED_PROTO.as_str().as_bytes(), &[proto]);
+    head.header(X_FORWARDED_PROTO.as_str().as_bytes(), &[proto]);
     if let Some(a) = authority {
-        line(X_FORWARDED_HOST.as_str().as_bytes(), &[a.as_bytes()]);
-        line(b"host", &[a.as_bytes()]);
+        head.header(X_FORWARDED_HOST.as_str().as_bytes(), &[a.as_bytes()]);
+        head.header(b"host", &[a.as_bytes()]);
     }
-    line(X_FORWARDED_PORT.as_str().as_bytes(), &[ctx.port.as_bytes()]);
-    b.extend_from_slice(b"\r\n");
-    Some(Bytes::from(b))
+    head.header(X_FORWARDED_PORT.as_str().as_bytes(), &[ctx.port.as_bytes()]);
+    Some(head.finish())
 }
 
 /// What the `X-Forwarded-*` headers say of a connection.
