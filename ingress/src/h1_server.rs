@@ -93,14 +93,9 @@ impl HeadParser {
             // Absolute form, `*`, or hyper's 414.
             return Parsed::Defer;
         }
-        let method = match method {
-            "GET" => Method::GET,
-            "HEAD" => Method::HEAD,
-            "CONNECT" => return Parsed::Defer,
-            other => match Method::from_bytes(other.as_bytes()) {
-                Ok(m) => m,
-                Err(_) => return Parsed::Defer,
-            },
+        let method = match Method::from_bytes(method.as_bytes()) {
+            Ok(m) if m != Method::CONNECT => m,
+            _ => return Parsed::Defer,
         };
         // Framing, and what only hyper does: bodies, upgrades, 100-continue.
         let mut lengths = 0usize;
@@ -221,11 +216,10 @@ pub fn encode_head(
         out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let no_body = *method == Method::HEAD
-        || status.is_informational()
-        || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    // 1xx, 204 and 304 have neither a body nor a length.
     let may_have_length =
         !(status.is_informational() || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED));
+    let no_body = *method == Method::HEAD || !may_have_length;
     let mut declared: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         let len = std::str::from_utf8(value.as_bytes()).ok()?.trim().parse::<u64>().ok()?;
