@@ -413,6 +413,18 @@ pub fn ferry_binary(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(target.join("release/ferry"))
 }
 
+/// `ferry serve -f DIR` on 127.0.0.1:`http` with 2 workers and warnings
+/// only, as every ferry of the bench runs.
+fn serve_command(ferry: &Path, dir: &Path, http: u16) -> Command {
+    let mut c = Command::new(ferry);
+    c.args(["serve", "-f"])
+        .arg(dir)
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .env("TOKIO_WORKER_THREADS", "2")
+        .env("RUST_LOG", "warn");
+    c
+}
+
 fn ratio_line(ferry: &Result, others: &[&Result]) -> String {
     let best = others.iter().max_by(|a, b| a.rps.total_cmp(&b.rps));
     match best {
@@ -532,13 +544,7 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64, rounds: u32) -> anyhow::Result
 
     let (ferry_http, ferry_https) = (free_port()?, free_port()?);
     let ferry_proc = spawn(
-        Command::new(ferry)
-            .args(["serve", "-f"])
-            .arg(&manifest_dir)
-            .args(["--http-addr", &format!("127.0.0.1:{ferry_http}")])
-            .args(["--https-addr", &format!("127.0.0.1:{ferry_https}")])
-            .env("TOKIO_WORKER_THREADS", "2")
-            .env("RUST_LOG", "warn"),
+        serve_command(ferry, &manifest_dir, ferry_http).args(["--https-addr", &format!("127.0.0.1:{ferry_https}")]),
         "ferry serve",
     )?;
 
@@ -546,11 +552,7 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64, rounds: u32) -> anyhow::Result
     // log (stderr, text) redirected to a file; nginx's `combined` format.
     let (ferry_log_http, ferry_log_file) = (free_port()?, dir.join("ferry-access.log"));
     let ferry_log_proc = Proc(
-        Command::new(ferry)
-            .args(["serve", "-f"])
-            .arg(&manifest_dir)
-            .args(["--http-addr", &format!("127.0.0.1:{ferry_log_http}")])
-            .env("TOKIO_WORKER_THREADS", "2")
+        serve_command(ferry, &manifest_dir, ferry_log_http)
             .env("RUST_LOG", "warn,ferry::access=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&ferry_log_file)?)
@@ -664,12 +666,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         Some(bin) => {
             let port = free_port()?;
             let proc = spawn(
-                Command::new(&bin)
-                    .args(["serve", "-f"])
-                    .arg(&manifest_dir)
-                    .args(["--http-addr", &format!("127.0.0.1:{port}")])
-                    .env("TOKIO_WORKER_THREADS", "2")
-                    .env("RUST_LOG", "warn"),
+                &mut serve_command(Path::new(&bin), &manifest_dir, port),
                 "ferry serve (base)",
             )?;
             wait_port(port, "ferry (base)")?;
@@ -714,13 +711,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     std::fs::write(large_dir.join("large.yaml"), large_manifests())?;
     let (large_http, large_admin) = (free_port()?, free_port()?);
     let large = spawn(
-        Command::new(ferry)
-            .args(["serve", "-f"])
-            .arg(&large_dir)
-            .args(["--http-addr", &format!("127.0.0.1:{large_http}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{large_admin}")])
-            .env("TOKIO_WORKER_THREADS", "2")
-            .env("RUST_LOG", "warn"),
+        serve_command(ferry, &large_dir, large_http).args(["--admin-addr", &format!("127.0.0.1:{large_admin}")]),
         "ferry serve (large)",
     )?;
     wait_port(large_admin, "ferry admin")?;
