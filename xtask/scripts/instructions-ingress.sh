@@ -4,6 +4,7 @@
 #   xtask/scripts/instructions-ingress.sh BIN [off|file]
 # off: access log off; file: ferry's access log to a file. Runs as any user;
 # needs valgrind, wrk and curl. Everything on 127.0.0.1:18090-18091.
+# CALLGRIND_OUT=FILE keeps the profile (for callgrind_annotate).
 set -euo pipefail
 BIN=$(realpath "$1"); LOG=${2:-off}
 DIR=$(mktemp -d); trap 'kill $VG $ECHO 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -47,4 +48,5 @@ callgrind_control -z $VG >/dev/null
 N=$(wrk -t1 -c8 -d10s -H 'Host: bench.test' http://127.0.0.1:18091/ | awk '/requests in/{print $1}')
 kill -INT $VG; wait $VG || true
 T=$(awk '/^totals:/{print $2}' "$DIR/out.$VG")
+if [ -n "${CALLGRIND_OUT:-}" ]; then cp "$DIR/out.$VG" "$CALLGRIND_OUT"; fi
 echo "access log $LOG: $N requests, $T instructions, $((T / N)) per request"
