@@ -16,6 +16,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Frame, SizeHint};
+use std::future::Future;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -36,6 +37,11 @@ pub struct RawConn {
     /// Scratch for `parse_head`: each header's (name, value) offsets and
     /// lengths in `buf`.
     spans: Vec<((usize, usize), (usize, usize))>,
+    /// The response-header deadline, kept with the connection: moving a
+    /// registered timer's deadline later is one atomic update, where a
+    /// new timer per exchange is registered and removed under the timer
+    /// driver's lock.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Why an exchange failed.
@@ -49,6 +55,9 @@ pub enum ExchangeError {
     Io(io::Error),
     #[error("invalid response: {0}")]
     Invalid(&'static str),
+    /// No complete response head by the deadline.
+    #[error("no response head in time")]
+    TimedOut,
 }
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -114,13 +123,24 @@ impl HeadWriter {
     }
 }
 
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// The comma-separated elements of a header value, without surrounding
+/// whitespace.
+fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// A `Content-Length` element: ASCII digits only (no sign, no
+/// whitespace inside), within u64.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 impl RawConn {
@@ -129,6 +149,7 @@ impl RawConn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             spans: Vec::new(),
+            deadline: None,
         }
     }
 
@@ -151,8 +172,36 @@ impl RawConn {
     }
 
     /// Writes `request` and reads the response head (1xx interim
-    /// responses are skipped).
-    pub async fn exchange(&mut self, request: &[u8], head_request: bool) -> Result<Head, ExchangeError> {
+    /// responses are skipped), failing with `TimedOut` at `deadline`.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        head_request: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<Head, ExchangeError> {
+        let mut timer = match self.deadline.take() {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let result = {
+            let mut exchange = std::pin::pin!(self.exchange_untimed(request, head_request));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Err(ExchangeError::TimedOut))
+            })
+            .await
+        };
+        self.deadline = Some(timer);
+        result
+    }
+
+    async fn exchange_untimed(&mut self, request: &[u8], head_request: bool) -> Result<Head, ExchangeError> {
         self.buf.clear();
         if let Err(e) = self.stream.write_all(request).await {
             return Err(ExchangeError::Closed(e));
@@ -220,46 +269,51 @@ impl RawConn {
             }
             let head = self.buf.split_to(len).freeze();
             let mut headers = HeaderMap::with_capacity(self.spans.len());
+            // The framing headers are read while the map is built, instead
+            // of looked up in it afterwards.
+            let mut length: Option<u64> = None;
+            let mut has_length = false;
+            // Transfer-Encoding present, and whether its last coding (over
+            // all its lines) is chunked.
+            let (mut has_coding, mut chunked) = (false, false);
+            let (mut close, mut keep_alive) = (false, false);
             for &((ns, nl), (vs, vl)) in &self.spans {
                 let name = HeaderName::from_bytes(&head[ns..ns + nl])
                     .map_err(|_| ExchangeError::Invalid("bad header name"))?;
+                let raw = &head[vs..vs + vl];
+                if name == header::CONTENT_LENGTH {
+                    has_length = true;
+                    for part in tokens(raw) {
+                        let n = decimal(part).ok_or(ExchangeError::Invalid("bad content-length"))?;
+                        if length.is_some_and(|l| l != n) {
+                            return Err(ExchangeError::Invalid("conflicting content-length"));
+                        }
+                        length = Some(n);
+                    }
+                } else if name == header::TRANSFER_ENCODING {
+                    has_coding = true;
+                    if let Some(last) = tokens(raw).rfind(|t| !t.is_empty()) {
+                        chunked = last.eq_ignore_ascii_case(b"chunked");
+                    }
+                } else if name == header::CONNECTION {
+                    for t in tokens(raw) {
+                        close |= t.eq_ignore_ascii_case(b"close");
+                        keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                    }
+                }
                 let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                     .map_err(|_| ExchangeError::Invalid("bad header value"))?;
                 headers.append(name, value);
             }
             let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
                 Framing::Empty
-            } else if headers.contains_key(header::TRANSFER_ENCODING) {
-                let last = headers
-                    .get_all(header::TRANSFER_ENCODING)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(','))
-                    .map(str::trim)
-                    .rfind(|t| !t.is_empty());
-                if last.is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+            } else if has_coding {
+                if chunked {
                     Framing::Chunked
                 } else {
                     Framing::Close
                 }
-            } else if headers.contains_key(header::CONTENT_LENGTH) {
-                let mut length: Option<u64> = None;
-                for v in headers.get_all(header::CONTENT_LENGTH) {
-                    for part in v
-                        .to_str()
-                        .map_err(|_| ExchangeError::Invalid("bad content-length"))?
-                        .split(',')
-                    {
-                        let n: u64 = part
-                            .trim()
-                            .parse()
-                            .map_err(|_| ExchangeError::Invalid("bad content-length"))?;
-                        if length.is_some_and(|l| l != n) {
-                            return Err(ExchangeError::Invalid("conflicting content-length"));
-                        }
-                        length = Some(n);
-                    }
-                }
+            } else if has_length {
                 match length {
                     Some(0) | None => Framing::Empty,
                     Some(n) => Framing::Length(n),
@@ -267,12 +321,7 @@ impl RawConn {
             } else {
                 Framing::Close
             };
-            let keep_alive = framing != Framing::Close
-                && if minor == 0 {
-                    has_token(&headers, &header::CONNECTION, "keep-alive")
-                } else {
-                    !has_token(&headers, &header::CONNECTION, "close")
-                };
+            let keep_alive = framing != Framing::Close && if minor == 0 { keep_alive } else { !close };
             let mut response = Response::new(());
             *response.status_mut() = status;
             *response.version_mut() = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
@@ -530,6 +579,43 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
+    /// A deadline no test reaches.
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
+    #[tokio::test]
+    async fn the_deadline_moves_with_each_exchange_on_a_connection() {
+        // An upstream that answers its first request at once, the second
+        // after 300 ms, and never the third.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            for delay in [0, 300] {
+                let _ = s.read(&mut buf).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
+            let _ = s.read(&mut buf).await;
+            let _ = s.read(&mut buf).await;
+        });
+        let mut conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+        // The first deadline passes while the second exchange waits: the
+        // second one's own (later) deadline is what counts.
+        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, soon()).await.unwrap();
+        assert_eq!(head.framing, Framing::Empty);
+        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, far()).await.unwrap();
+        assert_eq!(head.response.status(), 200);
+        // And a deadline earlier than the previous one still applies.
+        let r = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, soon()).await;
+        assert!(matches!(r, Err(ExchangeError::TimedOut)), "{r:?}");
+    }
+
     /// A connection to a one-shot server that answers with `answer`
     /// (written in pieces) after reading a request head.
     async fn conn_answering(answer: Vec<&'static [u8]>) -> RawConn {
@@ -573,7 +659,7 @@ mod tests {
         ])
         .await;
         let head = conn
-            .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", false)
+            .exchange(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", false, far())
             .await
             .unwrap();
         assert_eq!(head.response.status(), 200);
@@ -586,13 +672,13 @@ mod tests {
     #[tokio::test]
     async fn length_close_delimited_and_empty_bodies() {
         let mut conn = conn_answering(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", b"cd"]).await;
-        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await.unwrap();
+        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, far()).await.unwrap();
         assert_eq!(head.framing, Framing::Length(4));
         assert!(conn.take_complete_body(head.framing).is_none());
         assert_eq!(body_of(conn, head).await.unwrap(), b"abcd");
 
         let mut conn = conn_answering(vec![b"HTTP/1.0 200 OK\r\n\r\nall of it"]).await;
-        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await.unwrap();
+        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, far()).await.unwrap();
         assert_eq!(head.framing, Framing::Close);
         assert!(!head.keep_alive);
         // The server keeps the socket open until the client goes: read the
@@ -603,7 +689,7 @@ mod tests {
         assert_eq!(frame.into_data().unwrap(), "all of it");
 
         let mut conn = conn_answering(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"]).await;
-        let head = conn.exchange(b"HEAD / HTTP/1.1\r\n\r\n", true).await.unwrap();
+        let head = conn.exchange(b"HEAD / HTTP/1.1\r\n\r\n", true, far()).await.unwrap();
         assert_eq!(head.framing, Framing::Empty);
         assert_eq!(conn.take_complete_body(head.framing).unwrap(), "");
 
@@ -612,9 +698,67 @@ mod tests {
         ])
         .await;
         assert!(matches!(
-            conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await,
+            conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, far()).await,
             Err(ExchangeError::Invalid(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn framing_and_keep_alive_come_from_the_response_headers() {
+        use Framing::*;
+        // The response, and its framing and keep-alive (`Err`: refused).
+        type Case = (&'static [u8], Result<(Framing, bool), ()>);
+        let cases: [Case; 13] = [
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+                Ok((Length(5), true)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                Ok((Length(5), true)),
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5,6\r\n\r\n", Err(())),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", Err(())),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n", Err(())),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\n",
+                Err(()),
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", Ok((Empty, true))),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\nContent-Length: 5\r\n\r\n",
+                Ok((Chunked, true)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Ok((Close, false)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: ,\r\n\r\n",
+                Ok((Chunked, true)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: x, Close\r\nContent-Length: 1\r\n\r\n",
+                Ok((Length(1), false)),
+            ),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Ok((Length(1), false))),
+            (
+                b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n",
+                Ok((Length(1), true)),
+            ),
+        ];
+        for (answer, want) in cases {
+            let mut conn = conn_answering(vec![answer]).await;
+            let got = conn
+                .exchange(b"GET / HTTP/1.1\r\n\r\n", false, far())
+                .await
+                .map(|h| (h.framing, h.keep_alive));
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "{}", String::from_utf8_lossy(answer)),
+                (Err(ExchangeError::Invalid(_)), Err(())) => {}
+                (g, _) => panic!("{}: {g:?}", String::from_utf8_lossy(answer)),
+            }
+        }
     }
 
     #[tokio::test]
@@ -626,7 +770,7 @@ mod tests {
             drop(s);
         });
         let mut conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
-        let r = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await;
+        let r = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, far()).await;
         assert!(matches!(r, Err(ExchangeError::Closed(_))), "{r:?}");
     }
 
@@ -647,7 +791,7 @@ mod tests {
         let config = crate::upstream::UpstreamConfig::default();
         let (mut conn, fresh) = ep.raw_connection(&config).await.unwrap();
         assert!(fresh);
-        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await.unwrap();
+        let head = conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false, far()).await.unwrap();
         assert!(head.keep_alive);
         assert_eq!(conn.take_complete_body(head.framing).unwrap(), "ok");
         ep.give_back_raw(conn);

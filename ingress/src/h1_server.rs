@@ -33,9 +33,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// more goes to hyper, which answers 431).
 pub const MAX_HEADERS: usize = 100;
 
-/// Headers the request path may add to a request on its way upstream.
-const ADDED_HEADERS: usize = 8;
-
 /// hyper's limit on a request target (longer ones get 414 from hyper).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 
@@ -74,6 +71,10 @@ pub struct HeadParser {
 impl HeadParser {
     /// See `parse`.
     pub fn parse(&mut self, buf: &mut BytesMut, max_head: usize) -> Parsed {
+        if buf.is_empty() {
+            // Between keep-alive requests.
+            return Parsed::Partial;
+        }
         // Not zeroed: httparse writes each header before it is read.
         let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -150,9 +151,10 @@ impl HeadParser {
     /// refuses its target or a header.
     fn request(&self, method: Method, head: &Bytes, path: (usize, usize)) -> Option<Request<()>> {
         let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).ok()?;
-        // Room for the headers the request path adds (`X-Forwarded-*`), so
-        // the map is not grown and rehashed on the way.
-        let mut map = HeaderMap::with_capacity(self.spans.len() + ADDED_HEADERS);
+        // Sized for the client's headers alone: the plain path writes the
+        // upstream head without adding to the map (`encode_forwarded`),
+        // and a larger map would leave the allocator's per-thread cache.
+        let mut map = HeaderMap::with_capacity(self.spans.len());
         for &[ns, ne, vs, ve] in &self.spans {
             let name = HeaderName::from_bytes(&head[ns..ne]).ok()?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;

@@ -2048,8 +2048,8 @@ async fn forward_lean<B>(
         let in_flight = track_in_flight.then(|| ep.track());
         let sent_at = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent_at) + config.header_timeout;
-        match tokio::time::timeout_at(deadline, conn.exchange(&request, head_request)).await {
-            Ok(Ok(head)) => {
+        match conn.exchange(&request, head_request, deadline).await {
+            Ok(head) => {
                 observe_latency(s, upstream, ep, sent_at);
                 let (mut parts, ()) = head.response.into_parts();
                 strip_hop_by_hop(&mut parts.headers, false);
@@ -2070,7 +2070,7 @@ async fn forward_lean<B>(
                     endpoint: Some(ep.addr),
                 };
             }
-            Err(_) => {
+            Err(ExchangeError::TimedOut) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, timeout = ?config.header_timeout,
                     "upstream response header timeout");
                 if !(up.retry.read_timeout && tried.len() < config.max_attempts) {
@@ -2082,13 +2082,13 @@ async fn forward_lean<B>(
                 last_status = StatusCode::GATEWAY_TIMEOUT;
                 s.metrics.retries.inc();
             }
-            Ok(Err(ExchangeError::Closed(e))) if !fresh => {
+            Err(ExchangeError::Closed(e)) if !fresh => {
                 // A pooled connection the upstream had closed while idle:
                 // send it again, on this endpoint too if needed.
                 tracing::debug!(endpoint = %ep.addr, error = %e, "pooled connection closed; retrying");
                 tried.pop();
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(upstream = %upstream.spec.name, endpoint = %ep.addr, error = %e,
                     "upstream failed before responding");
                 last_status = StatusCode::BAD_GATEWAY;
