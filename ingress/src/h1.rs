@@ -131,7 +131,7 @@ fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
 
 /// A `Content-Length` element: ASCII digits only (no sign, no
 /// whitespace inside), within u64.
-fn decimal(digits: &[u8]) -> Option<u64> {
+pub(crate) fn decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }

@@ -44,7 +44,9 @@ pub enum Parsed {
     /// No complete head yet, and below the head size limit: read more.
     Partial,
     /// A request for the lean path; its head was taken off the buffer.
-    Request(Request<()>),
+    /// `true` when it asks to close the connection after its response
+    /// (`Connection: close`).
+    Request(Request<()>, bool),
     /// hyper serves the connection from here on, starting with the
     /// buffer as it is.
     Defer,
@@ -103,9 +105,12 @@ impl HeadParser {
         let mut body = false;
         let mut transfer_encoding = false;
         let mut for_hyper = false;
+        let mut close = false;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"content-length") {
+            if name.eq_ignore_ascii_case(b"connection") {
+                close |= asks_close(h.value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
                 lengths += 1;
                 body |= h.value != b"0";
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -133,7 +138,7 @@ impl HeadParser {
         }));
         let head = buf.split_to(len).freeze();
         match self.request(method, &head, path_range) {
-            Some(request) => Parsed::Request(request),
+            Some(request) => Parsed::Request(request, close),
             None => {
                 // A head hyper answers (a target or header `http` refuses):
                 // put it back in front of what follows, for hyper to read
@@ -174,14 +179,11 @@ fn offset(base: usize, part: &[u8]) -> (usize, usize) {
     (start, start + part.len())
 }
 
-/// Whether a message's `Connection` header asks to close the connection
-/// after the response.
-pub fn has_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+/// Whether a `Connection` header value lists `close`.
+fn asks_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// How a response body goes on the wire.
@@ -195,20 +197,23 @@ pub enum BodyFraming {
     Chunked,
 }
 
-/// The response head for a request of `method`, appended to `out`, and
-/// how its body is framed. `body_len`: the body's exact length when
-/// known (`Some(0)` for an empty body). `close`: the connection closes
-/// after this response (`Connection: close` is added). Returns `None`
-/// when the response headers contradict themselves (an unparsable or
-/// repeated, differing `Content-Length`): the caller answers 502.
+/// The response head for a request of `method`, appended to `out`; how
+/// its body is framed, and whether the connection closes after it.
+/// `body_len`: the body's exact length when known (`Some(0)` for an empty
+/// body). `close`: the connection closes after this response; so it does
+/// when the response's own `Connection` lists `close`. Either way
+/// `Connection: close` is written, and no other `Connection` header (it
+/// describes this hop only). Returns `None` when the response headers
+/// contradict themselves (an unparsable or repeated, differing
+/// `Content-Length`): the caller answers 502.
 pub fn encode_head(
     status: StatusCode,
     headers: &HeaderMap,
     method: &Method,
     body_len: Option<u64>,
-    close: bool,
+    mut close: bool,
     out: &mut Vec<u8>,
-) -> Option<BodyFraming> {
+) -> Option<(BodyFraming, bool)> {
     if status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -223,19 +228,22 @@ pub fn encode_head(
         !(status.is_informational() || matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED));
     let no_body = *method == Method::HEAD || !may_have_length;
     let mut declared: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let len = std::str::from_utf8(value.as_bytes()).ok()?.trim().parse::<u64>().ok()?;
-        if declared.is_some_and(|d| d != len) {
-            return None;
-        }
-        declared = Some(len);
-    }
     let mut wrote_date = false;
+    // One pass: the framing headers are read, not copied; the others are.
     for (name, value) in headers {
-        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+        if *name == header::CONTENT_LENGTH {
+            let len = crate::h1::decimal(value.as_bytes().trim_ascii())?;
+            if declared.is_some_and(|d| d != len) {
+                return None;
+            }
+            declared = Some(len);
             continue;
         }
-        if *name == header::CONNECTION && close {
+        if *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if *name == header::CONNECTION {
+            close |= asks_close(value.as_bytes());
             continue;
         }
         wrote_date |= *name == header::DATE;
@@ -272,7 +280,7 @@ pub fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Some(framing)
+    Some((framing, close))
 }
 
 fn length_header(out: &mut Vec<u8>, len: u64) {
@@ -381,7 +389,7 @@ mod tests {
     fn a_plain_get_is_lean_and_keeps_its_headers_in_order() {
         let raw = "GET /a/b?c=d HTTP/1.1\r\nHost: x.test\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\nGET /next";
         let mut buf = BytesMut::from(raw);
-        let Parsed::Request(req) = parse(&mut buf, 64 * 1024) else {
+        let Parsed::Request(req, false) = parse(&mut buf, 64 * 1024) else {
             panic!("not lean")
         };
         assert_eq!(req.method(), Method::GET);
@@ -454,7 +462,7 @@ mod tests {
             ] {
                 let mut buf = BytesMut::from(&raw[..]);
                 match parse(&mut buf, 64 * 1024) {
-                    Parsed::Request(_) => assert!(buf.starts_with(b"GET /next"), "{raw:?}"),
+                    Parsed::Request(..) => assert!(buf.starts_with(b"GET /next"), "{raw:?}"),
                     Parsed::Defer | Parsed::Reject(_) | Parsed::Partial => assert_eq!(&buf[..], &raw[..], "{raw:?}"),
                 }
             }
@@ -484,7 +492,11 @@ mod tests {
             );
         }
         let mut out = Vec::new();
-        let framing = encode_head(status, &map, &method, body_len, close, &mut out).unwrap();
+        let (framing, closes) = encode_head(status, &map, &method, body_len, close, &mut out).unwrap();
+        let asked = headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("connection") && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+        });
+        assert_eq!(closes, close || asked);
         (String::from_utf8(out).unwrap(), framing)
     }
 
@@ -520,6 +532,30 @@ mod tests {
         assert_eq!(h, "HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n");
         assert_eq!(f, BodyFraming::None);
 
+        // `Connection` is this hop's: never copied; its `close` closes.
+        let (h, _) = head(
+            StatusCode::OK,
+            &[("connection", "keep-alive"), ("date", "x")],
+            Method::GET,
+            Some(0),
+            false,
+        );
+        assert_eq!(h, "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 0\r\n\r\n");
+        let (h, _) = head(
+            StatusCode::OK,
+            &[("connection", "x, Close"), ("date", "x")],
+            Method::GET,
+            Some(0),
+            false,
+        );
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+
+        let mut map = HeaderMap::new();
+        map.append(header::CONTENT_LENGTH, HeaderValue::from_static("+1"));
+        assert!(encode_head(StatusCode::OK, &map, &Method::GET, None, false, &mut Vec::new()).is_none());
         let mut map = HeaderMap::new();
         map.append(header::CONTENT_LENGTH, HeaderValue::from_static("1"));
         map.append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));

@@ -643,7 +643,7 @@ fn lean_view(bytes: &[u8]) -> Vec<&'static str> {
     let mut out = Vec::new();
     for _ in 0..8 {
         let step = match h1_server::parse(&mut buf, MAX_HEAD) {
-            Parsed::Request(_) => "request",
+            Parsed::Request(..) => "request",
             Parsed::Defer => "defer",
             Parsed::Partial => "partial",
             Parsed::Reject(_) => "reject",

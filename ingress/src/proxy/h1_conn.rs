@@ -83,8 +83,8 @@ where
     let mut parser = h1_server::HeadParser::default();
     // Bounded: every turn reads, answers one request, or returns.
     loop {
-        let req = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
-            Parsed::Request(r) => r,
+        let (req, asks_close) = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
+            Parsed::Request(r, asks_close) => (r, asks_close),
             Parsed::Defer => return LeanEnd::Defer(io, buf.freeze()),
             Parsed::Reject(status) => {
                 tracing::debug!(status = status.as_u16(), "refused a request's framing");
@@ -106,7 +106,6 @@ where
             }
         };
         let method = req.method().clone();
-        let mut close = h1_server::has_close(req.headers());
         let response = {
             let mut handling = std::pin::pin!(respond(&ctx, req.map(|()| RequestBody::Empty)));
             // The client's side is read while its request is answered: a
@@ -125,8 +124,8 @@ where
             }
         };
         let (parts, mut body) = response.into_parts();
-        close |= closing.load(Ordering::Relaxed) || h1_server::has_close(&parts.headers);
-        let complete = match write_response(
+        let close = asks_close || closing.load(Ordering::Relaxed);
+        let reusable = match write_response(
             &mut io,
             parts.status,
             &parts.headers,
@@ -137,22 +136,24 @@ where
         )
         .await
         {
-            Ok(complete) => complete,
+            Ok(reusable) => reusable,
             Err(e) => {
                 tracing::debug!(error = %e, "writing a response failed");
                 return LeanEnd::Closed;
             }
         };
         drop(body);
-        if close || !complete || closing.load(Ordering::Relaxed) {
+        if !reusable || closing.load(Ordering::Relaxed) {
             let _ = io.shutdown().await;
             return LeanEnd::Closed;
         }
     }
 }
 
-/// Writes a response; `Ok(false)` when its body ended early or failed,
-/// which leaves the connection unusable.
+/// Writes a response; `Ok(true)` when the connection may carry another
+/// request: not when it closes after this response (`close`, or the
+/// response's own `Connection: close`), nor when the body ended early or
+/// failed.
 async fn write_response<S>(
     io: &mut S,
     status: StatusCode,
@@ -171,7 +172,7 @@ where
     } else {
         body.size_hint().exact()
     };
-    let Some(framing) = h1_server::encode_head(status, headers, method, body_len, close, out) else {
+    let Some((framing, close)) = h1_server::encode_head(status, headers, method, body_len, close, out) else {
         tracing::warn!("upstream response has conflicting Content-Length headers");
         out.clear();
         let empty = http::HeaderMap::new();
@@ -183,7 +184,7 @@ where
         BodyFraming::None => {
             io.write_all(out).await?;
             io.flush().await?;
-            return Ok(true);
+            return Ok(!close);
         }
         BodyFraming::Length(n) => n,
         BodyFraming::Chunked => u64::MAX,
@@ -210,7 +211,7 @@ where
                 io.write_all(out).await?;
                 io.flush().await?;
                 out.clear();
-                return Ok(chunked || remaining == 0);
+                return Ok(!close && (chunked || remaining == 0));
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "response body failed");
@@ -249,7 +250,7 @@ where
                     io.write_all(out).await?;
                     io.flush().await?;
                     out.clear();
-                    return Ok(true);
+                    return Ok(!close);
                 }
             }
         }

@@ -107,12 +107,11 @@ pub fn run_lean(input: &[u8]) -> Lean {
         let parsed = h1_server::parse(&mut buf, MAX_REQUEST_HEAD);
         // What the lean path does not serve, hyper reads from where the
         // lean path stopped: nothing of it may have been taken.
-        if !matches!(parsed, Parsed::Request(_)) {
+        if !matches!(parsed, Parsed::Request(..)) {
             assert_eq!(buf, before, "the lean path consumed bytes it left to hyper");
         }
         match parsed {
-            Parsed::Request(req) => {
-                let close = h1_server::has_close(req.headers());
+            Parsed::Request(req, close) => {
                 requests.push(Seen::of(&req, BodyKind::None));
                 if close {
                     return Lean {
@@ -275,7 +274,7 @@ pub struct Report {
 /// reads is served the same way). Checked at up to 64 split points.
 fn split_invariant(input: &[u8]) -> Result<(), String> {
     let mut buf = BytesMut::from(input);
-    if !matches!(h1_server::parse(&mut buf, MAX_REQUEST_HEAD), Parsed::Request(_)) {
+    if !matches!(h1_server::parse(&mut buf, MAX_REQUEST_HEAD), Parsed::Request(..)) {
         return Ok(());
     }
     let head = input.len() - buf.len();
