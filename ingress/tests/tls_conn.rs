@@ -46,13 +46,22 @@ async fn proxy_with_tls(body: &str, cancel: &CancellationToken) -> (common::Serv
 
 /// A TLS 1.3 client connection with ALPN http/1.1 (the lean path's).
 async fn connect(proxy: &common::Serving, pem: &str) -> TlsStream<TcpStream> {
+    connect_with(proxy, pem, &rustls::version::TLS13).await
+}
+
+/// `connect`, speaking only `version`.
+async fn connect_with(
+    proxy: &common::Serving,
+    pem: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -112,21 +121,24 @@ async fn read_response(tls: &mut TlsStream<TcpStream>, pending: &mut Vec<u8>) ->
 async fn a_response_larger_than_a_tls_record_arrives_whole() {
     let cancel = CancellationToken::new();
     // 200 KiB: a dozen 16 KiB records, more than one socket buffer's
-    // worth of writes at a time.
+    // worth of writes at a time; over TLS 1.3 and 1.2.
     let big: String = (0..200 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let (proxy, pem) = proxy_with_tls(&big, &cancel).await;
-    let mut tls = connect(&proxy, &pem).await;
-    let mut pending = Vec::new();
-    for path in ["/first", "/second"] {
-        tls.write_all(get(path, "").as_bytes()).await.unwrap();
-        let (head, body) = read_response(&mut tls, &mut pending).await;
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-        assert!(body.starts_with(big.as_bytes()), "body differs from the backend's");
-        let info = String::from_utf8_lossy(&body[big.len()..]).to_string();
-        assert!(info.starts_with(&format!("\nGET {path} HTTP/1.1\n")), "{info}");
-        assert!(info.contains("x-forwarded-proto: https"), "{info}");
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut tls = connect_with(&proxy, &pem, version).await;
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+        let mut pending = Vec::new();
+        for path in ["/first", "/second"] {
+            tls.write_all(get(path, "").as_bytes()).await.unwrap();
+            let (head, body) = read_response(&mut tls, &mut pending).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            assert!(body.starts_with(big.as_bytes()), "body differs from the backend's");
+            let info = String::from_utf8_lossy(&body[big.len()..]).to_string();
+            assert!(info.starts_with(&format!("\nGET {path} HTTP/1.1\n")), "{info}");
+            assert!(info.contains("x-forwarded-proto: https"), "{info}");
+        }
+        assert!(pending.is_empty());
     }
-    assert!(pending.is_empty());
     proxy.stop().await;
     cancel.cancel();
 }
