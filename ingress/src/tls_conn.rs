@@ -56,11 +56,6 @@ impl TlsConn {
         }
     }
 
-    /// The rustls session (ALPN, peer certificates, …).
-    pub fn session(&self) -> &ServerConnection {
-        &self.tls
-    }
-
     /// Writes the TLS records rustls has queued, until none is left or
     /// the socket is full (`Pending`, with the waker registered).
     fn poll_send_queued(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
