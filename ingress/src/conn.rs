@@ -667,7 +667,7 @@ impl RawSend for TcpStream {
 /// After a last frame: FIN, and discard what the client already sent, so
 /// that the close is not a reset that makes the client drop the unread
 /// frame (best effort; a client still sending may see a reset anyway).
-fn linger(tcp: &TcpStream) {
+pub(crate) fn linger(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
     let mut sink = [0u8; 4096];
     // Bounded: at most 64 KiB discarded.
@@ -676,40 +676,6 @@ fn linger(tcp: &TcpStream) {
             Ok(n) if n > 0 => {}
             _ => break,
         }
-    }
-}
-
-impl RawSend for tokio_rustls::server::TlsStream<TcpStream> {
-    fn send_now(&mut self, bytes: &[u8]) {
-        use std::io::Write as _;
-        struct TryWrite<'a>(&'a TcpStream);
-        impl std::io::Write for TryWrite<'_> {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.try_write(buf)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let (tcp, session) = self.get_mut();
-        if session.writer().write_all(bytes).is_err() {
-            return;
-        }
-        // Bounded: each turn writes some TLS bytes or stops.
-        for _ in 0..8 {
-            if !session.wants_write() {
-                break;
-            }
-            match session.write_tls(&mut TryWrite(tcp)) {
-                Ok(n) if n > 0 => {}
-                _ => break,
-            }
-        }
-        linger(tcp);
-    }
-
-    fn negotiated_h2(&self) -> bool {
-        self.get_ref().1.alpn_protocol() == Some(b"h2")
     }
 }
 

@@ -24,6 +24,7 @@ pub mod status;
 #[cfg(test)]
 mod test_support;
 pub mod tls;
+pub mod tls_conn;
 pub mod upstream;
 
 pub use conn::Limits;

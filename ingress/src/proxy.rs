@@ -552,11 +552,12 @@ fn serve_connection(
                         _ = Watchdog::woken(&state) => None,
                     };
                     let Some(tls_stream) = tls_stream else { return };
+                    let (tcp, session) = tls_stream.into_inner();
                     if let Some(ctx) = tls_ctx {
-                        let chain = tls_stream.get_ref().1.peer_certificates();
+                        let chain = session.peer_certificates();
                         let _ = ctx.peer_cert.set(crate::policy::client_cert::PeerCert::new(chain));
                     }
-                    let io = conn::Guarded::new(tls_stream, state.clone());
+                    let io = conn::Guarded::new(crate::tls_conn::TlsConn::new(tcp, session), state.clone());
                     serve_http(io, ctx, &state, &limits, accepted_at, &stop, &metrics).await;
                 }
             }

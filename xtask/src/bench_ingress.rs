@@ -3,7 +3,9 @@
 //! (`ferry echo`), measured with wrk in interleaved rounds (`--rounds N`,
 //! default 1); prints mean rps (and the range), p99 and ferry's ratios,
 //! also with access logs on for both (nginx `combined`, ferry's default
-//! access log, each to a file). Also HTTPS against nginx with the same certificate, and
+//! access log, each to a file). Also HTTPS against nginx with the same certificate and
+//! the same protocol versions (TLS 1.2 and 1.3, ingress-nginx's default `ssl-protocols`;
+//! the TLS version and cipher suite each negotiates with OpenSSL's client are printed), and
 //! ferry's RSS with 1,000 Ingresses and 10,000 endpoints loaded.
 //!
 //! The anchors keep upstream connections alive (nginx `keepalive 64`,
@@ -425,6 +427,39 @@ fn serve_command(ferry: &Path, dir: &Path, http: u16) -> Command {
     c
 }
 
+/// The TLS version and cipher suite OpenSSL's client (the library wrk
+/// uses, with its defaults) negotiates with the server on `port`.
+fn negotiated_tls(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "127.0.0.1",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("New, "))
+        .map_or_else(|| "unknown".to_string(), |l| l.replace(", Cipher is", ""))
+}
+
+/// ferry's HTTPS listener on `port`, serving the bench's certificate
+/// also to wrk, whose SNI (127.0.0.1) names no host.
+fn https_args(port: u16) -> [String; 4] {
+    [
+        "--https-addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--default-tls-secret".into(),
+        "default/bench-tls".into(),
+    ]
+}
+
 fn ratio_line(ferry: &Result, others: &[&Result]) -> String {
     let best = others.iter().max_by(|a, b| a.rps.total_cmp(&b.rps));
     match best {
@@ -544,7 +579,7 @@ fn run_in(ferry: &Path, dir: &Path, seconds: u64, rounds: u32) -> anyhow::Result
 
     let (ferry_http, ferry_https) = (free_port()?, free_port()?);
     let ferry_proc = spawn(
-        serve_command(ferry, &manifest_dir, ferry_http).args(["--https-addr", &format!("127.0.0.1:{ferry_https}")]),
+        serve_command(ferry, &manifest_dir, ferry_http).args(https_args(ferry_https)),
         "ferry serve",
     )?;
 
@@ -571,7 +606,7 @@ events {{ worker_connections 4096; }}\n\
 http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {dir}/pt; fastcgi_temp_path {dir}/ft; uwsgi_temp_path {dir}/ut; scgi_temp_path {dir}/st;\n\
   upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
   server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl http2;\n    server_name {HOST};\n\
-    ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
+    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n\
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
   server {{\n    listen 127.0.0.1:{nginx_log};\n    access_log {dir}/nginx-access.log combined;\n\
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
@@ -614,6 +649,11 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     }
     // Let ferry apply its first table.
     std::thread::sleep(Duration::from_millis(500));
+    let tls_versions = format!(
+        "TLS negotiated (OpenSSL client defaults, as wrk): ferry {}, nginx {}",
+        negotiated_tls(ferry_https),
+        negotiated_tls(nginx_https)
+    );
 
     let nginx_pids = with_children(nginx_proc.id());
     let (ferry_pid, haproxy_pid) = ([ferry_proc.id()], [haproxy_proc.id()]);
@@ -664,20 +704,26 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     // The binary to compare with, as one more target of every round.
     let base = match std::env::var_os("FERRY_BASE_BIN") {
         Some(bin) => {
-            let port = free_port()?;
+            let (port, tls_port) = (free_port()?, free_port()?);
             let proc = spawn(
-                &mut serve_command(Path::new(&bin), &manifest_dir, port),
+                serve_command(Path::new(&bin), &manifest_dir, port).args(https_args(tls_port)),
                 "ferry serve (base)",
             )?;
             wait_port(port, "ferry (base)")?;
+            wait_port(tls_port, "ferry https (base)")?;
             std::thread::sleep(Duration::from_millis(500));
-            Some((port, proc))
+            Some((port, tls_port, proc))
         }
         None => None,
     };
     let mut targets = targets;
-    if let Some((port, proc)) = &base {
+    if let Some((port, tls_port, proc)) = &base {
         targets.push(("ferry base", format!("http://127.0.0.1:{port}/"), vec![proc.id()]));
+        targets.push((
+            "ferry base https",
+            format!("https://127.0.0.1:{tls_port}/"),
+            vec![proc.id()],
+        ));
     }
     let mut runs: Vec<Vec<Result>> = targets.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
@@ -692,9 +738,9 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     let mut next = || means.next().context("a target without results");
     let (direct, nginx, nginx_close, haproxy, ferry_r) = (next()?, next()?, next()?, next()?, next()?);
     let (nginx_logged, ferry_logged, nginx_tls, ferry_tls) = (next()?, next()?, next()?, next()?);
-    let ferry_base = match base {
-        Some(_) => Some(next()?),
-        None => None,
+    let (ferry_base, ferry_base_tls) = match base {
+        Some(_) => (Some(next()?), Some(next()?)),
+        None => (None, None),
     };
     // Give the log writers a moment to write what they buffered.
     std::thread::sleep(Duration::from_millis(500));
@@ -750,6 +796,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     ]
     .into_iter()
     .chain(ferry_base.as_ref())
+    .chain(ferry_base_tls.as_ref())
     .zip(&runs)
     {
         let (lo, hi) = all
@@ -774,6 +821,7 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     println!("{}", ratio_line(&ferry_logged, &[&nginx_logged]));
     println!("access-log bytes per request: ferry {ferry_log_bytes:.0}, nginx {nginx_log_bytes:.0}");
     println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
+    println!("{tls_versions}");
     println!("{}", user_space_ceiling(&ferry_r, &[&nginx, &haproxy]));
     println!(
         "context switches per request (all proxy threads): ferry {:.3}, nginx {:.3}, haproxy {:.3}; \
@@ -793,6 +841,16 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
             b.cpu.proxy_user,
             ferry_r.switches.total(),
             b.switches.total()
+        );
+    }
+    if let Some(b) = &ferry_base_tls {
+        println!(
+            "ferry https / ferry base https: {:.2}x the rps, p99 {:.2} vs {:.2} ms, user CPU {:.2} vs {:.2} us/req",
+            ferry_tls.rps / b.rps,
+            ferry_tls.p99_ms,
+            b.p99_ms,
+            ferry_tls.cpu.proxy_user,
+            b.cpu.proxy_user
         );
     }
     println!(
