@@ -1,10 +1,16 @@
 //! The serving step: sockets, the `ArcSwap<Zone>` the request path reads
 //! without locks, and the task that rebuilds the zone for each snapshot.
 //!
-//! UDP is served by one blocking thread per SO_REUSEPORT socket (one per
-//! two cores by default, `crate::udp::default_workers`): the kernel spreads clients over the sockets and a
-//! thread takes every queued request with one `recvmmsg` and sends the
-//! replies with one `sendmmsg` (`crate::udp`), no executor in between. Forwarded queries leave the thread as tokio tasks, so a slow
+//! UDP is served by blocking threads (one per two cores by default,
+//! `crate::udp::default_workers`) that all read one socket: a thread takes
+//! every queued request with one `recvmmsg` and sends the replies with one
+//! `sendmmsg` (`crate::udp`), no executor in between. One socket shared by
+//! the threads, not one SO_REUSEPORT socket each: SO_REUSEPORT ties every
+//! client (by its address hash) to one thread's socket, so when that thread
+//! is descheduled on a busy node its clients' queries wait (or overflow)
+//! while another thread idles; with one socket, whichever thread runs takes
+//! the next request, and the kernel wakes one waiting thread per datagram.
+//! Forwarded queries leave the thread as tokio tasks, so a slow
 //! upstream never stalls cluster answers. TCP is served by tokio, one task
 //! per connection.
 
@@ -66,14 +72,16 @@ pub struct ServerConfig {
 /// The listening sockets, bound before the server starts so that errors
 /// (port in use, no permission) surface to the caller.
 pub struct BoundSockets {
-    udp: Vec<UdpSocket>,
+    /// One UDP socket that every UDP thread reads (see the module comment).
+    udp: Arc<UdpSocket>,
+    workers: usize,
     tcp: TcpListener,
     local: SocketAddr,
 }
 
 impl BoundSockets {
-    /// Binds `workers` UDP sockets with SO_REUSEPORT and one TCP listener on
-    /// `listen`. With port 0 the kernel picks one port for all of them.
+    /// Binds one UDP socket, for `workers` threads, and one TCP listener on
+    /// `listen`. With port 0 the kernel picks one port for both.
     pub fn bind(listen: SocketAddr, workers: usize) -> Result<BoundSockets, DnsError> {
         let workers = workers.max(1);
         let attempts = if listen.port() == 0 { 20 } else { 1 };
@@ -97,18 +105,19 @@ impl BoundSockets {
             addr: listen,
             source,
         };
-        let first = udp_socket(listen).map_err(udp_err)?;
-        let local = first.local_addr().map_err(udp_err)?;
-        let mut udp = vec![first];
-        for _ in 1..workers {
-            udp.push(udp_socket(local).map_err(udp_err)?);
-        }
+        let udp = udp_socket(listen).map_err(udp_err)?;
+        let local = udp.local_addr().map_err(udp_err)?;
         let tcp = ferry_cluster::net::tcp_listener(local).map_err(|source| DnsError::Bind {
             proto: "tcp",
             addr: local,
             source,
         })?;
-        Ok(BoundSockets { udp, tcp, local })
+        Ok(BoundSockets {
+            udp: Arc::new(udp),
+            workers,
+            tcp,
+            local,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -274,13 +283,14 @@ impl DnsServer {
     pub async fn serve_sockets(self, sockets: BoundSockets, cancel: CancellationToken) -> Result<(), DnsError> {
         let handle = tokio::runtime::Handle::current();
         let mut threads = Vec::new();
-        for (i, sock) in sockets.udp.into_iter().enumerate() {
+        for i in 0..sockets.workers {
+            let sock = sockets.udp.clone();
             let server = self.clone();
             let thread_cancel = cancel.clone();
             let handle = handle.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("ferry-dns-udp-{i}"))
-                .spawn(move || server.udp_loop(Arc::new(sock), handle, thread_cancel));
+                .spawn(move || server.udp_loop(sock, handle, thread_cancel));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {

@@ -19,10 +19,9 @@
 //! which are compiled into wire bytes with the zone (16 bytes per A record,
 //! `wire_answers`).
 
-use std::collections::hash_map::RandomState;
+use ahash::RandomState;
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
-use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
@@ -273,6 +272,10 @@ struct Names {
     /// Open addressing, linear probing: (low 32 bits of the hash, id + 1);
     /// id 0 marks a free slot. At most half full.
     slots: Vec<(u32, u32)>,
+    /// Keyed at random per zone, like std's, so names chosen by clients or
+    /// cluster users cannot be made to collide; ahash rather than std's
+    /// SipHash because every query name is hashed (~45 instructions for a
+    /// Service name instead of ~270 with SipHash, under callgrind).
     hasher: RandomState,
 }
 
