@@ -22,7 +22,7 @@ use http::{Method, StatusCode};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{respond, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
+use super::{handle, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
 use crate::conn::RequestBody;
 use crate::h1_server::{self, BodyFraming, Parsed};
 
@@ -105,9 +105,12 @@ where
                 }
             }
         };
+        let mut req = req.map(|()| RequestBody::Empty);
         let method = req.method().clone();
+        // `respond`, unrolled: one move of the response fewer.
+        let active = ctx.conn.request_started();
         let response = {
-            let mut handling = std::pin::pin!(respond(&ctx, req.map(|()| RequestBody::Empty)));
+            let mut handling = std::pin::pin!(handle(&ctx, &mut req));
             // The client's side is read while its request is answered: a
             // close cancels the request (dropping `handling`), pipelined
             // bytes wait in `buf` (up to a head's worth).
@@ -123,7 +126,9 @@ where
                 }
             }
         };
-        let (parts, mut body) = response.into_parts();
+        drop(req);
+        let (mut parts, inner) = response.into_parts();
+        let mut body = ResponseBody::new(inner, active, &mut parts.extensions);
         let close = asks_close || closing.load(Ordering::Relaxed);
         let reusable = match write_response(
             &mut io,
