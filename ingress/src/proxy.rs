@@ -1516,11 +1516,13 @@ async fn proxy_to<'a>(
     // Routes without upstream annotations forward directly; the others
     // (default backend, custom error pages) take a boxed detour, so the
     // common request's future stays small and shallow.
-    let (mut outcome, upstream) = if m.policy.upstream.plain {
-        let outcome = forward(ctx, route_upstream, req, authority, m.max_body, &m.policy.upstream, key).await;
-        (outcome, route_upstream)
+    let mut upstream = route_upstream;
+    let mut outcome = if m.policy.upstream.plain {
+        forward(ctx, route_upstream, req, authority, m.max_body, &m.policy.upstream, key).await
     } else {
-        Box::pin(forward_tuned(ctx, live, &m, route_upstream, req, authority, key)).await
+        let (outcome, tuned) = Box::pin(forward_tuned(ctx, live, &m, route_upstream, req, authority, key)).await;
+        upstream = tuned;
+        outcome
     };
     if let Some(b) = m.balance {
         let headers = outcome.response.headers_mut();

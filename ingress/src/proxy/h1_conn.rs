@@ -23,7 +23,6 @@ use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{handle, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
-use crate::conn::RequestBody;
 use crate::h1_server::{self, BodyFraming, Parsed};
 
 /// Bytes asked of the transport per read.
@@ -83,7 +82,7 @@ where
     let mut parser = h1_server::HeadParser::default();
     // Bounded: every turn reads, answers one request, or returns.
     loop {
-        let (req, asks_close) = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
+        let (mut req, asks_close) = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
             Parsed::Request(r, asks_close) => (r, asks_close),
             Parsed::Defer => return LeanEnd::Defer(io, buf.freeze()),
             Parsed::Reject(status) => {
@@ -105,7 +104,6 @@ where
                 }
             }
         };
-        let mut req = req.map(|()| RequestBody::Empty);
         let method = req.method().clone();
         // `respond`, unrolled: one move of the response fewer.
         let active = ctx.conn.request_started();
