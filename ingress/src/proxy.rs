@@ -823,8 +823,8 @@ impl ConnContext {
 /// What the client receives: the response body, with the request counted
 /// in flight on its connection until the body is done (the watchdog's
 /// view of idleness and of send progress).
-pub struct ResponseBody {
-    inner: ProxyBody,
+pub struct ResponseBody<B = ProxyBody> {
+    inner: B,
     active: ActiveRequest,
     _held: Option<access::Held>,
 }
@@ -842,7 +842,7 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl<B: Body<Data = Bytes, Error = BodyError> + Unpin> Body for ResponseBody<B> {
     type Data = Bytes;
     type Error = BodyError;
 

@@ -22,8 +22,10 @@ use http::{Method, StatusCode};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{handle, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
+use super::{handle, ConnContext, ProxyBody, ResponseBody, MAX_REQUEST_HEAD};
+use crate::conn::ActiveRequest;
 use crate::h1_server::{self, BodyFraming, Parsed};
+use crate::policy::access;
 
 /// Bytes asked of the transport per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -107,7 +109,7 @@ where
         let method = req.method().clone();
         // `respond`, unrolled: one move of the response fewer.
         let active = ctx.conn.request_started();
-        let response = {
+        let mut response = {
             let mut handling = std::pin::pin!(handle(&ctx, &mut req));
             // The client's side is read while its request is answered: a
             // close cancels the request (dropping `handling`), pipelined
@@ -125,27 +127,18 @@ where
             }
         };
         drop(req);
-        let (mut parts, inner) = response.into_parts();
-        let mut body = ResponseBody::new(inner, active, &mut parts.extensions);
+        // A `limit-connections` slot lives as long as the body (written
+        // in place: the response is not moved again).
+        let held = response.extensions_mut().remove::<access::Held>();
         let close = asks_close || closing.load(Ordering::Relaxed);
-        let reusable = match write_response(
-            &mut io,
-            parts.status,
-            &parts.headers,
-            &mut body,
-            &method,
-            close,
-            &mut out,
-        )
-        .await
-        {
+        let reusable = match write_response(&mut io, &mut response, (active, held), &method, close, &mut out).await {
             Ok(reusable) => reusable,
             Err(e) => {
                 tracing::debug!(error = %e, "writing a response failed");
                 return LeanEnd::Closed;
             }
         };
-        drop(body);
+        drop(response);
         if !reusable || closing.load(Ordering::Relaxed) {
             let _ = io.shutdown().await;
             return LeanEnd::Closed;
@@ -157,11 +150,12 @@ where
 /// request: not when it closes after this response (`close`, or the
 /// response's own `Connection: close`), nor when the body ended early or
 /// failed.
+/// `counted`: the request's in-flight count and `limit-connections`
+/// slot, which the body carries (`ResponseBody`) until it is done.
 async fn write_response<S>(
     io: &mut S,
-    status: StatusCode,
-    headers: &http::HeaderMap,
-    body: &mut ResponseBody,
+    response: &mut http::Response<ProxyBody>,
+    counted: (ActiveRequest, Option<access::Held>),
     method: &Method,
     close: bool,
     out: &mut Vec<u8>,
@@ -170,12 +164,19 @@ where
     S: AsyncWrite + Unpin,
 {
     out.clear();
-    let body_len = if body.is_end_stream() {
+    let body_len = if response.body().is_end_stream() {
         Some(0)
     } else {
-        body.size_hint().exact()
+        response.body().size_hint().exact()
     };
-    let Some((framing, close)) = h1_server::encode_head(status, headers, method, body_len, close, out) else {
+    let (status, headers) = (response.status(), response.headers());
+    let encoded = h1_server::encode_head(status, headers, method, body_len, close, out);
+    let body = &mut ResponseBody {
+        inner: response.body_mut(),
+        active: counted.0,
+        _held: counted.1,
+    };
+    let Some((framing, close)) = encoded else {
         tracing::warn!("upstream response has conflicting Content-Length headers");
         out.clear();
         let empty = http::HeaderMap::new();
