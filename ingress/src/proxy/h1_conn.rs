@@ -84,10 +84,12 @@ where
     let mut parser = h1_server::HeadParser::default();
     // Bounded: every turn reads, answers one request, or returns.
     loop {
-        let (mut req, asks_close) = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
-            Parsed::Request(r, asks_close) => (r, asks_close),
+        // Matched in place (no move of the request out of `parsed`).
+        let mut parsed = parser.parse(&mut buf, MAX_REQUEST_HEAD);
+        let (req, asks_close) = match &mut parsed {
+            Parsed::Request(r, asks_close) => (r, *asks_close),
             Parsed::Defer => return LeanEnd::Defer(io, buf.freeze()),
-            Parsed::Reject(status) => {
+            &mut Parsed::Reject(status) => {
                 tracing::debug!(status = status.as_u16(), "refused a request's framing");
                 ctx.shared.metrics.http1_framing_refused.inc();
                 out.clear();
@@ -110,7 +112,7 @@ where
         // `respond`, unrolled: one move of the response fewer.
         let active = ctx.conn.request_started();
         let mut response = {
-            let mut handling = std::pin::pin!(handle(&ctx, &mut req));
+            let mut handling = std::pin::pin!(handle(&ctx, req));
             // The client's side is read while its request is answered: a
             // close cancels the request (dropping `handling`), pipelined
             // bytes wait in `buf` (up to a head's worth).
@@ -126,7 +128,7 @@ where
                 }
             }
         };
-        drop(req);
+        drop(parsed);
         // A `limit-connections` slot lives as long as the body (written
         // in place: the response is not moved again).
         let held = response.extensions_mut().remove::<access::Held>();
