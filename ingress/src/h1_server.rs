@@ -29,6 +29,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::conn::RequestBody;
+
 /// Headers a lean request may have (hyper's default limit; a request with
 /// more goes to hyper, which answers 431).
 pub const MAX_HEADERS: usize = 100;
@@ -45,8 +47,9 @@ pub enum Parsed {
     Partial,
     /// A request for the lean path; its head was taken off the buffer.
     /// `true` when it asks to close the connection after its response
-    /// (`Connection: close`).
-    Request(Request<()>, bool),
+    /// (`Connection: close`). Made with its (empty) body, so the
+    /// connection loop does not move it again to add one.
+    Request(Request<RequestBody>, bool),
     /// hyper serves the connection from here on, starting with the
     /// buffer as it is.
     Defer,
@@ -154,7 +157,7 @@ impl HeadParser {
 
     /// The request of a parsed head, sharing its bytes; `None` when `http`
     /// refuses its target or a header.
-    fn request(&self, method: Method, head: &Bytes, path: (usize, usize)) -> Option<Request<()>> {
+    fn request(&self, method: Method, head: &Bytes, path: (usize, usize)) -> Option<Request<RequestBody>> {
         let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).ok()?;
         // Sized for the client's headers alone: the plain path writes the
         // upstream head without adding to the map (`encode_forwarded`),
@@ -165,7 +168,7 @@ impl HeadParser {
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
             map.append(name, value);
         }
-        let mut request = Request::new(());
+        let mut request = Request::new(RequestBody::Empty);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;

@@ -594,7 +594,10 @@ async fn serve_http<S>(
     metrics.hyper_connections.inc();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(respond(&ctx, req.map(RequestBody::Hyper)).await) }
+        async move {
+            let mut req = req.map(RequestBody::Hyper);
+            Ok::<_, Infallible>(respond(&ctx, &mut req).await)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // The watchdog owns the head deadlines: hyper's own would cost a
@@ -612,17 +615,14 @@ async fn serve_http<S>(
 }
 
 /// Answers one request of a connection, counted in flight on it until
-/// the response body is done (either server path).
-async fn respond(ctx: &ConnContext, req: Request<RequestBody>) -> Response<ResponseBody> {
+/// the response body is done (either server path). The request is
+/// borrowed, not moved, down to the upstream client: each move of it
+/// through a layer of futures was a copy of its 264 bytes.
+async fn respond(ctx: &ConnContext, req: &mut Request<RequestBody>) -> Response<ResponseBody> {
     let active = ctx.conn.request_started();
-    let mut response = handle(ctx, req).await;
-    // A `limit-connections` slot lives as long as the body.
-    let held = response.extensions_mut().remove::<access::Held>();
-    response.map(|inner| ResponseBody {
-        inner,
-        active,
-        _held: held,
-    })
+    let (mut parts, inner) = handle(ctx, req).await.into_parts();
+    let body = ResponseBody::new(inner, active, &mut parts.extensions);
+    Response::from_parts(parts, body)
 }
 
 /// A connection `drive` supervises.
@@ -823,13 +823,26 @@ impl ConnContext {
 /// What the client receives: the response body, with the request counted
 /// in flight on its connection until the body is done (the watchdog's
 /// view of idleness and of send progress).
-pub struct ResponseBody {
-    inner: ProxyBody,
+pub struct ResponseBody<B = ProxyBody> {
+    inner: B,
     active: ActiveRequest,
     _held: Option<access::Held>,
 }
 
-impl Body for ResponseBody {
+impl ResponseBody {
+    /// The body of a response `handle` gave, for the request `active`
+    /// counts; a `limit-connections` slot (in `extensions`) lives as long
+    /// as the body.
+    fn new(inner: ProxyBody, active: ActiveRequest, extensions: &mut http::Extensions) -> ResponseBody {
+        ResponseBody {
+            inner,
+            active,
+            _held: extensions.remove::<access::Held>(),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes, Error = BodyError> + Unpin> Body for ResponseBody<B> {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -1165,7 +1178,7 @@ struct Outcome {
     endpoint: Option<SocketAddr>,
 }
 
-async fn handle(ctx: &ConnContext, mut req: Request<RequestBody>) -> Response<ProxyBody> {
+async fn handle(ctx: &ConnContext, req: &mut Request<RequestBody>) -> Response<ProxyBody> {
     let log_access = ctx.log.is_some();
     let started = log_access.then(Instant::now);
     let live = ctx.shared.live.load_full();
@@ -1215,7 +1228,7 @@ async fn handle(ctx: &ConnContext, mut req: Request<RequestBody>) -> Response<Pr
     };
     if let Some(p) = &normalized {
         if ctx.shared.config.limits.forward_normalized_path {
-            set_path(&mut req, p);
+            set_path(req, p);
         }
     }
     // `from-to-www-redirect` names have no routes of their own.
@@ -1232,7 +1245,9 @@ async fn handle(ctx: &ConnContext, mut req: Request<RequestBody>) -> Response<Pr
             .route(authority_str, normalized.as_deref().unwrap_or(req.uri().path())),
         _ => None,
     };
-    let (outcome, host_label, upstream) = match matched {
+    // `Strict-Transport-Security`, for a routed request's answer.
+    let mut hsts = None;
+    let (mut outcome, host_label, upstream) = match matched {
         None => (
             Outcome {
                 response: www.unwrap_or_else(|| local(refused.unwrap_or(StatusCode::NOT_FOUND))),
@@ -1275,23 +1290,23 @@ async fn handle(ctx: &ConnContext, mut req: Request<RequestBody>) -> Response<Pr
             let client_cert = if m.policy.client_cert.is_some()
                 || (ctx.https && ctx.shared.client_auth_active.load(Ordering::Relaxed))
             {
-                client_cert_gate(ctx, &m, &mut req)
+                client_cert_gate(ctx, &m, req)
             } else {
                 None
             };
             let answer = match client_cert {
                 Some(r) => Some(r),
-                None => match path_redirect(ctx, &m, &req, authority_str, normalized.as_deref()) {
+                None => match path_redirect(ctx, &m, req, authority_str, normalized.as_deref()) {
                     Some(r) => Some(r),
                     None if m.https_only && !ctx.https => https_redirect(&ctx.shared, authority_str, req.uri()),
-                    None => rewrite_uri(&m, &mut req, normalized.as_deref()),
+                    None => rewrite_uri(&m, req, normalized.as_deref()),
                 },
             };
-            let hsts = m.policy.paths.hsts.is_some().then(|| {
+            hsts = m.policy.paths.hsts.is_some().then(|| {
                 let proto = req.headers().get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes);
                 m.policy.paths.hsts(ctx.https, proto).cloned()
             });
-            let (mut outcome, host, upstream) = match answer {
+            match answer {
                 Some(response) => (
                     Outcome {
                         response,
@@ -1301,16 +1316,15 @@ async fn handle(ctx: &ConnContext, mut req: Request<RequestBody>) -> Response<Pr
                     None,
                 ),
                 None => proxy_to(ctx, &live, m, req, authority.as_ref(), key).await,
-            };
-            if let Some(Some(v)) = hsts {
-                outcome
-                    .response
-                    .headers_mut()
-                    .insert(header::STRICT_TRANSPORT_SECURITY, v);
             }
-            (outcome, host, upstream)
         }
     };
+    if let Some(Some(v)) = hsts {
+        outcome
+            .response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, v);
+    }
     cancel.armed = false;
     let status = outcome.response.status().as_u16();
     count_request(&ctx.shared.metrics, host_label, status, upstream.map(|u| &**u));
@@ -1469,7 +1483,7 @@ async fn proxy_to<'a>(
     ctx: &ConnContext,
     live: &'a LiveTable,
     m: RouteMatch<'a>,
-    mut req: Request<RequestBody>,
+    req: &mut Request<RequestBody>,
     authority: Option<&HeaderValue>,
     key: PickKey,
 ) -> (Outcome, &'a str, Option<&'a Arc<LiveUpstream>>) {
@@ -1481,7 +1495,7 @@ async fn proxy_to<'a>(
             host: authority.and_then(|a| a.to_str().ok()).unwrap_or_default(),
         };
         // Boxed: the plain path's future stays as small as it was.
-        match Box::pin(m.policy.access.check(&conn, &mut req)).await {
+        match Box::pin(m.policy.access.check(&conn, req)).await {
             access::Decision::Continue(a) => after = Some(Box::new(a)),
             access::Decision::Respond(r) => {
                 let outcome = Outcome {
@@ -1502,11 +1516,13 @@ async fn proxy_to<'a>(
     // Routes without upstream annotations forward directly; the others
     // (default backend, custom error pages) take a boxed detour, so the
     // common request's future stays small and shallow.
-    let (mut outcome, upstream) = if m.policy.upstream.plain {
-        let outcome = forward(ctx, route_upstream, req, authority, m.max_body, &m.policy.upstream, key).await;
-        (outcome, route_upstream)
+    let mut upstream = route_upstream;
+    let mut outcome = if m.policy.upstream.plain {
+        forward(ctx, route_upstream, req, authority, m.max_body, &m.policy.upstream, key).await
     } else {
-        Box::pin(forward_tuned(ctx, live, &m, route_upstream, req, authority, key)).await
+        let (outcome, tuned) = Box::pin(forward_tuned(ctx, live, &m, route_upstream, req, authority, key)).await;
+        upstream = tuned;
+        outcome
     };
     if let Some(b) = m.balance {
         let headers = outcome.response.headers_mut();
@@ -1527,7 +1543,7 @@ async fn forward_tuned<'a>(
     live: &'a LiveTable,
     m: &RouteMatch<'_>,
     upstream: &'a Arc<LiveUpstream>,
-    req: Request<RequestBody>,
+    req: &mut Request<RequestBody>,
     authority: Option<&HeaderValue>,
     key: PickKey,
 ) -> (Outcome, &'a Arc<LiveUpstream>) {
@@ -1541,7 +1557,7 @@ async fn forward_tuned<'a>(
         .errors
         .as_ref()
         .and(default_backend)
-        .map(|d| (d, ErrorRequest::capture(&req, authority)));
+        .map(|d| (d, ErrorRequest::capture(req, authority)));
     let mut outcome = forward(ctx, upstream, req, authority, m.max_body, up, key).await;
     if let (Some((backend, capture)), Some(pages)) = (errors, &up.errors) {
         let status = outcome.response.status();
@@ -1549,9 +1565,9 @@ async fn forward_tuned<'a>(
             // `custom-http-errors`: the default backend's answer replaces
             // the response (ingress-nginx passes it on unchanged; error
             // backends answer with `X-Code`).
-            let req = capture.request(status, m.ingress, &upstream.spec.name);
+            let mut req = capture.request(status, m.ingress, &upstream.spec.name);
             let plain = UpstreamPolicy::default();
-            let page = forward_lean(ctx, backend, req, authority, &plain, PickKey::None).await;
+            let page = forward_lean(ctx, backend, &mut req, authority, &plain, PickKey::None).await;
             if page.endpoint.is_some() {
                 outcome = page;
             }
@@ -1692,7 +1708,7 @@ impl Replay {
 async fn forward(
     ctx: &ConnContext,
     upstream: &LiveUpstream,
-    req: Request<RequestBody>,
+    req: &mut Request<RequestBody>,
     authority: Option<&HeaderValue>,
     max_body: Option<u64>,
     up: &UpstreamPolicy,
@@ -1703,10 +1719,12 @@ async fn forward(
         && idempotent(req.method())
         && req.body().is_end_stream()
         && !up.retry.retries_statuses()
-        && !is_upgrade_request(&req);
+        && !is_upgrade_request(req);
     if lean {
         forward_lean(ctx, upstream, req, authority, up, key).await
     } else {
+        // hyper's client takes the request (and its body) whole.
+        let req = std::mem::replace(req, Request::new(RequestBody::Empty));
         Box::pin(forward_hyper(ctx, upstream, req, authority, max_body, up, key)).await
     }
 }
@@ -2013,7 +2031,7 @@ fn observe_latency(s: &Shared, upstream: &LiveUpstream, ep: &EndpointState, sent
 async fn forward_lean<B>(
     ctx: &ConnContext,
     upstream: &LiveUpstream,
-    mut req: Request<B>,
+    req: &mut Request<B>,
     authority: Option<&HeaderValue>,
     up: &UpstreamPolicy,
     key: PickKey,
@@ -2028,22 +2046,21 @@ async fn forward_lean<B>(
     }
     let head_request = req.method() == Method::HEAD;
     let fast = if up.vhost.is_none() {
-        encode_forwarded(&req, &ctx.forwarded(), authority)
+        encode_forwarded(req, &ctx.forwarded(), authority)
     } else {
         None
     };
     let request = match fast {
         Some(head) => head,
         None => {
-            prepare_upstream_request(&mut req, &ctx.forwarded(), authority, false, false);
+            prepare_upstream_request(req, &ctx.forwarded(), authority, false, false);
             if up.vhost.is_some() {
-                up.fix_request(&mut req, false, false);
+                up.fix_request(req, false, false);
             }
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
             lean::encode_request(req.method(), target, req.headers())
         }
     };
-    drop(req);
     let track_in_flight = matches!(upstream.spec.lb, LbMethod::LeastConn | LbMethod::RandomTwoLeastConn);
     let mut tried = Tried::default();
     // Bounded: every turn either returns or consumes an attempt.

@@ -22,9 +22,10 @@ use http::{Method, StatusCode};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{respond, ConnContext, ResponseBody, MAX_REQUEST_HEAD};
-use crate::conn::RequestBody;
+use super::{handle, ConnContext, ProxyBody, ResponseBody, MAX_REQUEST_HEAD};
+use crate::conn::ActiveRequest;
 use crate::h1_server::{self, BodyFraming, Parsed};
+use crate::policy::access;
 
 /// Bytes asked of the transport per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -83,10 +84,12 @@ where
     let mut parser = h1_server::HeadParser::default();
     // Bounded: every turn reads, answers one request, or returns.
     loop {
-        let (req, asks_close) = match parser.parse(&mut buf, MAX_REQUEST_HEAD) {
-            Parsed::Request(r, asks_close) => (r, asks_close),
+        // Matched in place (no move of the request out of `parsed`).
+        let mut parsed = parser.parse(&mut buf, MAX_REQUEST_HEAD);
+        let (req, asks_close) = match &mut parsed {
+            Parsed::Request(r, asks_close) => (r, *asks_close),
             Parsed::Defer => return LeanEnd::Defer(io, buf.freeze()),
-            Parsed::Reject(status) => {
+            &mut Parsed::Reject(status) => {
                 tracing::debug!(status = status.as_u16(), "refused a request's framing");
                 ctx.shared.metrics.http1_framing_refused.inc();
                 out.clear();
@@ -106,8 +109,10 @@ where
             }
         };
         let method = req.method().clone();
-        let response = {
-            let mut handling = std::pin::pin!(respond(&ctx, req.map(|()| RequestBody::Empty)));
+        // `respond`, unrolled: one move of the response fewer.
+        let active = ctx.conn.request_started();
+        let mut response = {
+            let mut handling = std::pin::pin!(handle(&ctx, req));
             // The client's side is read while its request is answered: a
             // close cancels the request (dropping `handling`), pipelined
             // bytes wait in `buf` (up to a head's worth).
@@ -123,26 +128,19 @@ where
                 }
             }
         };
-        let (parts, mut body) = response.into_parts();
+        drop(parsed);
+        // A `limit-connections` slot lives as long as the body (written
+        // in place: the response is not moved again).
+        let held = response.extensions_mut().remove::<access::Held>();
         let close = asks_close || closing.load(Ordering::Relaxed);
-        let reusable = match write_response(
-            &mut io,
-            parts.status,
-            &parts.headers,
-            &mut body,
-            &method,
-            close,
-            &mut out,
-        )
-        .await
-        {
+        let reusable = match write_response(&mut io, &mut response, (active, held), &method, close, &mut out).await {
             Ok(reusable) => reusable,
             Err(e) => {
                 tracing::debug!(error = %e, "writing a response failed");
                 return LeanEnd::Closed;
             }
         };
-        drop(body);
+        drop(response);
         if !reusable || closing.load(Ordering::Relaxed) {
             let _ = io.shutdown().await;
             return LeanEnd::Closed;
@@ -154,11 +152,12 @@ where
 /// request: not when it closes after this response (`close`, or the
 /// response's own `Connection: close`), nor when the body ended early or
 /// failed.
+/// `counted`: the request's in-flight count and `limit-connections`
+/// slot, which the body carries (`ResponseBody`) until it is done.
 async fn write_response<S>(
     io: &mut S,
-    status: StatusCode,
-    headers: &http::HeaderMap,
-    body: &mut ResponseBody,
+    response: &mut http::Response<ProxyBody>,
+    counted: (ActiveRequest, Option<access::Held>),
     method: &Method,
     close: bool,
     out: &mut Vec<u8>,
@@ -167,12 +166,19 @@ where
     S: AsyncWrite + Unpin,
 {
     out.clear();
-    let body_len = if body.is_end_stream() {
+    let body_len = if response.body().is_end_stream() {
         Some(0)
     } else {
-        body.size_hint().exact()
+        response.body().size_hint().exact()
     };
-    let Some((framing, close)) = h1_server::encode_head(status, headers, method, body_len, close, out) else {
+    let (status, headers) = (response.status(), response.headers());
+    let encoded = h1_server::encode_head(status, headers, method, body_len, close, out);
+    let body = &mut ResponseBody {
+        inner: response.body_mut(),
+        active: counted.0,
+        _held: counted.1,
+    };
+    let Some((framing, close)) = encoded else {
         tracing::warn!("upstream response has conflicting Content-Length headers");
         out.clear();
         let empty = http::HeaderMap::new();
