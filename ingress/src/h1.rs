@@ -125,7 +125,7 @@ impl HeadWriter {
 
 /// The comma-separated elements of a header value, without surrounding
 /// whitespace.
-fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 

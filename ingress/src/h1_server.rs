@@ -184,9 +184,7 @@ fn offset(base: usize, part: &[u8]) -> (usize, usize) {
 
 /// Whether a `Connection` header value lists `close`.
 fn asks_close(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    crate::h1::tokens(value).any(|t| t.eq_ignore_ascii_case(b"close"))
 }
 
 /// How a response body goes on the wire.

@@ -829,11 +829,12 @@ pub struct ResponseBody<B = ProxyBody> {
     _held: Option<access::Held>,
 }
 
-impl ResponseBody {
-    /// The body of a response `handle` gave, for the request `active`
-    /// counts; a `limit-connections` slot (in `extensions`) lives as long
-    /// as the body.
-    fn new(inner: ProxyBody, active: ActiveRequest, extensions: &mut http::Extensions) -> ResponseBody {
+impl<B> ResponseBody<B> {
+    /// The body of a response `handle` gave (owned, or borrowed where the
+    /// response is written in place), for the request `active` counts; a
+    /// `limit-connections` slot (in `extensions`) lives as long as the
+    /// body.
+    fn new(inner: B, active: ActiveRequest, extensions: &mut http::Extensions) -> ResponseBody<B> {
         ResponseBody {
             inner,
             active,

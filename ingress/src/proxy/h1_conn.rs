@@ -25,7 +25,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{handle, ConnContext, ProxyBody, ResponseBody, MAX_REQUEST_HEAD};
 use crate::conn::ActiveRequest;
 use crate::h1_server::{self, BodyFraming, Parsed};
-use crate::policy::access;
 
 /// Bytes asked of the transport per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -129,11 +128,8 @@ where
             }
         };
         drop(parsed);
-        // A `limit-connections` slot lives as long as the body (written
-        // in place: the response is not moved again).
-        let held = response.extensions_mut().remove::<access::Held>();
         let close = asks_close || closing.load(Ordering::Relaxed);
-        let reusable = match write_response(&mut io, &mut response, (active, held), &method, close, &mut out).await {
+        let reusable = match write_response(&mut io, &mut response, active, &method, close, &mut out).await {
             Ok(reusable) => reusable,
             Err(e) => {
                 tracing::debug!(error = %e, "writing a response failed");
@@ -152,12 +148,13 @@ where
 /// request: not when it closes after this response (`close`, or the
 /// response's own `Connection: close`), nor when the body ended early or
 /// failed.
-/// `counted`: the request's in-flight count and `limit-connections`
-/// slot, which the body carries (`ResponseBody`) until it is done.
+/// The response is written in place (not moved again); its body carries
+/// the request's in-flight count (`active`) and `limit-connections` slot
+/// (`ResponseBody`) until it is done.
 async fn write_response<S>(
     io: &mut S,
     response: &mut http::Response<ProxyBody>,
-    counted: (ActiveRequest, Option<access::Held>),
+    active: ActiveRequest,
     method: &Method,
     close: bool,
     out: &mut Vec<u8>,
@@ -173,11 +170,8 @@ where
     };
     let (status, headers) = (response.status(), response.headers());
     let encoded = h1_server::encode_head(status, headers, method, body_len, close, out);
-    let body = &mut ResponseBody {
-        inner: response.body_mut(),
-        active: counted.0,
-        _held: counted.1,
-    };
+    let mut extensions = std::mem::take(response.extensions_mut());
+    let body = &mut ResponseBody::new(response.body_mut(), active, &mut extensions);
     let Some((framing, close)) = encoded else {
         tracing::warn!("upstream response has conflicting Content-Length headers");
         out.clear();
