@@ -11,6 +11,7 @@
 pub mod error;
 pub mod fast;
 pub mod forward;
+pub mod gate;
 pub mod link;
 pub mod metrics;
 pub mod resolv;

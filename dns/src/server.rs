@@ -8,8 +8,9 @@
 //! the threads, not one SO_REUSEPORT socket each: SO_REUSEPORT ties every
 //! client (by its address hash) to one thread's socket, so when that thread
 //! is descheduled on a busy node its clients' queries wait (or overflow)
-//! while another thread idles; with one socket, whichever thread runs takes
-//! the next request, and the kernel wakes one waiting thread per datagram.
+//! while another thread idles. On the shared socket one thread at a time
+//! waits in the kernel; the others stand by and join when requests come
+//! faster than it answers them or when it is descheduled (`crate::gate`).
 //! Forwarded queries leave the thread as tokio tasks, so a slow
 //! upstream never stalls cluster answers. TCP is served by tokio, one task
 //! per connection.
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::DnsError;
 use crate::forward::{Forwarder, ForwarderConfig};
+use crate::gate::{Gate, Standby, Turn};
 use crate::metrics::DnsMetrics;
 use crate::udp::Batch;
 use crate::wire::{self, Buffers, Context, Handled, Outcome, Request, Transport};
@@ -282,15 +284,17 @@ impl DnsServer {
     /// Service's ClusterIPs) are served by the same server.
     pub async fn serve_sockets(self, sockets: BoundSockets, cancel: CancellationToken) -> Result<(), DnsError> {
         let handle = tokio::runtime::Handle::current();
+        let gate = Arc::new(Gate::new(sockets.workers));
         let mut threads = Vec::new();
         for i in 0..sockets.workers {
             let sock = sockets.udp.clone();
             let server = self.clone();
             let thread_cancel = cancel.clone();
             let handle = handle.clone();
+            let gate = gate.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("ferry-dns-udp-{i}"))
-                .spawn(move || server.udp_loop(sock, handle, thread_cancel));
+                .spawn(move || server.udp_loop(sock, gate, handle, thread_cancel));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -356,40 +360,70 @@ impl DnsServer {
         }
     }
 
-    fn udp_loop(&self, sock: Arc<UdpSocket>, handle: tokio::runtime::Handle, cancel: CancellationToken) {
+    fn udp_loop(
+        &self,
+        sock: Arc<UdpSocket>,
+        gate: Arc<Gate>,
+        handle: tokio::runtime::Handle,
+        cancel: CancellationToken,
+    ) {
         let mut batch = Batch::default();
         let mut bufs = Buffers::default();
+        let mut standby = Standby::default();
         while !cancel.is_cancelled() {
-            let n = match batch.recv(&sock) {
+            let turn = gate.turn(&mut standby);
+            let received = match turn {
+                Turn::Own => batch.recv(&sock),
+                Turn::Help => batch.try_recv(&sock),
+                Turn::Pass => continue,
+            };
+            let n = match received {
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
                 Err(e) => {
-                    tracing::debug!(error = %e, "dns: udp recv");
-                    continue;
+                    if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                        tracing::debug!(error = %e, "dns: udp recv");
+                    }
+                    0
                 }
             };
-            for i in 0..n {
-                let Some(packet) = batch.request(i) else {
-                    // Larger than any query: dropped like other garbage.
-                    self.state.metrics.dropped.inc();
-                    continue;
-                };
-                match self.answer_into(packet, Transport::Udp, &mut bufs) {
-                    Handled::Reply { .. } => batch.reply(i, &bufs.reply),
-                    Handled::Forward(req) => {
-                        let Some(peer) = batch.peer(i) else { continue };
-                        let server = self.clone();
-                        let sock = sock.clone();
-                        handle.spawn(async move {
-                            let bytes = server.forward(req).await;
-                            let _ = sock.send_to(&bytes, peer);
-                        });
-                    }
-                    Handled::Drop => {}
-                }
+            gate.took(n, &mut standby, turn);
+            self.answer_batch(&mut batch, n, &mut bufs, &sock, &handle);
+            if turn == Turn::Own {
+                gate.answered();
             }
-            batch.send(&sock);
         }
+    }
+
+    /// Answers the `n` requests of `batch` and sends the replies.
+    fn answer_batch(
+        &self,
+        batch: &mut Batch,
+        n: usize,
+        bufs: &mut Buffers,
+        sock: &Arc<UdpSocket>,
+        handle: &tokio::runtime::Handle,
+    ) {
+        for i in 0..n {
+            let Some(packet) = batch.request(i) else {
+                // Larger than any query: dropped like other garbage.
+                self.state.metrics.dropped.inc();
+                continue;
+            };
+            match self.answer_into(packet, Transport::Udp, bufs) {
+                Handled::Reply { .. } => batch.reply(i, &bufs.reply),
+                Handled::Forward(req) => {
+                    let Some(peer) = batch.peer(i) else { continue };
+                    let server = self.clone();
+                    let sock = sock.clone();
+                    handle.spawn(async move {
+                        let bytes = server.forward(req).await;
+                        let _ = sock.send_to(&bytes, peer);
+                    });
+                }
+                Handled::Drop => {}
+            }
+        }
+        batch.send(sock);
     }
 
     async fn tcp_accept_loop(&self, listener: tokio::net::TcpListener, cancel: CancellationToken) {

@@ -118,6 +118,16 @@ impl Batch {
     /// Blocks until at least one request is queued (or the socket's read
     /// timeout passes), then takes every queued one up to `BATCH`.
     pub fn recv(&mut self, sock: &UdpSocket) -> std::io::Result<usize> {
+        self.receive(sock, libc::MSG_WAITFORONE)
+    }
+
+    /// Takes the requests queued now (up to `BATCH`), without waiting:
+    /// `WouldBlock` when there are none.
+    pub fn try_recv(&mut self, sock: &UdpSocket) -> std::io::Result<usize> {
+        self.receive(sock, libc::MSG_DONTWAIT)
+    }
+
+    fn receive(&mut self, sock: &UdpSocket, flags: libc::c_int) -> std::io::Result<usize> {
         self.received = 0;
         self.replies.clear();
         self.outgoing.clear();
@@ -135,7 +145,7 @@ impl Batch {
                 sock.as_raw_fd(),
                 self.rx.as_mut_ptr(),
                 want as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };

@@ -487,3 +487,60 @@ async fn tcp_clients_that_stall_are_closed_by_the_limits() {
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     s.stop().await;
 }
+
+/// Bursts far larger than a `recvmmsg` batch, from several clients at once,
+/// on the two UDP threads of one socket (`ferry_dns::gate`: one owns the
+/// socket, the other joins on full batches): every query is answered, once,
+/// to its sender, with its ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_larger_than_a_batch_are_all_answered() {
+    const CLIENTS: usize = 4;
+    const PER_CLIENT: u16 = 100;
+    let up = start_upstream().await;
+    let r = start(vec![up.addr], Duration::from_secs(2)).await;
+    r.tx.send(Some(snapshot(1, CLUSTER))).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !r.server.zone_loaded() {
+        assert!(tokio::time::Instant::now() < deadline, "zone never loaded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let server = r.addr;
+    let answered = tokio::task::spawn_blocking(move || {
+        let clients: Vec<std::net::UdpSocket> = (0..CLIENTS)
+            .map(|_| {
+                let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.set_read_timeout(Some(WAIT)).unwrap();
+                c
+            })
+            .collect();
+        let (_, template) = query_bytes("ngx-svc.default.svc.cluster.local.", RecordType::A, false);
+        let mut answered = 0;
+        for round in 0..5u16 {
+            for c in &clients {
+                for k in 0..PER_CLIENT {
+                    let mut q = template.clone();
+                    q[..2].copy_from_slice(&(round * PER_CLIENT + k).to_be_bytes());
+                    c.send_to(&q, server).unwrap();
+                }
+            }
+            for c in &clients {
+                let mut seen = vec![false; usize::from(PER_CLIENT)];
+                let mut buf = [0u8; 512];
+                for _ in 0..PER_CLIENT {
+                    let (n, from) = c.recv_from(&mut buf).expect("an answer for every query");
+                    assert_eq!(from, server);
+                    let m = Message::from_vec(&buf[..n]).unwrap();
+                    assert_eq!(a_records(&m), vec!["10.96.0.90"]);
+                    let k = usize::from(m.metadata.id - round * PER_CLIENT);
+                    assert!(!std::mem::replace(&mut seen[k], true), "answered twice: {k}");
+                    answered += 1;
+                }
+            }
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered, 5 * CLIENTS * usize::from(PER_CLIENT));
+    r.stop().await;
+}
