@@ -33,7 +33,7 @@ pub struct DnsOpts {
     /// TTL of cluster records, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub ttl: u32,
-    /// UDP threads, all reading one socket; default one per two cores, 1 to 4.
+    /// UDP threads, taking turns on one socket; default one per core, at most 4.
     #[arg(long, value_name = "N")]
     pub dns_workers: Option<usize>,
     /// Timeout of one upstream attempt before failing over to the next.

@@ -28,7 +28,7 @@ pub struct Options {
     pub upstream_timeout: Duration,
     /// Entries in the forwarding cache.
     pub cache_size: usize,
-    /// UDP threads, all reading one socket; `None`: `default_workers()`.
+    /// UDP threads, taking turns on one socket; `None`: `default_workers()`.
     pub workers: Option<usize>,
     /// Deadlines and the connection cap of DNS over TCP.
     pub tcp: TcpLimits,

@@ -1,7 +1,7 @@
 //! The serving step: sockets, the `ArcSwap<Zone>` the request path reads
 //! without locks, and the task that rebuilds the zone for each snapshot.
 //!
-//! UDP is served by blocking threads (one per two cores by default,
+//! UDP is served by blocking threads (one per core by default, at most 4,
 //! `crate::udp::default_workers`) that all read one socket: a thread takes
 //! every queued request with one `recvmmsg` and sends the replies with one
 //! `sendmmsg` (`crate::udp`), no executor in between. One socket shared by

@@ -14,27 +14,28 @@ use std::os::fd::AsRawFd;
 /// The most UDP workers `default_workers` picks.
 pub const DEFAULT_WORKERS_MAX: usize = 4;
 
-/// The UDP worker count when none is configured: one per two cores (at
-/// least one, at most `DEFAULT_WORKERS_MAX`).
+/// The UDP worker count when none is configured: one per core (at most
+/// `DEFAULT_WORKERS_MAX`).
 ///
-/// Why not one per core: ferry answers the pods of its own node, so its
-/// clients run on the same cores. One worker answers tens of thousands of
-/// queries per second (`cargo xtask bench dns`), far more than a node's
-/// pods ask; a worker per core only adds throughput when a core is idle,
-/// and when the cores are busy it takes CPU from the clients instead. On 2
-/// cores with the load generator on the same cores, two workers answered
-/// faster than dnsperf drained its sockets: replies overflowed the
-/// *client's* receive buffer (`drops` of dnsperf's sockets in
-/// /proc/net/udp, `RcvbufErrors` in /proc/net/snmp), 0.02–0.06% of queries
-/// lost, each a 5-second resolver retry in an application. One worker per
-/// two cores leaves half of the node to the clients.
+/// ferry answers the pods of its own node, so its clients run on the same
+/// cores, and a thread that waits for the socket while another answers
+/// would take CPU from them. It does not: one thread at a time owns the
+/// socket, and the others only join when requests queue up faster than it
+/// answers them or while it is descheduled (`crate::gate`), which is when
+/// one thread alone loses time to the clients. On 2 cores shared with
+/// dnsperf, two threads answered 1.09-1.15x the queries of one, at the same CPU
+/// per query, with no query lost on either side (`cargo xtask bench dns`).
+/// Before the threads took turns, every waiting thread was woken per
+/// datagram: two threads then cost 1.3-1.4x the CPU per query of one, and (with
+/// a socket each) their replies came in bursts that overflowed dnsperf's
+/// receive buffers, so the default was one per two cores.
 pub fn default_workers() -> usize {
     workers_for_cores(std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// `default_workers` for a machine of `cores` cores.
 pub fn workers_for_cores(cores: usize) -> usize {
-    (cores / 2).clamp(1, DEFAULT_WORKERS_MAX)
+    cores.clamp(1, DEFAULT_WORKERS_MAX)
 }
 
 /// Requests taken per `recvmmsg`.
@@ -305,13 +306,12 @@ mod tests {
     }
 
     #[test]
-    fn default_workers_leave_half_the_cores_to_clients() {
+    fn default_workers_one_per_core_up_to_the_cap() {
         assert_eq!(workers_for_cores(0), 1);
         assert_eq!(workers_for_cores(1), 1);
-        assert_eq!(workers_for_cores(2), 1);
-        assert_eq!(workers_for_cores(3), 1);
-        assert_eq!(workers_for_cores(4), 2);
-        assert_eq!(workers_for_cores(8), 4);
+        assert_eq!(workers_for_cores(2), 2);
+        assert_eq!(workers_for_cores(3), 3);
+        assert_eq!(workers_for_cores(8), DEFAULT_WORKERS_MAX);
         assert_eq!(workers_for_cores(64), DEFAULT_WORKERS_MAX);
         assert!(default_workers() >= 1);
     }

@@ -624,7 +624,8 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
     }
     // Per setup, per round.
     let mut results: BTreeMap<Setup, BTreeMap<usize, PerfResult>> = BTreeMap::new();
-    let mut default_threads = 0;
+    // UDP threads of ferry's (and the baseline's) default, counted in /proc.
+    let mut default_threads: BTreeMap<Kind, usize> = BTreeMap::new();
     for round in 0..opts.rounds {
         // Rotate the order so no setup always runs first or after the same one.
         let mut order = setups.clone();
@@ -644,8 +645,8 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
                 eprintln!("bench dns: {} did not come up: {e:#}", setup.label());
                 continue;
             }
-            if setup.kind == Kind::Ferry && setup.workers.is_none() {
-                default_threads = ferry_udp_threads(server.child.id());
+            if matches!(setup.kind, Kind::Ferry | Kind::Base) && setup.workers.is_none() {
+                default_threads.insert(setup.kind, ferry_udp_threads(server.child.id()));
             }
             let r = dnsperf(port, server.child.id(), &queries, opts, &dir.join("dnsperf.log"))?;
             drop(server);
@@ -673,7 +674,11 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
         .collect();
     for (setup, s) in &summaries {
         let label = match setup.workers {
-            None => format!("{} ({default_threads} thr)", setup.label()),
+            None => format!(
+                "{} ({} thr)",
+                setup.label(),
+                default_threads.get(&setup.kind).copied().unwrap_or(0)
+            ),
             Some(_) => setup.label(),
         };
         println!(
@@ -765,7 +770,8 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
             None,
         );
         println!(
-            "  ferry default ({default_threads} UDP thread(s) here) lost {} queries (target 0)",
+            "  ferry default ({} UDP thread(s) here) lost {} queries (target 0)",
+            default_threads.get(&Kind::Ferry).copied().unwrap_or(0),
             f.lost
         );
     }
