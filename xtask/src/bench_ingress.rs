@@ -11,7 +11,8 @@
 //! The anchors keep upstream connections alive (nginx `keepalive 64`,
 //! haproxy `http-reuse always`), as ingress-nginx does. nginx with its
 //! stock proxy settings (a new upstream connection per request) is shown
-//! for reference only.
+//! for reference only. Every proxy adds the same forwarded headers to the
+//! request the backend gets (`NGINX_FORWARDED`): those ferry adds.
 //!
 //! Each run also charges CPU per request to the proxy (user, system), the
 //! backend and the whole machine, from /proc, and the proxy's context
@@ -37,6 +38,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 const CONNECTIONS: &str = "64";
+/// The headers nginx adds to each proxied request: those ferry adds
+/// (`X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `-Host`, `-Port`;
+/// ingress-nginx's template sets these and more), so the backend gets the
+/// same request from every proxy; haproxy's config sets the same ones.
+const NGINX_FORWARDED: &str = "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; \
+proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-Proto $scheme; \
+proxy_set_header X-Forwarded-Host $host; proxy_set_header X-Forwarded-Port $server_port;";
 const HOST: &str = "bench.test";
 
 use crate::child::Stopped as Proc;
@@ -607,12 +615,13 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {d
   upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
   server {{\n    listen 127.0.0.1:{nginx_http};\n    listen 127.0.0.1:{nginx_https} ssl http2;\n    server_name {HOST};\n\
     ssl_certificate {cert};\n    ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n\
-    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
+    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; {FORWARDED} }}\n  }}\n\
   server {{\n    listen 127.0.0.1:{nginx_log};\n    access_log {dir}/nginx-access.log combined;\n\
-    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n\
+    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; {FORWARDED} }}\n  }}\n\
   upstream be_close {{ server 127.0.0.1:{backend}; }}\n\
-  server {{\n    listen 127.0.0.1:{nginx_close};\n    location / {{ proxy_pass http://be_close; proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n  }}\n}}\n",
+  server {{\n    listen 127.0.0.1:{nginx_close};\n    location / {{ proxy_pass http://be_close; proxy_set_header Host $host; {FORWARDED} }}\n  }}\n}}\n",
             dir = dir.display(),
+            FORWARDED = NGINX_FORWARDED,
             cert = cert.display(),
             key = key.display(),
         ),
@@ -629,7 +638,7 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/cb; proxy_temp_path {d
         format!(
             "global\n  nbthread 2\n  maxconn 4000\n\
 defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  option forwardfor\n\
-frontend fe\n  bind 127.0.0.1:{haproxy_http}\n  default_backend be\n\
+frontend fe\n  bind 127.0.0.1:{haproxy_http}\n  http-request set-header X-Real-IP %[src]\n  http-request set-header X-Forwarded-Proto http\n  http-request set-header X-Forwarded-Host %[req.hdr(host)]\n  http-request set-header X-Forwarded-Port %[dst_port]\n  default_backend be\n\
 backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         ),
     )?;
@@ -823,6 +832,9 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
     println!("{}", ratio_line(&ferry_tls, &[&nginx_tls]));
     println!("{tls_versions}");
     println!("{}", user_space_ceiling(&ferry_r, &[&nginx, &haproxy]));
+    // The same bound for the two rows whose targets are 1.2x nginx.
+    println!("{}", user_space_ceiling(&ferry_logged, &[&nginx_logged]));
+    println!("{}", user_space_ceiling(&ferry_tls, &[&nginx_tls]));
     println!(
         "context switches per request (all proxy threads): ferry {:.3}, nginx {:.3}, haproxy {:.3}; \
          with access logs ferry {:.3}, nginx {:.3}",
