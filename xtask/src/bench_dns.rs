@@ -20,7 +20,10 @@
 //! programs) swings by half between runs; the CPU a query costs the
 //! server moves far less, and it is what a node pays. The ratios are
 //! computed per round from the setups run back to back in that round, and
-//! given as median (min-max).
+//! given as median (min-max). Each ratio also gets its zero-user-space
+//! ceiling: the qps ratio ferry would reach if its user-space time per
+//! query were zero and the machine's other busy time per query (/proc/stat:
+//! dnsperf, the kernel's network work for both sides) stayed the same.
 //!
 //! `--baseline PATH` runs another ferry binary (an older build) as one more
 //! set of setups in the same rounds, to compare a change under the same
@@ -222,6 +225,12 @@ struct PerfResult {
     /// The server's CPU time (user + system, all its processes) per
     /// answered query, in microseconds.
     cpu_us: f64,
+    /// The server's user-space part of `cpu_us`.
+    user_us: f64,
+    /// Busy CPU time of the whole machine (every core, everything but
+    /// idle) per answered query: the server, dnsperf and the kernel's
+    /// network work for both.
+    machine_us: f64,
     /// Latency percentiles of the completed queries, in milliseconds.
     p50_ms: f64,
     p99_ms: f64,
@@ -261,10 +270,10 @@ fn udp_port_drops(port: u16) -> u64 {
         .sum()
 }
 
-/// User + system CPU time of `pid` and all its descendants, in clock ticks
-/// (/proc/PID/stat; threads are included in their process's figures).
-fn tree_cpu_ticks(pid: u32) -> u64 {
-    let mut total = 0;
+/// User and system CPU time of `pid` and all its descendants, in clock
+/// ticks (/proc/PID/stat; threads are included in their process's figures).
+fn tree_cpu_ticks(pid: u32) -> (u64, u64) {
+    let (mut user, mut system) = (0, 0);
     let mut todo = vec![pid];
     let mut seen = 0;
     // Bounded: a server has a handful of processes.
@@ -279,7 +288,8 @@ fn tree_cpu_ticks(pid: u32) -> u64 {
             if let Some((_, rest)) = stat.rsplit_once(") ") {
                 let f: Vec<&str> = rest.split_whitespace().collect();
                 let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                total += num(11) + num(12);
+                user += num(11);
+                system += num(12);
             }
         }
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
@@ -290,7 +300,19 @@ fn tree_cpu_ticks(pid: u32) -> u64 {
             }
         }
     }
-    total
+    (user, system)
+}
+
+/// Busy clock ticks of all cores (/proc/stat `cpu`: everything but idle
+/// and iowait).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...
+    [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum()
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -318,6 +340,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn dnsperf(port: u16, server: u32, queries: &Path, opts: &Opts, log: &Path) -> anyhow::Result<PerfResult> {
     let drops_before = udp_rcvbuf_errors();
     let cpu_before = tree_cpu_ticks(server);
+    let machine_before = machine_busy_ticks();
     let out = std::fs::File::create(log)?;
     let child = Command::new("dnsperf")
         .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
@@ -343,7 +366,10 @@ fn dnsperf(port: u16, server: u32, queries: &Path, opts: &Opts, log: &Path) -> a
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(child);
-    let cpu_ticks = tree_cpu_ticks(server).saturating_sub(cpu_before);
+    let cpu_after = tree_cpu_ticks(server);
+    let machine_ticks = machine_busy_ticks().saturating_sub(machine_before);
+    let user_ticks = cpu_after.0.saturating_sub(cpu_before.0);
+    let cpu_ticks = (cpu_after.0 + cpu_after.1).saturating_sub(cpu_before.0 + cpu_before.1);
     let server_drops = udp_port_drops(port);
     let other_drops = udp_rcvbuf_errors()
         .saturating_sub(drops_before)
@@ -367,12 +393,15 @@ fn dnsperf(port: u16, server: u32, queries: &Path, opts: &Opts, log: &Path) -> a
         .collect();
     latencies.sort_unstable_by(f64::total_cmp);
     let completed = field("Queries completed").unwrap_or(0.0) as u64;
+    let per_query = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / completed.max(1) as f64;
     Ok(PerfResult {
         qps,
         lost: field("Queries lost").unwrap_or(0.0) as u64,
         sent: field("Queries sent").unwrap_or(0.0) as u64,
         completed,
-        cpu_us: cpu_ticks as f64 * 1e6 / clock_ticks_per_second() / completed.max(1) as f64,
+        cpu_us: per_query(cpu_ticks),
+        user_us: per_query(user_ticks),
+        machine_us: per_query(machine_ticks),
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         server_drops,
@@ -651,11 +680,13 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
             let r = dnsperf(port, server.child.id(), &queries, opts, &dir.join("dnsperf.log"))?;
             drop(server);
             println!(
-                "  round {}  {:<14} {:>9.0} qps  {:>5.2} us CPU/query  lost {:>4} of {:>8}  p50 {:>6.2} ms  p99 {:>6.2} ms  rcvbuf drops: server {} elsewhere {}",
+                "  round {}  {:<14} {:>9.0} qps  {:>5.2} us CPU/query (user {:.2}, machine {:.2})  lost {:>4} of {:>8}  p50 {:>6.2} ms  p99 {:>6.2} ms  rcvbuf drops: server {} elsewhere {}",
                 round + 1,
                 setup.label(),
                 r.qps,
                 r.cpu_us,
+                r.user_us,
+                r.machine_us,
                 r.lost,
                 r.sent,
                 r.p50_ms,
@@ -698,6 +729,18 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
         let max = ratios.iter().copied().fold(0.0, f64::max);
         (!ratios.is_empty()).then(|| (median(ratios), min, max))
     };
+    // The qps ratio `f` would reach if its server spent no user-space time
+    // and the machine the same CPU on everything else per query (median of
+    // the rounds): how much of a gap server code can close at all.
+    let zero_user_ceiling = |f: Setup, a: Setup| -> Option<f64> {
+        let (fr, ar) = (results.get(&f)?, results.get(&a)?);
+        let ratios: Vec<f64> = fr
+            .iter()
+            .filter(|(_, r)| r.machine_us > r.user_us)
+            .filter_map(|(round, r)| Some(r.qps * r.machine_us / (r.machine_us - r.user_us) / ar.get(round)?.qps))
+            .collect();
+        (!ratios.is_empty()).then(|| median(ratios))
+    };
     let compare = |what: &str, f: Setup, a: Setup, target: Option<f64>| {
         let (Some(fs), Some(as_)) = (summaries.get(&f), summaries.get(&a)) else {
             return;
@@ -706,6 +749,7 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
             return;
         };
         let cpu = per_round(f, a, |r| r.cpu_us);
+        let ceiling = zero_user_ceiling(f, a);
         let verdict = match target {
             Some(t) if rmin >= t => format!("target >= {t:.2}x met in every round"),
             Some(t) if ratio >= t => format!("target >= {t:.2}x met (median)"),
@@ -716,8 +760,11 @@ fn bench(opts: &Opts, ferry: &Path, tmp: &Path) -> anyhow::Result<()> {
         let cpu = cpu
             .map(|(c, cmin, cmax)| format!("  CPU/query {c:.2}x ({cmin:.2}-{cmax:.2})"))
             .unwrap_or_default();
+        let ceiling = ceiling
+            .map(|c| format!("  zero-user-space ceiling {c:.2}x"))
+            .unwrap_or_default();
         println!(
-            "  {what:<32} {ratio:.2}x qps ({rmin:.2}-{rmax:.2}; {verdict}){cpu}  p99 {:.2} vs {:.2} ms ({p99})",
+            "  {what:<32} {ratio:.2}x qps ({rmin:.2}-{rmax:.2}; {verdict}){cpu}  p99 {:.2} vs {:.2} ms ({p99}){ceiling}",
             fs.p99_ms, as_.p99_ms
         );
     };
