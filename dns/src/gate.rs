@@ -10,27 +10,25 @@
 //!
 //! So one thread at a time owns the socket: it waits in the kernel, takes
 //! what is queued, answers it and comes back, and what arrives meanwhile
-//! queues for its next batch. The others stand by and take batches of
-//! their own, without waiting in the kernel, when
+//! queues for its next batch. The others stand by (a condition variable
+//! with a 1 ms tick) and take batches of their own when
 //! - the owner took a full batch: requests arrive faster than one thread
 //!   answers them, so one helper is woken, and it keeps taking batches
-//!   (and waking the next helper) while they come full;
-//! - the owner answered nothing for a whole tick while requests were
-//!   queued: it is descheduled, and the others drain its queue rather than
-//!   let it grow until the socket's buffer overflows.
-
+//!   without waiting (and waking the next helper) while they come full;
+//! - the owner answered nothing for a whole tick: either it waits for
+//!   requests (the node is quiet) or it is descheduled. Either way the
+//!   helper waits in the kernel too: a queue the owner left behind is
+//!   taken at once, a quiet socket costs no more ticks, and the next request
+//!   wakes one of the waiting threads.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crate::udp::BATCH;
 
-/// How long a helper stands by while the owner is answering: the longest
-/// a descheduled owner's queue waits for a helper.
-pub const BUSY_TICK: Duration = Duration::from_millis(1);
-/// How long a helper stands by once the owner answered nothing for a
-/// whole tick (idle): ten wake-ups a second per helper on an idle node.
-pub const IDLE_TICK: Duration = Duration::from_millis(10);
+/// How long a helper stands by between looks at the owner's progress: the
+/// longest a descheduled owner's queue waits for a helper.
+pub const TICK: Duration = Duration::from_millis(1);
 
 /// Shared by the UDP threads of one socket.
 #[derive(Debug)]
@@ -52,26 +50,19 @@ pub enum Turn {
     Own,
     /// Take the requests queued now, without waiting, and answer them.
     Help,
+    /// Wait in the kernel beside the owner (it answered nothing for a
+    /// tick), and answer what comes.
+    Wait,
     /// Nothing to do yet: ask again.
     Pass,
 }
 
 /// One helper's standing-by state.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Standby {
-    tick: Duration,
     /// The last batch this thread helped with was full: take the next one
     /// without standing by.
     behind: bool,
-}
-
-impl Default for Standby {
-    fn default() -> Self {
-        Standby {
-            tick: BUSY_TICK,
-            behind: false,
-        }
-    }
 }
 
 impl Gate {
@@ -86,8 +77,8 @@ impl Gate {
     }
 
     /// This thread's next turn: own the socket if nobody does; else help
-    /// while the last helped batch was full, or stand by (at most one tick)
-    /// for a reason to help.
+    /// while the last batch it took was full, or stand by (at most one
+    /// tick) for a reason to help.
     pub fn turn(&self, me: &mut Standby) -> Turn {
         if self
             .owned
@@ -104,7 +95,7 @@ impl Gate {
         if !*wanted {
             wanted = self
                 .standby
-                .wait_timeout(wanted, me.tick)
+                .wait_timeout(wanted, TICK)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -113,28 +104,17 @@ impl Gate {
         }
         drop(wanted);
         if self.answered.load(Ordering::Acquire) != before {
-            me.tick = BUSY_TICK;
-            return Turn::Pass;
-        }
-        // A whole tick without an answered batch: the owner is idle in the
-        // kernel (then the socket is empty and helping finds nothing) or
-        // descheduled (then its queue is taken).
-        me.tick = IDLE_TICK;
-        if self.owned.load(Ordering::Acquire) {
-            Turn::Help
-        } else {
             Turn::Pass
+        } else {
+            Turn::Wait
         }
     }
 
     /// After a batch of `n` requests was taken, by its owner or a helper: a
     /// full batch means a backlog, so one more helper is woken.
     pub fn took(&self, n: usize, me: &mut Standby, turn: Turn) {
-        if turn == Turn::Help {
+        if turn != Turn::Own {
             me.behind = n >= BATCH;
-            if n > 0 {
-                me.tick = BUSY_TICK;
-            }
         }
         if n >= BATCH && self.threads > 1 {
             *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -171,35 +151,45 @@ mod tests {
         let mut owner = Standby::default();
         assert_eq!(gate.turn(&mut owner), Turn::Own);
         let g = gate.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
         let helper = std::thread::spawn(move || {
-            let mut me = Standby {
-                tick: Duration::from_secs(30),
-                behind: false,
+            let mut me = Standby::default();
+            let mut turns = Vec::new();
+            started_tx.send(()).unwrap();
+            // Standing by until woken: the owner keeps answering.
+            let first = loop {
+                match g.turn(&mut me) {
+                    Turn::Pass | Turn::Wait => continue,
+                    t => break t,
+                }
             };
-            let first = g.turn(&mut me);
+            turns.push(first);
             g.took(BATCH, &mut me, first);
             let second = g.turn(&mut me);
+            turns.push(second);
             g.took(3, &mut me, second);
-            (first, second, me.behind)
+            (turns, me.behind)
         });
-        // Woken by the full batch, long before its 30 s tick.
+        started_rx.recv().unwrap();
+        // The owner answers a few batches, then takes a full one.
+        for _ in 0..5 {
+            gate.answered.fetch_add(1, Ordering::Release);
+            std::thread::sleep(Duration::from_micros(300));
+        }
         gate.took(BATCH, &mut owner, Turn::Own);
-        let (first, second, behind) = helper.join().unwrap();
-        assert_eq!((first, second, behind), (Turn::Help, Turn::Help, false));
+        let (turns, behind) = helper.join().unwrap();
+        assert_eq!(turns, vec![Turn::Help, Turn::Help]);
+        assert!(!behind);
     }
 
     #[test]
-    fn a_stalled_owner_is_helped_and_a_busy_one_is_not() {
+    fn a_silent_owner_gets_company_in_the_kernel_and_a_busy_one_does_not() {
         let gate = Gate::new(2);
         let mut owner = Standby::default();
         let mut helper = Standby::default();
         assert_eq!(gate.turn(&mut owner), Turn::Own);
-        // The owner answers nothing for a tick: help.
-        assert_eq!(gate.turn(&mut helper), Turn::Help);
-        assert_eq!(helper.tick, IDLE_TICK);
-        // Helping found requests: back to short ticks.
-        gate.took(2, &mut helper, Turn::Help);
-        assert_eq!(helper.tick, BUSY_TICK);
+        // The owner answers nothing for a tick: wait in the kernel too.
+        assert_eq!(gate.turn(&mut helper), Turn::Wait);
         // The owner answers during the helper's tick: pass.
         std::thread::scope(|s| {
             s.spawn(|| {

@@ -373,7 +373,7 @@ impl DnsServer {
         while !cancel.is_cancelled() {
             let turn = gate.turn(&mut standby);
             let received = match turn {
-                Turn::Own => batch.recv(&sock),
+                Turn::Own | Turn::Wait => batch.recv(&sock),
                 Turn::Help => batch.try_recv(&sock),
                 Turn::Pass => continue,
             };
