@@ -261,7 +261,13 @@ fn wrk(name: &str, url: &str, seconds: u64, watched: &Watched) -> anyhow::Result
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .with_context(|| format!("no Requests/sec in wrk output for {name}:\n{text}"))?;
+        .with_context(|| {
+            format!(
+                "no Requests/sec in wrk output for {name} ({}):\n{text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
     let p99_ms = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("99%"))
@@ -664,7 +670,17 @@ backend be\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n"
         negotiated_tls(nginx_https)
     );
 
-    let nginx_pids = with_children(nginx_proc.id());
+    // nginx forks its two workers after binding its ports: wait for them, or
+    // their CPU is not counted.
+    let mut nginx_pids = with_children(nginx_proc.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nginx_pids.len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        nginx_pids = with_children(nginx_proc.id());
+    }
+    if nginx_pids.len() < 3 {
+        bail!("nginx has {} worker(s), not 2", nginx_pids.len() - 1);
+    }
     let (ferry_pid, haproxy_pid) = ([ferry_proc.id()], [haproxy_proc.id()]);
     let ferry_log_pid = [ferry_log_proc.id()];
     let watch = |proxy| Watched {
