@@ -20,6 +20,7 @@
 //!   helper waits in the kernel too: a queue the owner left behind is
 //!   taken at once, a quiet socket costs no more ticks, and the next request
 //!   wakes one of the waiting threads.
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
